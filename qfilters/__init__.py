@@ -1,0 +1,44 @@
+"""qfilters: Q-Filters KV-cache compression for any transformers causal LM.
+
+Heavy submodules (torch, transformers) load lazily, so ``import qfilters`` stays cheap and the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_LAZY = {
+    "QFilters": "qfilters.artifact",
+    "QFiltersCache": "qfilters.cache",
+    "Scorer": "qfilters.scorers",
+    "QFilterScorer": "qfilters.scorers",
+    "KNormScorer": "qfilters.scorers",
+    "StreamingLLMScorer": "qfilters.scorers",
+    "RandomScorer": "qfilters.scorers",
+    "calibrate": "qfilters.calibrate",
+    "load_model": "qfilters.models",
+    "load_corpus": "qfilters.data",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qfilters.artifact import QFilters
+    from qfilters.cache import QFiltersCache
+    from qfilters.calibrate import calibrate
+    from qfilters.data import load_corpus
+    from qfilters.models import load_model
+    from qfilters.scorers import KNormScorer, QFilterScorer, RandomScorer, Scorer, StreamingLLMScorer
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qfilters' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

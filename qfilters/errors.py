@@ -1,0 +1,44 @@
+"""All exceptions raised by qfilters.
+
+Each one also derives from the built-in a caller would naturally catch (``ValueError``, ``FileNotFoundError``,
+``RuntimeError``), so ``except ValueError`` keeps working. Messages say what is wrong *and* what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class QFiltersError(Exception):
+    """Base class for every error raised on purpose by qfilters."""
+
+
+class ArtifactError(QFiltersError, ValueError):
+    """A filter artifact is malformed, corrupted or does not match what it claims to be."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ArtifactNotFoundError(QFiltersError, FileNotFoundError):
+    """No filter artifact at the given local path or Hub repository."""
+
+
+class DatasetSpecError(QFiltersError, ValueError):
+    """A dataset spec string cannot be parsed or names an unknown source."""
+
+
+class DatasetUnavailableError(QFiltersError, RuntimeError):
+    """A dataset spec is valid but its content cannot be fetched here (no network, package missing, empty corpus)."""
+
+
+class ModelError(QFiltersError, ValueError):
+    """A model cannot be loaded, or is not a causal LM whose attention qfilters can observe."""
+
+
+class ShapeMismatchError(QFiltersError, ValueError):
+    """Filters and model disagree on layers, KV heads or head dimension."""
+
+
+class CalibrationError(QFiltersError, RuntimeError):
+    """Calibration could not produce filters (for example: no tokens reached the model)."""
