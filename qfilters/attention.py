@@ -1,0 +1,104 @@
+"""Observe or alter a model's attention calls without touching its modeling code.
+
+transformers 5 routes every attention call of modern causal LMs through ``AttentionInterface``: the attention module
+computes post-RoPE (and post-QK-norm) queries and keys, then calls ``ALL_ATTENTION_FUNCTIONS[impl](module, q, k, v,
+mask, **kw)``. We register one extra implementation per base kernel, ``"qfilters+<base>"``, that hands the call to
+the hook active in the current context. Calibration (capture queries), and the one-pass evaluator (per-head eviction
+masks) are such hooks. The mask function of the base kernel is registered under the same name: without it, models
+with sliding-window layers (Gemma-3) would silently get full attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from qfilters.errors import ModelError
+
+PREFIX = "qfilters+"
+
+AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class AttentionHook(Protocol):
+    """Called instead of the model's attention function; must return what ``base_fn`` returns."""
+
+    def __call__(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,  # [B, H_q, T_q, D], post-RoPE
+        key: torch.Tensor,  # [B, H_kv, T_k, D], post-RoPE, already concatenated with any cache
+        value: torch.Tensor,  # [B, H_kv, T_k, D_v]
+        attention_mask: torch.Tensor | None,
+        base_fn: AttentionFn,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+_active_hook: ContextVar[AttentionHook | None] = ContextVar("qfilters_attention_hook", default=None)
+
+
+def _base_name(name: str) -> str:
+    return name[len(PREFIX) :] if name.startswith(PREFIX) else name
+
+
+def _ensure_registered(base: str) -> str:
+    """Register ``qfilters+<base>`` (idempotent) and return its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = PREFIX + base
+    if name in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        return name
+    if base not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        raise ModelError(
+            f"attention implementation {base!r} is not one transformers can dispatch to; "
+            "load the model with attn_implementation='sdpa' (or 'flash_attention_2' where installed)"
+        )
+    base_fn = ALL_ATTENTION_FUNCTIONS[base]
+
+    def dispatch(module: nn.Module, query, key, value, attention_mask, **kwargs):
+        hook = _active_hook.get()
+        if hook is None:  # model left in our mode outside a context: behave exactly like the base kernel
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
+        return hook(module, query, key, value, attention_mask, base_fn=base_fn, **kwargs)
+
+    AttentionInterface.register(name, dispatch)
+    if base in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules that go through the attention interface, ordered by ``layer_idx``."""
+    layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config")]
+    layers = [m for m in layers if any(hasattr(m, p) for p in ("q_proj", "qkv_proj", "query_key_value", "c_attn"))]
+    if not layers:
+        raise ModelError(
+            f"{type(model).__name__} has no attention layers qfilters can observe (no module with a layer_idx and "
+            "query projection); Q-Filters need a transformer causal LM"
+        )
+    return sorted(layers, key=lambda m: m.layer_idx)
+
+
+@contextmanager
+def attention_hook(model: nn.Module, hook: AttentionHook) -> Iterator[None]:
+    """Route ``model``'s attention calls through ``hook`` inside the ``with`` block, then restore the model."""
+    if not hasattr(model, "set_attn_implementation"):
+        raise ModelError(f"{type(model).__name__} is not a transformers PreTrainedModel")
+    original = model.config._attn_implementation
+    base = _base_name(original or "sdpa")
+    name = _ensure_registered(base)
+    model.set_attn_implementation(name)
+    token = _active_hook.set(hook)
+    try:
+        yield
+    finally:
+        _active_hook.reset(token)
+        model.set_attn_implementation(original)
