@@ -1,0 +1,97 @@
+"""A tiny in-process stand-in for the Hugging Face Hub's file-resolve endpoint.
+
+It answers ``HEAD``/``GET /{owner}/{name}/resolve/{revision}/{filename}`` with the headers huggingface_hub relies on
+(``X-Repo-Commit``, ``ETag``, ``Content-Length``) and the Hub's ``X-Error-Code`` values for missing repos, revisions,
+files and gated repos. Point ``endpoint=`` or ``HF_ENDPOINT`` at :attr:`FakeHub.url` to exercise the real download
+code path (cache layout, offline fallback, error mapping) without a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub:
+    def __init__(self) -> None:
+        self.repos: dict[str, dict[str, bytes]] = {}
+        self.gated: set[str] = set()
+        self.requests: list[tuple[str, str]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+                hub._answer(self, body=False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                hub._answer(self, body=True)
+
+            def log_message(self, *args: object) -> None:  # keep pytest output clean
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def add_dir(self, repo_id: str, directory: Path) -> None:
+        """Publish every file of a local directory as the content of ``repo_id`` at :data:`COMMIT`."""
+        self.repos[repo_id] = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+
+    def __enter__(self) -> "FakeHub":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _answer(self, handler: BaseHTTPRequestHandler, *, body: bool) -> None:
+        path = unquote(urlsplit(handler.path).path)
+        self.requests.append((handler.command, path))
+        parts = path.strip("/").split("/")
+        if len(parts) < 5 or parts[2] != "resolve":
+            return self._error(handler, 404, "RepoNotFound", "Not a resolve URL")
+        repo_id, revision, filename = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+        if repo_id not in self.repos:
+            return self._error(handler, 401, "RepoNotFound", "Repository not found")
+        if repo_id in self.gated:
+            return self._error(handler, 401, "GatedRepo", "Access to model is restricted, you must be authenticated")
+        if revision not in ("main", COMMIT):
+            return self._error(handler, 404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        content = self.repos[repo_id].get(filename)
+        if content is None:
+            return self._error(handler, 404, "EntryNotFound", f"{filename} does not exist on \"main\"", commit=True)
+        handler.send_response(200)
+        handler.send_header("X-Repo-Commit", COMMIT)
+        handler.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+        handler.send_header("Content-Length", str(len(content)))
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.end_headers()
+        if body:
+            handler.wfile.write(content)
+
+    @staticmethod
+    def _error(handler: BaseHTTPRequestHandler, status: int, code: str, message: str, commit: bool = False) -> None:
+        payload = f'{{"error": "{message}"}}'.encode()
+        handler.send_response(status)
+        handler.send_header("X-Error-Code", code)
+        handler.send_header("X-Error-Message", message)
+        if commit:
+            handler.send_header("X-Repo-Commit", COMMIT)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(payload)
