@@ -1,0 +1,315 @@
+"""Parse corpus spec strings into small typed descriptions, before any download or file reading happens.
+
+Precedence, so that ``handbook:en`` can never be taken for a file name: a known kind prefix (``handbook``,
+``austen``, ``python-docs``, ``python-code``, ``fortunes``, ``hf``) always wins; ``file:PATH`` forces a local path;
+otherwise the string must be an existing file or directory, or a glob that matches something. Anything else is a
+:class:`DatasetSpecError` that lists the valid kinds.
+
+Local JSONL files take their text from the field named after ``#`` (``data/train.jsonl#content``); the default field
+is ``text``. The ``#FIELD`` suffix is only split off when the whole string is not itself an existing path.
+
+``hf:`` specs: two fields are NAME:SPLIT; four are NAME:CONFIG:SPLIT:COLUMN (CONFIG may be empty); three are
+NAME:SPLIT:COLUMN when the middle one is a usual split name (train/test/validation/...) and the last is not,
+otherwise NAME:CONFIG:SPLIT. Split slices such as ``train[:1000]`` may contain colons. The normalized form always
+has four fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from qfilters.errors import DatasetSpecError
+
+#: Locales shipped by debian-handbook 11.20220922 (bookworm); used to resolve short codes like ``en`` at parse time.
+HANDBOOK_LOCALES: tuple[str, ...] = (
+    "ar-MA", "ca-ES", "cs-CZ", "da-DK", "de-DE", "el-GR", "en-US", "es-ES", "fa-IR", "fr-FR", "hr-HR", "id-ID",
+    "it-IT", "ja-JP", "ko-KR", "nb-NO", "nl-NL", "pl-PL", "pt-BR", "ro-RO", "ru-RU", "sv-SE", "tr-TR", "vi-VN",
+    "zh-CN", "zh-TW",
+)  # fmt: skip
+
+#: Fortune languages -> the Debian packages that hold them (English is split over fortunes-min and fortunes).
+FORTUNE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "en": ("fortunes-min", "fortunes"),
+    "de": ("fortunes-de",),
+    "es": ("fortunes-es",),
+    "it": ("fortunes-it",),
+    "ru": ("fortunes-ru",),
+}
+
+_KINDS: tuple[tuple[str, str], ...] = (
+    ("handbook[:LANG]", "Debian Administrator's Handbook prose, Debian package debian-handbook. LANG: a language "
+     "code (en, fr, de, es, ru, ja, ...) or a locale (pt-BR, zh-TW); default en"),
+    ("austen", "Jane Austen's six novels, Debian package r-cran-janeaustenr"),
+    ("python-docs", "Python 3.11 documentation reST sources, Debian package python3.11-doc"),
+    ("python-code", "this interpreter's standard-library .py files, tests and site-packages excluded"),
+    ("fortunes[:LANG]", "fortune cookies, Debian packages fortunes / fortunes-LANG. LANG: "
+     + ", ".join(FORTUNE_PACKAGES) + "; default en"),
+    ("hf:NAME[:CONFIG]:SPLIT[:COLUMN]", "a Hugging Face dataset split (needs `pip install 'qfilters[hf]'`); "
+     "COLUMN defaults to text, e.g. hf:wikitext:wikitext-2-raw-v1:test:text"),
+    ("PATH | DIR | GLOB[#FIELD]", "local files: .txt/.md one document per file, .jsonl one per line from string "
+     "field FIELD (default text); directories are searched recursively; prefix file: to force a path"),
+)  # fmt: skip
+
+_COMMON_SPLITS = {"train", "test", "validation", "valid", "dev", "eval", "evaluation"}
+_HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_HF_SPLIT = re.compile(r"^[A-Za-z0-9_.-]+(\[[^\]]*\])?(\+[A-Za-z0-9_.-]+(\[[^\]]*\])?)*$")
+_LOCALE = re.compile(r"^([A-Za-z]{2,3})(?:[-_]([A-Za-z]{2}))?$")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Base class of all parsed specs; ``str(spec)`` is the normalized spec string."""
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def normalized(self) -> str:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.normalized
+
+
+@dataclass(frozen=True)
+class LocalSpec(Spec):
+    """Local files: ``path`` is a file, directory or glob; ``field`` is the JSONL text field."""
+
+    path: str
+    field: str = "text"
+
+    @property
+    def kind(self) -> str:
+        return "local"
+
+    @property
+    def normalized(self) -> str:
+        text = self.path if self.field == "text" else f"{self.path}#{self.field}"
+        head = text.partition(":")[0].lower()
+        return f"file:{text}" if head in _PREFIXES or head == "file" else text
+
+
+@dataclass(frozen=True)
+class HFSpec(Spec):
+    """A Hugging Face dataset split; ``config`` is ``None`` for datasets without configurations."""
+
+    name: str
+    config: str | None
+    split: str
+    column: str = "text"
+
+    @property
+    def kind(self) -> str:
+        return "hf"
+
+    @property
+    def normalized(self) -> str:  # always four fields, so it re-parses without the three-field heuristic
+        return f"hf:{self.name}:{self.config or ''}:{self.split}:{self.column}"
+
+
+@dataclass(frozen=True)
+class HandbookSpec(Spec):
+    """The Debian Administrator's Handbook in one locale (always the full form, e.g. ``en-US``)."""
+
+    locale: str
+
+    @property
+    def kind(self) -> str:
+        return "handbook"
+
+    @property
+    def normalized(self) -> str:
+        lang = self.locale.split("-")[0]
+        unique = [loc for loc in HANDBOOK_LOCALES if loc.split("-")[0] == lang] == [self.locale]
+        return f"handbook:{lang if unique else self.locale}"
+
+
+@dataclass(frozen=True)
+class FortunesSpec(Spec):
+    """Fortune-cookie files of one language."""
+
+    lang: str
+
+    @property
+    def kind(self) -> str:
+        return "fortunes"
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return FORTUNE_PACKAGES[self.lang]
+
+    @property
+    def normalized(self) -> str:
+        return f"fortunes:{self.lang}"
+
+
+@dataclass(frozen=True)
+class NamedSpec(Spec):
+    """A fixed corpus without arguments: ``austen``, ``python-docs`` or ``python-code``."""
+
+    name: str
+
+    @property
+    def kind(self) -> str:
+        return self.name
+
+    @property
+    def normalized(self) -> str:
+        return self.name
+
+
+def available_specs() -> list[tuple[str, str]]:
+    """``(pattern, description)`` for every spec kind, for ``qfilters info`` and help texts."""
+    return list(_KINDS)
+
+
+def parse_spec(spec: str) -> Spec:
+    """Parse and validate ``spec`` without fetching anything; raise :class:`DatasetSpecError` if it is not valid."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetSpecError(f"empty dataset spec {spec!r}.\n{_kinds_help()}")
+    text = spec.strip()
+    head, has_arg, arg = text.partition(":")
+    key = head.lower()
+    if key in _PREFIXES:
+        return _PREFIXES[key](text, arg if has_arg else None)
+    if key == "file" and has_arg:
+        forced = _parse_local(text, arg, forced=True)
+        assert forced is not None  # forced=True raises instead of returning None
+        return forced
+    local = _parse_local(text, text, forced=False)
+    if local is not None:
+        return local
+    close = difflib.get_close_matches(key, list(_PREFIXES), n=1, cutoff=0.75)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise DatasetSpecError(
+        f"unknown dataset spec {spec!r}: it is not a known corpus kind and no file, directory or glob match exists "
+        f"at that path.{hint}\n{_kinds_help()}"
+    )
+
+
+def _kinds_help() -> str:
+    return "Valid specs:\n" + "\n".join(f"  {pattern:<34} {desc}" for pattern, desc in _KINDS)
+
+
+def _no_argument(name: str):  # type: ignore[no-untyped-def]
+    def parse(spec: str, arg: str | None) -> Spec:
+        if arg is not None:
+            raise DatasetSpecError(f"dataset spec {spec!r}: {name!r} takes no argument; write just {name!r}.")
+        return NamedSpec(name)
+
+    return parse
+
+
+def _parse_handbook(spec: str, arg: str | None) -> HandbookSpec:
+    return HandbookSpec(resolve_handbook_locale(arg or "en", spec))
+
+
+def resolve_handbook_locale(lang: str, spec: str | None = None) -> str:
+    """Map ``en`` -> ``en-US``, ``pt_br`` -> ``pt-BR``; ambiguous or unknown codes raise listing the choices."""
+    where = f"dataset spec {spec!r}" if spec else f"handbook language {lang!r}"
+    match = _LOCALE.match(lang.strip())
+    if not match:
+        raise DatasetSpecError(f"{where}: {lang!r} is not a language code or locale. Available locales: "
+                               f"{', '.join(HANDBOOK_LOCALES)}.")
+    language, region = match.group(1).lower(), match.group(2)
+    if region:  # full locale: accepted even if newer than our table; the loader checks it exists in the package
+        return f"{language}-{region.upper()}"
+    options = [loc for loc in HANDBOOK_LOCALES if loc.split("-")[0] == language]
+    if len(options) == 1:
+        return options[0]
+    if options:
+        choices = " or ".join(f"handbook:{loc}" for loc in options)
+        raise DatasetSpecError(f"{where}: language {language!r} is ambiguous; use {choices}.")
+    raise DatasetSpecError(f"{where}: the Debian handbook has no {language!r} translation. Available: "
+                           f"{', '.join(sorted({loc.split('-')[0] for loc in HANDBOOK_LOCALES}))} "
+                           f"(or a full locale such as pt-BR).")
+
+
+def _parse_fortunes(spec: str, arg: str | None) -> FortunesSpec:
+    lang = (arg or "en").strip().lower()
+    if lang not in FORTUNE_PACKAGES:
+        raise DatasetSpecError(f"dataset spec {spec!r}: no Debian fortunes package for language {lang!r}; "
+                               f"available: {', '.join(f'fortunes:{code}' for code in FORTUNE_PACKAGES)}.")
+    return FortunesSpec(lang)
+
+
+def _parse_hf(spec: str, arg: str | None) -> HFSpec:
+    usage = ("expected hf:NAME[:CONFIG]:SPLIT[:COLUMN], e.g. hf:wikitext:wikitext-2-raw-v1:test:text or "
+             "hf:imdb::test:text (empty CONFIG)")
+    parts = _split_outside_brackets(arg) if arg else []
+    if not 2 <= len(parts) <= 4:
+        raise DatasetSpecError(f"dataset spec {spec!r}: {usage}.")
+    if len(parts) == 2:
+        name, config, split, column = parts[0], None, parts[1], "text"
+    elif len(parts) == 4:
+        name, config, split, column = parts
+    elif _looks_like_split(parts[1]) and not _looks_like_split(parts[2]):
+        name, config, split, column = parts[0], None, parts[1], parts[2]  # NAME:SPLIT:COLUMN
+    else:
+        name, config, split, column = parts[0], parts[1], parts[2], "text"  # NAME:CONFIG:SPLIT
+    config = config or None
+    if not _HF_NAME.match(name):
+        raise DatasetSpecError(f"dataset spec {spec!r}: {name!r} is not a Hub dataset name (owner/name); {usage}.")
+    if not split or not _HF_SPLIT.match(split):
+        raise DatasetSpecError(f"dataset spec {spec!r}: {split!r} is not a split such as train, test or "
+                               f"train[:1000]; {usage}.")
+    if not column:
+        raise DatasetSpecError(f"dataset spec {spec!r}: empty COLUMN; {usage}.")
+    return HFSpec(name, config, split, column)
+
+
+def _looks_like_split(part: str) -> bool:
+    return part.split("[")[0].lower() in _COMMON_SPLITS
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for char in text:
+        depth += (char == "[") - (char == "]")
+        if char == ":" and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _parse_local(spec: str, text: str, forced: bool) -> LocalSpec | None:
+    path, field = text, "text"
+    if not _exists(text) and "#" in text:
+        path, _, field = text.rpartition("#")
+        if not field or not path:
+            raise DatasetSpecError(f"dataset spec {spec!r}: write PATH#FIELD with a non-empty JSONL field name.")
+    if _exists(path):
+        return LocalSpec(path, field)
+    if forced:
+        raise DatasetSpecError(f"dataset spec {spec!r}: no file, directory or glob match at {path!r}. Check the "
+                               "path (relative paths are taken from the current directory).")
+    return None
+
+
+def _exists(path: str) -> bool:
+    expanded = os.path.expanduser(path)
+    if Path(expanded).exists():
+        return True
+    return bool(_GLOB_CHARS.search(expanded)) and any(True for _ in glob.iglob(expanded, recursive=True))
+
+
+_PREFIXES = {
+    "handbook": _parse_handbook,
+    "austen": _no_argument("austen"),
+    "python-docs": _no_argument("python-docs"),
+    "python-code": _no_argument("python-code"),
+    "fortunes": _parse_fortunes,
+    "hf": _parse_hf,
+}
