@@ -63,6 +63,7 @@ class CalibrationResult:
     stopped_early: bool = False
     tokens: int = 0
     seconds: float = 0.0
+    statistics: QueryStatistics | None = None  # the raw accumulators, to merge runs exactly (see combine_results)
 
 
 class _QueryCapture:
@@ -202,7 +203,38 @@ def calibrate(
     provenance = _provenance(lm, corpora, config, stats, directions, checkpoints, tokens_per_dataset, docs,
                              sequences, stopped_early)
     filters = QFilters.from_query_filters(directions.v1.to(torch.float32).cpu(), info.num_kv_heads, provenance)
-    return CalibrationResult(filters, checkpoints, stopped_early, stats.tokens, seconds)
+    return CalibrationResult(filters, checkpoints, stopped_early, stats.tokens, seconds, stats)
+
+
+def combine_results(lm: LoadedModel, results: Sequence[CalibrationResult]) -> Any:
+    """Filters calibrated on the union of several runs' data, with no extra forward pass.
+
+    Exact, because the statistics are sums: the merged second moments are those a single run over all the tokens
+    would have accumulated. Used by validation to publish one filter set from its per-dataset runs.
+    """
+    from qfilters.artifact import QFilters
+
+    if not results or any(r.statistics is None for r in results):
+        raise CalibrationError("combine_results needs calibration results that carry their statistics")
+    stats = QueryStatistics.merged([r.statistics for r in results])
+    directions = stats.directions()
+    provenances = [r.filters.provenance for r in results]
+    calibration = dict(provenances[0]["calibration"])
+    calibration.update(
+        datasets=[d for p in provenances for d in p["calibration"]["datasets"]],
+        tokens=stats.tokens,
+        sequences=sum(p["calibration"]["sequences"] for p in provenances),
+        max_tokens=sum(p["calibration"]["max_tokens"] for p in provenances),
+        stopped_early=any(p["calibration"]["stopped_early"] for p in provenances),
+        checkpoints=[],
+        combined_from=len(results),
+    )
+    provenance = {
+        **provenances[0],
+        "calibration": calibration,
+        "statistics": _statistics(stats, directions, lm.info.num_kv_heads),
+    }
+    return QFilters.from_query_filters(directions.v1.to(torch.float32).cpu(), lm.info.num_kv_heads, provenance)
 
 
 def _rounded(t: torch.Tensor | None, digits: int = 6) -> list | None:
@@ -217,8 +249,6 @@ def _provenance(lm, corpora, config, stats, directions, checkpoints, tokens_per_
     import qfilters
 
     info = lm.info
-    halves = [group_mean(stats.directions(h).v1, info.num_kv_heads) for h in (0, 1)]
-    kv_now = group_mean(directions.v1, info.num_kv_heads)
     return {
         "library_version": qfilters.__version__,
         "base_model": info.to_dict(),
@@ -241,10 +271,17 @@ def _provenance(lm, corpora, config, stats, directions, checkpoints, tokens_per_
             "transformers_version": transformers.__version__,
             "checkpoints": [asdict(cp) for cp in checkpoints],
         },
-        "statistics": {
-            "split_half_cosine": _rounded(cosine(*halves)),  # [L][H_kv]
-            "sigma_ratio": _rounded(directions.sigma_ratio),  # [L][H_q]
-            "positive_share": _rounded(stats.positive_share()),  # [L][H_q]
-            "group_coherence": _rounded(kv_now.norm(dim=-1)),  # [L][H_kv] norm of the GQA mean (1 = heads agree)
-        },
+        "statistics": _statistics(stats, directions, info.num_kv_heads),
+    }
+
+
+def _statistics(stats: QueryStatistics, directions, num_kv_heads: int) -> dict[str, Any]:
+    """Per-head statistics recorded in provenance: sampling noise, anisotropy, GQA agreement."""
+    halves = [group_mean(stats.directions(h).v1, num_kv_heads) for h in (0, 1)]
+    kv_now = group_mean(directions.v1, num_kv_heads)
+    return {
+        "split_half_cosine": _rounded(cosine(*halves)),  # [L][H_kv]
+        "sigma_ratio": _rounded(directions.sigma_ratio),  # [L][H_q]
+        "positive_share": _rounded(stats.positive_share()),  # [L][H_q]
+        "group_coherence": _rounded(kv_now.norm(dim=-1)),  # [L][H_kv] norm of the GQA mean (1 = heads agree)
     }

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -76,6 +77,7 @@ def calibrate(
     as_json: JsonOpt = False,
 ) -> None:
     """Calibrate Q-Filters for MODEL and save them in the kvpress-compatible format."""
+    from qfilters.artifact import sha256_file
     from qfilters.calibrate import CalibrationConfig
     from qfilters.calibrate import calibrate as run_calibration
 
@@ -108,7 +110,7 @@ def calibrate(
         "seconds": round(result.seconds, 2),
         "stopped_early": result.stopped_early,
         "checkpoints": [cp.__dict__ for cp in result.checkpoints],
-        "model_safetensors_sha256": result.filters.provenance.get("tensor_sha256"),
+        "model_safetensors_sha256": sha256_file(path / "model.safetensors"),
     }
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -173,7 +175,7 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe filters (shape, provenance, per-head statistics), a model's architecture facts, or what is embedded."""
-    from qfilters.models import EMBEDDED, resolve_alias
+    from qfilters.models import resolve_alias
 
     try:
         if target is None:
@@ -215,7 +217,7 @@ def _artifact_info(target: str) -> dict[str, Any]:
         sig = [x for row in stats.get("sigma_ratio") or [] for x in row]
         if sig:
             out["sigma_ratio"] = {"min": min(sig), "median": sorted(sig)[len(sig) // 2]}
-        out["tensor_sha256"] = prov.get("tensor_sha256")
+        out["tensor_sha256"] = qf.artifact_info.get("tensor_sha256")
     else:
         out["provenance"] = "none (third-party artifact)"
     return out
@@ -235,10 +237,10 @@ def _print_tree(data: dict[str, Any], indent: int = 0) -> None:
     console = Console()
     for key, value in data.items():
         if isinstance(value, dict):
-            console.print(" " * indent + f"[bold]{key}[/]")
+            console.print(" " * indent + f"[bold]{escape(str(key))}[/]")
             _print_tree(value, indent + 2)
         else:
-            console.print(" " * indent + f"[bold]{key}[/]: {value}")
+            console.print(" " * indent + f"[bold]{escape(str(key))}[/]: {escape(str(value))}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

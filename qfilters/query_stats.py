@@ -58,6 +58,21 @@ class QueryStatistics:
         self._positive = torch.zeros(num_layers, num_heads, dtype=torch.int64, device=device)
         self._probed = torch.zeros(num_layers, dtype=torch.int64, device=device)
 
+    @classmethod
+    def merged(cls, parts: list["QueryStatistics"]) -> "QueryStatistics":
+        """Statistics of the union of the parts' tokens (sums are exact; halves stay halves)."""
+        first = parts[0]
+        out = cls(first.num_layers, first.second_moment.shape[2], first.second_moment.shape[-1], first.count.device)
+        for p in parts:
+            if p.second_moment.shape != first.second_moment.shape:
+                raise ValueError("cannot merge statistics of models with different shapes")
+            out.second_moment += p.second_moment
+            out.query_sum += p.query_sum
+            out.count += p.count
+            out._positive += p._positive
+            out._probed += p._probed
+        return out
+
     @property
     def num_layers(self) -> int:
         return self.second_moment.shape[1]

@@ -197,3 +197,17 @@ def test_same_seed_same_inputs_give_identical_artifact_bytes(smollm2, tmp_path) 
     paths = [calibrate(smollm2, [corpus], config).filters.save_pretrained(tmp_path / f"run{i}") for i in range(2)]
     assert sha256_file(paths[0] / "model.safetensors") == sha256_file(paths[1] / "model.safetensors")
     assert (paths[0] / "qfilters.json").read_bytes() == (paths[1] / "qfilters.json").read_bytes()
+
+
+def test_combining_runs_equals_one_run_over_all_the_data(tiny_llama) -> None:
+    from qfilters.calibrate import combine_results
+    from qfilters.query_stats import cosine
+
+    a, b = _text_corpus(seed=3), _text_corpus(seed=4)
+    config = CalibrationConfig(max_tokens=1024, seq_len=128, batch_size=2)
+    runs = [calibrate(tiny_llama, [c], config) for c in (a, b)]
+    combined = combine_results(tiny_llama, runs)
+    together = calibrate(tiny_llama, [a, b], CalibrationConfig(max_tokens=2048, seq_len=128, batch_size=2))
+    assert cosine(combined.filters, together.filters.filters).min() > 0.99999
+    prov = combined.provenance["calibration"]
+    assert prov["tokens"] == 2048 and [d["spec"] for d in prov["datasets"]] == [a.spec, b.spec]
