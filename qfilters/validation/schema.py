@@ -1,0 +1,157 @@
+"""The validation report: one pydantic document, versioned, that the CLI writes, the HTML/Markdown renderers read
+and the registry stores and serves.
+
+Everything except ``created_at`` is a deterministic function of the inputs, so re-running a validation reproduces
+the JSON byte for byte apart from that field. Matrices are nested lists (rows first) with fixed rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1"
+
+Policy = Literal["full", "qfilters", "knorm", "streamingllm", "random"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetInfo(_Strict):
+    spec: str
+    sha256: str
+    source: str
+    documents: int
+    tokens: int  # tokens used (calibration) or scored (evaluation)
+
+
+class ArchitectureRisk(_Strict):
+    """Facts of the model that the paper ties to Q-Filters' success or failure, plus measured anisotropy."""
+
+    model_type: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qk_norm: bool
+    qkv_bias: bool
+    rope: bool
+    sliding_window: int | None
+    sliding_layers: list[int]
+    compressed_layers: list[int]  # layers whose cache Q-Filters actually evict (full-attention layers)
+    sigma_ratio_median: float | None = None  # measured after calibration; None before
+    sigma_ratio_min: float | None = None
+    positive_share_median: float | None = None
+    warnings: list[str] = Field(default_factory=list)  # plain-language sentences for people
+
+
+class CosineSummary(_Strict):
+    mean: float
+    min: float
+    p5: float
+    share_above: float  # share of (layer, kv head) pairs with cosine >= threshold
+    threshold: float
+
+
+class StabilityReport(_Strict):
+    """Cross-dataset stability: filters calibrated on each dataset, compared head by head."""
+
+    datasets: list[str]  # K calibration specs, in the order of every matrix below
+    mean_cosine: list[list[float]]  # [K][K]
+    min_cosine: list[list[float]]  # [K][K]
+    summary: CosineSummary  # over all (i < j) pairs and all heads
+    per_head_min: list[list[float]]  # [L][H_kv]: min over pairs i < j
+    per_layer_mean: list[float]  # [L]: mean over pairs and heads
+
+
+class SamplingStability(_Strict):
+    """Within one dataset: how much filters move with the sample (tells noise from a real difference)."""
+
+    dataset: str
+    split_half: CosineSummary
+    checkpoints: list[dict]  # CalibrationResult checkpoints as dicts (tokens, agreement_min/mean, split_half_min/mean)
+    tokens_to_stable: int | None  # first checkpoint whose agreement_min >= the stability threshold; None if never
+    stable_threshold: float
+
+
+class PolicyRow(_Strict):
+    policy: Policy
+    budget: int | None  # None for the full cache
+    window: int | None
+    perplexity: float
+    gap: float  # perplexity - full-cache perplexity
+
+
+class PerplexityReport(_Strict):
+    """One evaluation dataset, the published filters, a sweep of budgets."""
+
+    dataset: DatasetInfo
+    seq_len: int
+    score_last: int
+    documents_skipped: int
+    full_perplexity: float
+    rows: list[PolicyRow]
+    gap_ratio_vs_streamingllm: dict[str, float]  # str(budget) -> gap(QF) / gap(StreamingLLM)
+
+
+class TransferMatrix(_Strict):
+    """Filters calibrated on dataset i (rows; last row = combined) evaluated on dataset j (columns) at one budget."""
+
+    budget: int
+    window: int
+    calibration: list[str]  # row labels
+    evaluation: list[str]  # column labels
+    perplexity: list[list[float]]
+    gap_ratio_vs_streamingllm: list[list[float]]
+
+
+class GateResult(_Strict):
+    name: str
+    description: str
+    threshold: float
+    value: float | None
+    passed: bool
+
+
+class Verdict(_Strict):
+    status: Literal["pass", "fail"]
+    reasons: list[str]  # why it failed, one sentence each; empty on pass
+    warnings: list[str]
+    gates: list[GateResult]
+
+
+class Settings(_Strict):
+    calibration: list[str]
+    evaluation: list[str]
+    tokens_per_dataset: int
+    calib_seq_len: int
+    seed: int
+    eval_seq_len: int
+    score_last: int
+    budgets: list[int]
+    window: int
+    n_sinks: int
+    reference_budget: int
+    max_docs: int | None
+    gates: dict[str, float]
+
+
+class ValidationReport(_Strict):
+    schema_version: Literal["1"] = SCHEMA_VERSION
+    created_at: str  # ISO 8601 UTC; the only field that differs between identical runs
+    qfilters_version: str
+    model_id: str
+    model_revision: str | None
+    model_source: str
+    settings: Settings
+    calibration_datasets: list[DatasetInfo]
+    architecture: ArchitectureRisk
+    stability: StabilityReport
+    sampling: list[SamplingStability]
+    perplexity: list[PerplexityReport]
+    transfer: TransferMatrix
+    verdict: Verdict
+    artifact_sha256: str | None = None  # model.safetensors of the published (combined) filters
