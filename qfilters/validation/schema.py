@@ -94,7 +94,8 @@ class PerplexityReport(_Strict):
     documents_skipped: int
     full_perplexity: float
     rows: list[PolicyRow]
-    gap_ratio_vs_streamingllm: dict[str, float]  # str(budget) -> gap(QF) / gap(StreamingLLM)
+    # str(budget) -> gap(QF) / gap(StreamingLLM); None where StreamingLLM loses nothing (ratio undefined)
+    gap_ratio_vs_streamingllm: dict[str, float | None]
 
 
 class TransferMatrix(_Strict):
@@ -105,7 +106,7 @@ class TransferMatrix(_Strict):
     calibration: list[str]  # row labels
     evaluation: list[str]  # column labels
     perplexity: list[list[float]]
-    gap_ratio_vs_streamingllm: list[list[float]]
+    gap_ratio_vs_streamingllm: list[list[float | None]]  # None where StreamingLLM loses nothing on that column
 
 
 class GateResult(_Strict):
@@ -114,6 +115,7 @@ class GateResult(_Strict):
     threshold: float
     value: float | None
     passed: bool
+    comparison: Literal[">=", "<=", "<", ">"] | None = None  # passed == (value <comparison> threshold)
 
 
 class Verdict(_Strict):
@@ -137,6 +139,9 @@ class Settings(_Strict):
     reference_budget: int
     max_docs: int | None
     gates: dict[str, float]
+    calib_batch_size: int = 4
+    checkpoint_every: int | None = None  # calibration tokens between convergence checkpoints
+    filters: str | None = None  # an existing artifact validated instead of the combined filters (validate --filters)
 
 
 class ValidationReport(_Strict):
