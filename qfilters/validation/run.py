@@ -1,0 +1,506 @@
+"""The validation engine: calibrate per dataset, combine, measure stability and perplexity, decide, report.
+
+:func:`validate` checks every input first (settings, dataset specs, corpora non-empty and long enough, model
+attention layers, the shape of an existing artifact) and only then starts forward passes, so a typo costs
+milliseconds, not a calibration. Perplexities come from :func:`qfilters.evaluate.evaluate_policies`, the code path of
+``qfilters eval``: the same settings give the same numbers.
+
+Phases (``on_progress`` gets :class:`Progress` events for each):
+
+1. ``calibrate``: one calibration run per calibration dataset (tokens);
+2. ``evaluate``: the published filters (the exact union of the per-dataset runs, or ``filters`` when given) on every
+   evaluation dataset, full cache vs Q-Filters / K-norm / StreamingLLM over the budget sweep;
+3. ``transfer``: each per-dataset filter set on each evaluation dataset at the reference budget.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from qfilters.validation.gates import GateInputs, ValidationInputError, decide, gap_ratio, parse_gate_overrides
+from qfilters.validation.risk import assess
+from qfilters.validation.schema import (
+    DatasetInfo,
+    PerplexityReport,
+    PolicyRow,
+    SamplingStability,
+    Settings,
+    TransferMatrix,
+    ValidationReport,
+)
+from qfilters.validation.stability import cross_dataset_stability, rnd, summarize, tokens_to_stable
+
+STABLE_THRESHOLD = 0.999  # checkpoint agreement that counts as "stable" (tokens_to_stable)
+COMBINED = "combined"  # label of the published (union) filter set in the transfer matrix
+EVAL_POLICIES = ("full", "qfilters", "knorm", "streamingllm")
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What to calibrate and evaluate, sized by default so that SmolLM2-135M on 5 + 2 datasets takes minutes on a
+    laptop CPU (calibration ~ 400 tokens/s, one 1024-token evaluation pass ~ 1 s)."""
+
+    tokens_per_dataset: int = 8192
+    calib_seq_len: int = 1024
+    calib_batch_size: int = 2
+    checkpoint_every: int | None = None  # default: tokens_per_dataset // 4 (four checkpoints per dataset)
+    seed: int = 0
+    eval_seq_len: int = 1024
+    score_last: int = 512
+    budgets: tuple[int, ...] | None = None  # default: eval_seq_len / 4, / 8, / 16, / 32
+    window: int = 64  # recent tokens always kept; at budget b the window is min(window, b // 2)
+    n_sinks: int = 4  # StreamingLLM sinks
+    reference_budget: int | None = None  # default: the budget closest to 16x compression (eval_seq_len / 16)
+    max_docs: int | None = 6
+    gates: Mapping[str, float] = field(default_factory=dict)  # overrides of the default gate thresholds
+
+    def resolved_budgets(self) -> list[int]:
+        budgets = list(self.budgets) if self.budgets else [self.eval_seq_len // d for d in (4, 8, 16, 32)]
+        if self.reference_budget is not None and self.reference_budget not in budgets:
+            budgets.append(self.reference_budget)
+        return sorted(set(budgets), reverse=True)
+
+    def resolved_reference_budget(self) -> int:
+        if self.reference_budget is not None:
+            return self.reference_budget
+        target = self.eval_seq_len / 16
+        return min(self.resolved_budgets(), key=lambda b: (abs(b - target), b))
+
+    def resolved_checkpoint_every(self) -> int:
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return max(self.calib_seq_len * self.calib_batch_size, self.tokens_per_dataset // 4)
+
+    def window_for(self, budget: int) -> int:
+        """The recent-token window used at ``budget``: ``min(window, budget // 2)`` (recorded in every row)."""
+        return min(self.window, budget // 2)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress event: ``phase`` (calibrate / evaluate / transfer), a label, and work done out of total."""
+
+    phase: str
+    label: str
+    completed: int
+    total: int
+    detail: str = ""
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class ValidationRun:
+    """Everything a validation produced: the report, the published filters, the per-dataset runs."""
+
+    report: ValidationReport
+    filters: Any  # QFilters: the published set (combined, or the given artifact)
+    combined: Any  # QFilters: exact union of the per-dataset calibrations
+    per_dataset: list[Any]  # CalibrationResult per calibration dataset, in order
+
+
+# ---------------------------------------------------------------------------------------------------- input checks
+
+
+def check_settings(s: ValidationSettings) -> dict[str, float]:
+    """Raise :class:`ValidationInputError` on any inconsistent setting; return the gate thresholds."""
+    ints = {
+        "tokens_per_dataset": s.tokens_per_dataset, "calib_seq_len": s.calib_seq_len,
+        "calib_batch_size": s.calib_batch_size, "eval_seq_len": s.eval_seq_len, "score_last": s.score_last,
+    }
+    for name, value in ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValidationInputError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("window", s.window), ("n_sinks", s.n_sinks), ("seed", s.seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValidationInputError(f"{name} must be a non-negative integer, got {value!r}")
+    if s.checkpoint_every is not None and s.checkpoint_every <= 0:
+        raise ValidationInputError(f"checkpoint_every must be positive, got {s.checkpoint_every}")
+    if s.max_docs is not None and s.max_docs <= 0:
+        raise ValidationInputError(f"max_docs must be positive, got {s.max_docs}")
+    if s.tokens_per_dataset < s.calib_seq_len:
+        raise ValidationInputError(
+            f"{s.tokens_per_dataset} calibration tokens per dataset is less than one {s.calib_seq_len}-token "
+            "sequence: raise --tokens or lower --calib-seq-len"
+        )
+    if not 1 <= s.score_last <= s.eval_seq_len - 1:
+        raise ValidationInputError(
+            f"score_last ({s.score_last}) must be between 1 and eval_seq_len - 1 ({s.eval_seq_len - 1})"
+        )
+    for b in s.resolved_budgets():
+        if isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+            raise ValidationInputError(f"budgets must be positive integers, got {b!r}")
+        if b >= s.eval_seq_len:
+            raise ValidationInputError(
+                f"budget {b} is not below the evaluation length ({s.eval_seq_len} tokens): nothing would be evicted"
+            )
+        if b - s.window_for(b) <= s.n_sinks:
+            raise ValidationInputError(
+                f"budget {b} leaves no slot to choose: window {s.window_for(b)} + {s.n_sinks} StreamingLLM sinks "
+                f"already take {s.window_for(b) + s.n_sinks} of its {b} slots; use budgets of at least "
+                f"{2 * (s.n_sinks + 1)}"
+            )
+    return parse_gate_overrides(s.gates)
+
+
+def _label(item: Any) -> str:
+    return item if isinstance(item, str) else str(getattr(item, "spec", item))
+
+
+def _load_corpora(items: Sequence[Any], role: str) -> list[Any]:
+    """Specs (strings, parsed all first, then fetched) or ready ``Corpus`` objects -> non-empty corpora."""
+    from qfilters.data import load_corpus, parse_spec
+
+    if not items:
+        raise ValidationInputError(f"no {role} dataset given")
+    labels = [_label(x) for x in items]
+    normalized = [str(parse_spec(x)) if isinstance(x, str) else lbl for x, lbl in zip(items, labels)]
+    dupes = sorted({n for n in normalized if normalized.count(n) > 1})
+    if dupes:
+        raise ValidationInputError(f"{role} dataset listed twice: {', '.join(dupes)}")
+    corpora = [load_corpus(x) if isinstance(x, str) else x for x in items]
+    for c in corpora:
+        if len(c.documents) == 0 or not any(d.text.strip() for d in c.documents):
+            raise ValidationInputError(f"{role} dataset {c.spec!r} is empty: it has no text to use")
+    return corpora
+
+
+def _check_calibration_text(lm: Any, corpora: Sequence[Any], s: ValidationSettings) -> None:
+    from qfilters.data import iter_token_chunks
+
+    for c in corpora:
+        n = 0
+        for chunk in iter_token_chunks(lm.tokenizer, c, s.calib_seq_len, s.tokens_per_dataset):
+            n += len(chunk)
+            if n >= s.calib_seq_len:
+                break
+        if n < s.calib_seq_len:
+            raise ValidationInputError(
+                f"calibration dataset {c.spec!r} has only {n} tokens, less than one {s.calib_seq_len}-token "
+                "sequence: use more text or lower --calib-seq-len"
+            )
+
+
+def _check_evaluation_text(lm: Any, corpora: Sequence[Any], s: ValidationSettings) -> None:
+    from qfilters.evaluate import encode_document
+
+    for c in corpora:
+        if not any(len(encode_document(lm.tokenizer, d.text, s.eval_seq_len)) >= s.eval_seq_len
+                   for d in c.documents):
+            raise ValidationInputError(
+                f"evaluation dataset {c.spec!r} has no document of {s.eval_seq_len} tokens: lower --eval-seq-len "
+                "or choose longer documents"
+            )
+
+
+def _load_filters(filters: Any, lm: Any) -> Any:
+    from qfilters.artifact import QFilters
+
+    if filters is None or isinstance(filters, QFilters):
+        if filters is not None and filters.shape != lm.info.filter_shape:
+            from qfilters.errors import ShapeMismatchError
+
+            raise ShapeMismatchError(
+                f"filters have shape {list(filters.shape)} [num_layers, num_kv_heads, head_dim] but "
+                f"{lm.info.model_id} needs {list(lm.info.filter_shape)}; they were calibrated for a different model"
+            )
+        return filters
+    return QFilters.from_pretrained(str(filters), expected_shape=lm.info.filter_shape)
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+def validate(
+    lm: Any,
+    calibration: Sequence[Any],
+    evaluation: Sequence[Any],
+    settings: ValidationSettings = ValidationSettings(),
+    *,
+    filters: Any = None,
+    on_progress: ProgressFn | None = None,
+    created_at: str | None = None,
+) -> ValidationReport:
+    """Validate Q-Filters for ``lm`` (a ``LoadedModel``) and return the report (see :func:`run_validation`)."""
+    return run_validation(lm, calibration, evaluation, settings, filters=filters, on_progress=on_progress,
+                          created_at=created_at).report
+
+
+def run_validation(
+    lm: Any,
+    calibration: Sequence[Any],
+    evaluation: Sequence[Any],
+    settings: ValidationSettings = ValidationSettings(),
+    *,
+    filters: Any = None,
+    on_progress: ProgressFn | None = None,
+    created_at: str | None = None,
+) -> ValidationRun:
+    """Calibrate on each of ``calibration`` (specs or ``Corpus``), evaluate on ``evaluation``, decide.
+
+    ``filters`` (a ``QFilters``, a directory or a Hub id) validates an existing artifact instead of the combined
+    filters: the per-dataset calibrations still run (they measure stability), the perplexity sweep uses ``filters``.
+    """
+    import qfilters
+    from qfilters.attention import attention_layers
+    from qfilters.calibrate import CalibrationConfig, calibrate, combine_results
+
+    # ---- 1. everything that can be wrong is checked before the first forward pass
+    thresholds = check_settings(settings)
+    attention_layers(lm.model)  # ModelError if the model has none we can observe
+    given = _load_filters(filters, lm)
+    if len(calibration) < 2:
+        raise ValidationInputError(
+            "cross-dataset stability needs at least two calibration datasets (e.g. handbook:en and python-code)"
+        )
+    calib_corpora = _load_corpora(calibration, "calibration")
+    eval_corpora = _load_corpora(evaluation, "evaluation")
+    _check_calibration_text(lm, calib_corpora, settings)
+    _check_evaluation_text(lm, eval_corpora, settings)
+    budgets = settings.resolved_budgets()
+    reference = settings.resolved_reference_budget()
+    notify = on_progress or (lambda p: None)
+
+    # ---- 2. calibration, one run per dataset, then their exact union
+    config = CalibrationConfig(max_tokens=settings.tokens_per_dataset, seq_len=settings.calib_seq_len,
+                               batch_size=settings.calib_batch_size, seed=settings.seed,
+                               checkpoint_every=settings.resolved_checkpoint_every())
+    results = []
+    for corpus in calib_corpora:
+        def cal_progress(p: Any, spec: str = corpus.spec) -> None:
+            notify(Progress("calibrate", spec, min(p.tokens, p.total_tokens), p.total_tokens,
+                            f"{p.tokens_per_s:.0f} tok/s"))
+
+        notify(Progress("calibrate", corpus.spec, 0, settings.tokens_per_dataset))
+        results.append(calibrate(lm, [corpus], config, on_progress=cal_progress))
+    combined = combine_results(lm, results)
+    published = given if given is not None else combined
+    calib_specs = [c.spec for c in calib_corpora]
+
+    # ---- 3. stability (cross-dataset and within each dataset)
+    stability = cross_dataset_stability(calib_specs, [r.filters for r in results],
+                                         threshold=thresholds["cross_dataset_cosine"])
+    sampling = [_sampling(spec, r, thresholds["split_half_min"]) for spec, r in zip(calib_specs, results)]
+
+    # ---- 4. perplexity sweeps of the published filters, then the transfer matrix
+    sweeps = [_sweep(lm, corpus, published, budgets, settings, notify) for corpus in eval_corpora]
+    transfer = _transfer(lm, eval_corpora, results, sweeps, reference, settings, notify,
+                         last_label=COMBINED if given is None else "given filters")
+
+    # ---- 5. architecture risk, gates, verdict
+    statistics = (published.provenance or {}).get("statistics") or combined.provenance["statistics"]
+    architecture = assess(lm.info, lm.model, statistics)
+    reports = [_perplexity_report(corpus, sweep, budgets, settings) for corpus, sweep in zip(eval_corpora, sweeps)]
+    gate_inputs = GateInputs(
+        cross_dataset_cosine=stability.summary.mean,
+        reference_gaps=[(c.spec, s.gap("qfilters", reference), s.gap("streamingllm", reference),
+                         s.gap("knorm", reference)) for c, s in zip(eval_corpora, sweeps)],
+        split_half_min=[(s.dataset, s.split_half.min) for s in sampling],
+        reference_budget=reference,
+    )
+    warnings = list(architecture.warnings) + _evaluation_warnings(reports, settings)
+    verdict = decide(gate_inputs, thresholds, warnings)
+
+    info = lm.info
+    report = ValidationReport(
+        created_at=created_at or _now(),
+        qfilters_version=qfilters.__version__,
+        model_id=info.model_id,
+        model_revision=info.revision,
+        model_source=info.source,
+        settings=Settings(
+            calibration=calib_specs,
+            evaluation=[c.spec for c in eval_corpora],
+            tokens_per_dataset=settings.tokens_per_dataset,
+            calib_seq_len=settings.calib_seq_len,
+            seed=settings.seed,
+            eval_seq_len=settings.eval_seq_len,
+            score_last=settings.score_last,
+            budgets=budgets,
+            window=settings.window,
+            n_sinks=settings.n_sinks,
+            reference_budget=reference,
+            max_docs=settings.max_docs,
+            gates=thresholds,
+            calib_batch_size=settings.calib_batch_size,
+            checkpoint_every=settings.resolved_checkpoint_every(),
+            filters=None if filters is None else _filters_label(filters),
+        ),
+        calibration_datasets=[_calibration_info(r) for r in results],
+        architecture=architecture,
+        stability=stability,
+        sampling=sampling,
+        perplexity=reports,
+        transfer=transfer,
+        verdict=verdict,
+        artifact_sha256=safetensors_sha256(published),
+    )
+    return ValidationRun(report=report, filters=published, combined=combined, per_dataset=results)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _filters_label(filters: Any) -> str:
+    if isinstance(filters, str):
+        return filters
+    return str(getattr(filters, "artifact_info", {}).get("tensor_sha256") or "in-memory filters")
+
+
+def safetensors_sha256(filters: Any) -> str:
+    """sha256 of the ``model.safetensors`` that ``save_pretrained`` writes for these filters (computed in memory)."""
+    import safetensors.torch
+
+    from qfilters.artifact import TENSOR_NAME
+
+    data = safetensors.torch.save({TENSOR_NAME: filters.filters.detach().cpu().contiguous()})
+    return hashlib.sha256(data).hexdigest()
+
+
+def _calibration_info(result: Any) -> DatasetInfo:
+    (ds,) = result.filters.provenance["calibration"]["datasets"]
+    return DatasetInfo(spec=ds["spec"], sha256=ds["sha256"], source=ds["source"], documents=ds["documents"],
+                       tokens=ds["tokens"])
+
+
+def _sampling(spec: str, result: Any, threshold: float) -> SamplingStability:
+    import torch
+
+    split = torch.tensor(result.filters.provenance["statistics"]["split_half_cosine"], dtype=torch.float64)
+    checkpoints = [{k: (rnd(v) if isinstance(v, float) else v) for k, v in asdict(cp).items()}
+                   for cp in result.checkpoints]
+    return SamplingStability(
+        dataset=spec,
+        split_half=summarize(split, threshold),
+        checkpoints=checkpoints,
+        tokens_to_stable=tokens_to_stable(checkpoints, STABLE_THRESHOLD),
+        stable_threshold=STABLE_THRESHOLD,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- perplexity
+
+
+@dataclass
+class Sweep:
+    """One evaluation dataset, the published filters: ``EvalResult`` per window group, merged by budget."""
+
+    results: dict[int, Any]  # budget -> EvalResult that holds it (same documents and full cache in all)
+
+    def _at(self, budget: int) -> Any:
+        return self.results[budget]
+
+    @property
+    def first(self) -> Any:
+        return next(iter(self.results.values()))
+
+    def perplexity(self, policy: str, budget: int) -> float:
+        return self._at(budget).perplexity(policy, budget)
+
+    def gap(self, policy: str, budget: int) -> float:
+        return self._at(budget).gap(policy, budget)
+
+
+def _evaluate(lm: Any, corpus: Any, filters: Any, budgets: list[int], window: int, s: ValidationSettings,
+              policies: Sequence[str]) -> Any:
+    from qfilters.evaluate import evaluate_policies
+
+    return evaluate_policies(lm.model, lm.tokenizer, corpus, filters, budgets=budgets, window=window,
+                             seq_len=s.eval_seq_len, score_last=s.score_last, n_sinks_streaming=s.n_sinks,
+                             policies=tuple(policies), max_docs=s.max_docs, progress=False)
+
+
+def _window_groups(budgets: Sequence[int], s: ValidationSettings) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for b in budgets:
+        groups.setdefault(s.window_for(b), []).append(b)
+    return groups
+
+
+def _sweep(lm: Any, corpus: Any, filters: Any, budgets: list[int], s: ValidationSettings,
+           notify: ProgressFn) -> Sweep:
+    """One ``evaluate_policies`` call per distinct window (budgets sharing a window share one call)."""
+    groups = _window_groups(budgets, s)
+    results: dict[int, Any] = {}
+    notify(Progress("evaluate", corpus.spec, 0, len(groups)))
+    for done, (window, group) in enumerate(groups.items(), start=1):
+        result = _evaluate(lm, corpus, filters, group, window, s, EVAL_POLICIES)
+        for b in group:
+            results[b] = result
+        notify(Progress("evaluate", corpus.spec, done, len(groups), f"budgets {', '.join(map(str, group))}"))
+    return Sweep(results)
+
+
+def _perplexity_report(corpus: Any, sweep: Sweep, budgets: list[int], s: ValidationSettings) -> PerplexityReport:
+    first = sweep.first
+    full = first.full_perplexity
+    rows = [PolicyRow(policy="full", budget=None, window=None, perplexity=rnd(full), gap=0.0)]
+    ratios: dict[str, float | None] = {}
+    for b in budgets:
+        for policy in ("qfilters", "knorm", "streamingllm"):
+            rows.append(PolicyRow(policy=policy, budget=b, window=s.window_for(b),
+                                  perplexity=rnd(sweep.perplexity(policy, b)), gap=rnd(sweep.gap(policy, b))))
+        ratios[str(b)] = rnd(gap_ratio(sweep.gap("qfilters", b), sweep.gap("streamingllm", b)))
+    return PerplexityReport(
+        dataset=DatasetInfo(spec=corpus.spec, sha256=corpus.sha256, source=corpus.source,
+                            documents=len(first.titles), tokens=first.tokens_per_doc * len(first.titles)),
+        seq_len=s.eval_seq_len,
+        score_last=s.score_last,
+        documents_skipped=len(first.skipped),
+        full_perplexity=rnd(full),
+        rows=rows,
+        gap_ratio_vs_streamingllm=ratios,
+    )
+
+
+def _transfer(lm: Any, eval_corpora: Sequence[Any], results: Sequence[Any], sweeps: Sequence[Sweep],
+              reference: int, s: ValidationSettings, notify: ProgressFn, last_label: str) -> TransferMatrix:
+    """Filters of calibration dataset i (rows; last row: the published set, already in the sweeps) on dataset j."""
+    window = s.window_for(reference)
+    ppl: list[list[float]] = []
+    ratio: list[list[float | None]] = []
+    total = len(results) * len(eval_corpora)
+    notify(Progress("transfer", "transfer matrix", 0, total))
+    done = 0
+    for r in results:
+        row_ppl, row_ratio = [], []
+        for corpus, sweep in zip(eval_corpora, sweeps):
+            cell = _evaluate(lm, corpus, r.filters, [reference], window, s, ("qfilters",))
+            row_ppl.append(rnd(cell.perplexity("qfilters", reference)))
+            row_ratio.append(rnd(gap_ratio(cell.gap("qfilters", reference), sweep.gap("streamingllm", reference))))
+            done += 1
+            notify(Progress("transfer", "transfer matrix", done, total, f"{_calibration_info(r).spec} -> {corpus.spec}"))
+        ppl.append(row_ppl)
+        ratio.append(row_ratio)
+    ppl.append([rnd(sw.perplexity("qfilters", reference)) for sw in sweeps])
+    ratio.append([rnd(gap_ratio(sw.gap("qfilters", reference), sw.gap("streamingllm", reference))) for sw in sweeps])
+    return TransferMatrix(
+        budget=reference,
+        window=window,
+        calibration=[_calibration_info(r).spec for r in results] + [last_label],
+        evaluation=[c.spec for c in eval_corpora],
+        perplexity=ppl,
+        gap_ratio_vs_streamingllm=ratio,
+    )
+
+
+def _evaluation_warnings(reports: Sequence[PerplexityReport], s: ValidationSettings) -> list[str]:
+    out = []
+    for r in reports:
+        if r.documents_skipped:
+            out.append(f"{r.documents_skipped} document(s) of {r.dataset.spec} are shorter than {s.eval_seq_len} "
+                       "tokens and were not evaluated.")
+        if r.dataset.documents < 3:
+            out.append(f"Only {r.dataset.documents} document(s) of {r.dataset.spec} were evaluated: its "
+                       "perplexities are noisy.")
+        worse = [b for b, x in r.gap_ratio_vs_streamingllm.items() if x is not None and x > 1.0]
+        if worse:
+            out.append(f"On {r.dataset.spec}, Q-Filters lose more perplexity than StreamingLLM at budget(s) "
+                       f"{', '.join(worse)}.")
+    return out
