@@ -400,7 +400,7 @@ def perplexity_plot(ppl: PerplexityReport, reference_budget: int | None = None) 
         ax.set_ylabel("perplexity" + (" (log scale)" if log_y else "") + "  (lower is better)")
         ax.set_title(f"Perplexity vs KV budget on {short_label(ppl.dataset.spec, 40)}")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper right")
+        ax.legend(loc="best")
         return _png(fig)
 
 
@@ -416,9 +416,7 @@ def transfer_heatmap(transfer: TransferMatrix) -> Png:
     ratio = np.ma.masked_invalid(np.array(
         [[float(v) if _finite(v) else float("nan") for v in row] for row in transfer.gap_ratio_vs_streamingllm],
         dtype=float).reshape(rows, cols))
-    finite = ratio.compressed()
-    vmax = max(1.5, float(finite.max()) if finite.size else 1.5)  # 1 = as good as StreamingLLM, the centre
-    vmin = min(0.25, float(finite.min()) if finite.size else 0.25)
+    vmin, vmax = 0.0, 2.0  # fixed, centred on 1 (as good as StreamingLLM); values outside take the end colours
     width = min(PAGE_WIDTH_IN, max(6.2, 3.6 + 1.7 * cols))
     height = min(9.0, 2.0 + 0.55 * rows)
     with _style():
@@ -442,14 +440,14 @@ def transfer_heatmap(transfer: TransferMatrix) -> Png:
             for j in range(cols):
                 r = transfer.gap_ratio_vs_streamingllm[i][j] if j < len(transfer.gap_ratio_vs_streamingllm[i]) else None
                 p = transfer.perplexity[i][j] if j < len(transfer.perplexity[i]) else None
-                head = f"{r:.2f}x" if _finite(r) else "n/a"
+                head = f"{r:.2f}x" if _finite(r) else ("undefined" if r is None else "n/a")
                 tail = f"ppl {p:.2f}" if _finite(p) else ""
                 color = _text_color(cmap(norm(r))) if _finite(r) else "#555555"
                 ax.text(j, i, f"{head}\n{tail}".strip(), ha="center", va="center", in_layout=False, fontsize=8,
                         color=color)
         ax.set_title(f"Evaluated on (budget {transfer.budget}); cell: gap ratio vs StreamingLLM and perplexity",
                      fontsize=9)
-        bar = fig.colorbar(image, ax=ax, pad=0.02, fraction=0.06)
+        bar = fig.colorbar(image, ax=ax, pad=0.02, fraction=0.06, extend="both")
         bar.set_label("gap ratio vs StreamingLLM (lower is better)")
         return _png(fig)
 

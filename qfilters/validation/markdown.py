@@ -147,8 +147,10 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
 
     # ---- perplexity at the reference budget
     ref = s.reference_budget
+    window = next((r.window for p in report.perplexity for r in p.rows if r.budget == ref and r.window is not None),
+                  s.window)
     lines += ["", f"### Perplexity at a KV budget of {ref} tokens per head", "",
-              f"Window of {s.window} recent tokens and {s.n_sinks} sink tokens always kept; perplexity of the last "
+              f"Window of {window} recent tokens and {s.n_sinks} sink tokens always kept; perplexity of the last "
               f"{s.score_last} tokens of {s.eval_seq_len}-token sequences. Cells: perplexity (gap vs full cache). "
               "Gap ratio below 1: Q-Filters lose less than StreamingLLM.", ""]
     policies = [p for p in policy_order(r.policy for p in report.perplexity for r in p.rows) if p != "full"]
@@ -171,9 +173,12 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
                  f"Q-Filters compress {len(a.compressed_layers)} of {a.num_layers} layers"
                  + (f" (sliding-window layers {layer_ranges(a.sliding_layers)} are not compressed)"
                     if a.sliding_layers else "") + ".")
-    if a.warnings:
+    shown = set(v.warnings)
+    if any(w not in shown for w in a.warnings):
         lines.append("")
-        lines += [f"- \u26a0\ufe0f {md(w)}" for w in a.warnings]
+        lines += [f"- \u26a0\ufe0f {md(w)}" for w in a.warnings if w not in shown]
+    elif a.warnings:
+        lines += ["", "Its risks are listed in the warnings under the verdict above."]
     else:
         lines += ["", "No architecture risk found (no QK-norm, no QKV bias, RoPE, full attention)."]
 
@@ -184,7 +189,7 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
         "from qfilters import QFilters, QFiltersCache, QFilterScorer\n\n"
         f"model = AutoModelForCausalLM.from_pretrained({report.model_id!r})\n"
         f"filters = QFilters.from_pretrained({repo!r})\n"
-        f"cache = QFiltersCache(model, QFilterScorer(filters), budget={ref}, window={s.window})\n"
+        f"cache = QFiltersCache(model, QFilterScorer(filters), budget={ref}, window={window}, n_sinks={s.n_sinks})\n"
         "out = model.generate(input_ids, past_key_values=cache, max_new_tokens=256)"
     )
     kvpress = (

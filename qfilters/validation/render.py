@@ -158,6 +158,7 @@ th { background: #f0f2f5; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num { white-space: nowrap; }
 #gates th[scope=row] { white-space: nowrap; }
+#architecture-table td:nth-child(2) { min-width: 9em; }
 .wide { width: 100%; }
 .table-scroll { overflow-x: auto; }
 .badge { display: inline-block; min-width: 3.4em; text-align: center; font-weight: 700; font-size: 0.8rem;
@@ -388,7 +389,10 @@ def _perplexity(report: ValidationReport) -> str:
                           f"Perplexity on <code>{_e(d.spec)}</code> per KV budget (log scale); dashed line: full "
                           f"cache ({num(ppl.full_perplexity, 2)})."))
         budgets = sorted({int(r.budget) for r in ppl.rows if r.budget is not None})
-        headers = ["Policy"] + [f"budget {b}" + (" (ref.)" if b == ref else "") for b in budgets]
+        windows = {int(r.budget): r.window for r in ppl.rows if r.budget is not None and r.window is not None}
+        headers = ["Policy"] + [f"budget {b}" + (" (ref.)" if b == ref else "")
+                                + (f'<br><span class="small muted">window {windows[b]}</span>' if b in windows else "")
+                                for b in budgets]
         rows = []
         for policy in policy_order(r.policy for r in ppl.rows):
             name = _e(POLICY_NAMES.get(policy, policy))
