@@ -1,17 +1,21 @@
 """Calibration cost: throughput against a plain forward, and peak memory against the number of tokens.
 
     python bench/bench_calibration.py throughput --model smollm2 --tokens 16384
-    python bench/bench_calibration.py memory --model smollm2 --small 16384 --large 262144
+    python bench/bench_calibration.py memory --model smollm2 --dataset austen --small 16384 --large 262144
 
 throughput: tokens/s of `qfilters.calibrate` versus `model(input_ids)` (the full causal LM, logits included) on the
 same batches; target ratio >= 1.08. memory: each size runs in a fresh process and reports its peak RSS; target
 growth <= 5% from the small to the large run (statistics are fixed-size, so memory must not follow the token count).
+The memory runs fix glibc's mmap threshold (MALLOC_MMAP_THRESHOLD_): with its default *dynamic* threshold, freed
+attention buffers migrate to the heap and fragment it, so peak RSS creeps up with the number of batches whatever
+the algorithm holds. Set the same variable when calibrating on very long runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -72,6 +76,8 @@ def _peak_rss_one(args: argparse.Namespace) -> dict:
     config = CalibrationConfig(max_tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size)
     result = calibrate(lm, [corpus], config)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if result.tokens < args.tokens:
+        raise SystemExit(f"{args.dataset} ran out after {result.tokens} tokens (< {args.tokens}); use a larger corpus")
     return {"tokens": result.tokens, "peak_rss_mib": round(peak_mib, 1), "seconds": round(result.seconds, 1)}
 
 
@@ -80,7 +86,8 @@ def memory(args: argparse.Namespace) -> dict:
     for size in (args.small, args.large):
         cmd = [sys.executable, __file__, "_peak", "--model", args.model, "--dataset", args.dataset,
                "--tokens", str(size), "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20))}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         runs[size] = json.loads(out.strip().splitlines()[-1])
     small, large = runs[args.small], runs[args.large]
     return {
