@@ -1,0 +1,203 @@
+"""Per-key eviction scores: one small class per method, one ``score()`` each (higher = keep).
+
+Every scorer here is *static*: a key's score depends only on that key, its layer/head and its absolute position, never
+on later keys or on queries. That is what lets the cache score a key once when it arrives, and what gives greedy
+eviction a closed form, so the one-pass evaluator (``qfilters.evaluate``) is exact rather than an approximation.
+
+Expressions follow kvpress where it has the method (``QFilterPress``, ``KnormPress``), evaluated in the keys' dtype
+with the same operation order, then widened to float32, so rankings agree with kvpress's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from qfilters.errors import ShapeMismatchError
+
+__all__ = [
+    "Scorer",
+    "QFilterScorer",
+    "KNormScorer",
+    "StreamingLLMScorer",
+    "RandomScorer",
+    "SCORERS",
+    "make_scorer",
+]
+
+
+def _check_keys(keys: Tensor, positions: Tensor) -> None:
+    if keys.dim() != 4:
+        raise ShapeMismatchError(f"keys must be [batch, kv_heads, seq_len, head_dim], got shape {tuple(keys.shape)}")
+    if positions.dim() != 1 or positions.shape[0] != keys.shape[2]:
+        raise ShapeMismatchError(
+            f"positions must be 1-D with one entry per key (keys shape {tuple(keys.shape)}), "
+            f"got shape {tuple(positions.shape)}"
+        )
+
+
+class Scorer(ABC):
+    """Scores cached keys; higher = keep. Subclasses must stay static per key (see module docstring)."""
+
+    name: ClassVar[str] = "base"
+
+    @abstractmethod
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        """keys [B, H_kv, T, D] post-RoPE as cached; positions [T] absolute positions (long) -> [B, H_kv, T] float32."""
+
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        """Raise :class:`ShapeMismatchError` if this scorer cannot score this model's keys (default: any model)."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able identity of the scorer (for results and provenance)."""
+        return {"name": self.name}
+
+
+@dataclass
+class QFilterScorer(Scorer):
+    """Q-Filters: score = -(f . k) with f the stored filter of the key's layer and KV head (kvpress's expression).
+
+    The stored filter is ``-v1+`` (public format), so the score is the key's projection on the dominant query
+    direction: keys that queries will attend to most score high and are kept.
+    ``filters`` is a tensor ``[L, H_kv, D]`` or anything with a ``.filters`` attribute holding one (``QFilters``).
+    """
+
+    filters: Any
+    name: ClassVar[str] = "qfilters"
+
+    def __post_init__(self) -> None:
+        filters = getattr(self.filters, "filters", self.filters)
+        if not isinstance(filters, torch.Tensor):
+            raise TypeError(f"filters must be a tensor [L, H_kv, D] or a QFilters, got {type(self.filters).__name__}")
+        if filters.dim() != 3 or min(filters.shape) == 0:
+            raise ShapeMismatchError(
+                f"filters must be a non-empty tensor [num_layers, num_kv_heads, head_dim], got {tuple(filters.shape)}"
+            )
+        if not filters.is_floating_point():
+            raise TypeError(f"filters must be floating point, got dtype {filters.dtype}")
+        self.filters = filters.detach()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.filters.shape)  # type: ignore[return-value]
+
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        if self.shape != (num_layers, num_kv_heads, head_dim):
+            raise ShapeMismatchError(
+                f"Q-Filters have shape {self.shape} [layers, kv_heads, head_dim] but the model needs "
+                f"{(num_layers, num_kv_heads, head_dim)}; were these filters calibrated for another model?"
+            )
+
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        _check_keys(keys, positions)
+        num_layers, num_kv_heads, head_dim = self.shape
+        if not 0 <= layer_idx < num_layers:
+            raise ShapeMismatchError(f"layer {layer_idx} out of range for Q-Filters of shape {self.shape}")
+        if (keys.shape[1], keys.shape[3]) != (num_kv_heads, head_dim):
+            raise ShapeMismatchError(
+                f"keys of shape {tuple(keys.shape)} [B, kv_heads, T, head_dim] do not match Q-Filters of shape "
+                f"{self.shape} [layers, kv_heads, head_dim]"
+            )
+        f = self.filters[layer_idx][None, :, None].to(device=keys.device, dtype=keys.dtype)  # [1, H, 1, D]
+        return (-(f * keys).sum(dim=-1)).float()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape)}
+
+
+@dataclass
+class KNormScorer(Scorer):
+    """K-norm (Devoto et al. 2024): keep low-norm keys, score = -||k||_2 (kvpress ``KnormPress``)."""
+
+    name: ClassVar[str] = "knorm"
+
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        _check_keys(keys, positions)
+        return (-keys.norm(dim=-1)).float()
+
+
+@dataclass
+class StreamingLLMScorer(Scorer):
+    """StreamingLLM (Xiao et al. 2023): keep ``n_sinks`` attention sinks and the most recent keys.
+
+    Sinks score +inf, any other key its position, so the newest keys win the remaining slots.
+    """
+
+    n_sinks: int = 4
+    name: ClassVar[str] = "streamingllm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_sinks, bool) or not isinstance(self.n_sinks, int) or self.n_sinks < 0:
+            raise ValueError(f"n_sinks must be a non-negative integer, got {self.n_sinks!r}")
+
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        _check_keys(keys, positions)
+        pos = positions.to(device=keys.device, dtype=torch.float32)
+        pos = torch.where(positions.to(keys.device) < self.n_sinks, torch.full_like(pos, float("inf")), pos)
+        return pos.expand(keys.shape[0], keys.shape[1], -1).clone()  # [T] -> [B, H, T]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "n_sinks": self.n_sinks}
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """Integer mix of int64 values kept below 2**32 (products stay < 2**63: no overflow, same result on any device)."""
+    x = x & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+@dataclass
+class RandomScorer(Scorer):
+    """Random eviction baseline, reproducible: a hash of (seed, layer, head, position), identical across batch rows,
+    devices and call patterns (the cache scoring one token at a time gets the same numbers as one-pass scoring)."""
+
+    seed: int = 0
+    name: ClassVar[str] = "random"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        _check_keys(keys, positions)
+        batch, heads = keys.shape[0], keys.shape[1]
+        pos = positions.to(device=keys.device, dtype=torch.int64)[None, :]  # [1, T]
+        head = torch.arange(heads, device=keys.device, dtype=torch.int64)[:, None]  # [H, 1]
+        x = _hash32(torch.tensor(self.seed, device=keys.device, dtype=torch.int64))
+        x = _hash32(x ^ layer_idx)
+        x = _hash32(x ^ head)  # [H, 1]
+        x = _hash32(x ^ pos)  # [H, T]
+        u = (x >> 8).float() / float(1 << 24)  # 24 bits: exact in float32, uniform in [0, 1)
+        return u[None].expand(batch, -1, -1).clone()
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed}
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    QFilterScorer.name: QFilterScorer,
+    KNormScorer.name: KNormScorer,
+    StreamingLLMScorer.name: StreamingLLMScorer,
+    RandomScorer.name: RandomScorer,
+}
+
+
+def make_scorer(name: str, filters: Any = None, **kwargs: Any) -> Scorer:
+    """Build a scorer by name (``SCORERS`` keys); ``filters`` is required for ``qfilters`` and ignored otherwise."""
+    cls = SCORERS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown scorer {name!r}; choose one of {sorted(SCORERS)}")
+    if cls is QFilterScorer:
+        if filters is None:
+            raise ValueError("the 'qfilters' scorer needs filters (a [L, H_kv, D] tensor or a QFilters)")
+        return QFilterScorer(filters, **kwargs)
+    return cls(**kwargs)
