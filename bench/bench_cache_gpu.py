@@ -50,6 +50,9 @@ def main() -> int:
     ap.add_argument("--budget", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--filters", default=None, help="artifact directory or Hub repo (default: random filters)")
+    ap.add_argument("--backend", choices=("flash", "auto"), default="flash",
+                    help="flash: force torch's FLASH_ATTENTION SDPA backend; auto: let torch choose (needed for models "
+                         "whose sliding-window layers pass a mask, e.g. Gemma-3 beyond its window)")
     args = ap.parse_args()
 
     import torch
@@ -88,15 +91,18 @@ def main() -> int:
     runs += [(f"QFilters budget {b}", lambda b=b: QFiltersCache(model, scorer, b, args.window))
              for b in args.budget if b < args.context]
     base = None
-    with torch.inference_mode(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+    backends = [SDPBackend.FLASH_ATTENTION]
+    if args.backend == "auto":
+        backends += [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.inference_mode(), sdpa_kernel(backends):
         for label, make in runs:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             cache = make()
             try:
                 r = _decode(model, prompt, cache, args.new_tokens, args.warmup)
-            except RuntimeError as e:  # e.g. no flash kernel for this head_dim / GPU
-                print(f"{label:<22} failed: {e}")
+            except RuntimeError as e:  # e.g. no flash kernel for this head_dim / GPU, or a masked layer
+                print(f"{label:<22} failed: {e}\n(try --backend auto)")
                 return 1
             base = base or r["tok_per_s"]
             kv = max(getattr(layer, "keys", None).shape[-2] for layer in cache.layers

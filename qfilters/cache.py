@@ -65,7 +65,9 @@ def layer_kinds(model_or_config: Any, uncompressed_layers: Sequence[int] = ()) -
     skip = set(uncompressed_layers)
     bad = sorted(i for i in skip if not (isinstance(i, int) and 0 <= i < len(types)))
     if bad:
-        raise ValueError(f"uncompressed_layers {bad} out of range: the model has {len(types)} layers (0..{len(types) - 1})")
+        raise ValueError(
+            f"uncompressed_layers {bad} out of range: the model has {len(types)} layers (0..{len(types) - 1})"
+        )
     return ["full" if i in skip and t == "full_attention" else "compress" if t == "full_attention" else t
             for i, t in enumerate(types)]
 

@@ -30,7 +30,7 @@ from qfilters.scorers import Scorer
 __all__ = ["PerplexityResult", "perplexity", "perplexity_reference", "eviction_hook", "EvalResult", "EvalRow",
            "evaluate_policies", "encode_document", "POLICIES"]
 
-MASKABLE_KERNELS = ("sdpa", "eager")  # kernels that accept an arbitrary 4-D mask
+MASKABLE_KERNELS = ("sdpa",)  # kernels that take an arbitrary 4-D mask AND that qfilters.attention can hook
 
 
 @dataclass
@@ -92,28 +92,30 @@ def evicted_attention(
     horizon >= t0: at most budget + block of them. Gathering those per KV head (padded to the largest count, padding
     masked) costs O(T * (budget + block)) instead of a dense [T, T] mask, and never holds a T x T tensor.
     """
-    batch, q_heads, length, _ = query.shape
-    kv_heads = key.shape[1]
-    rep = q_heads // kv_heads  # repeat_kv order: query head h reads KV head h // rep
+    q_heads, length = query.shape[1], query.shape[2]
+    rep = q_heads // key.shape[1]  # repeat_kv order: query head h reads KV head h // rep
     t_all = torch.arange(length, device=query.device)
     outputs = []
     for t0 in range(0, length, block):
         t1 = min(length, t0 + block)
         relevant = horizon[..., :t1] >= t0  # [B, H_kv, t1]: keys some query of the block sees
         n = int(relevant.sum(dim=-1).max())
-        idx = torch.sort((~relevant).to(torch.uint8), dim=-1, stable=True).indices[..., :n]  # [B, H_kv, n] relevant first
+        # [B, H_kv, n]: indices of the relevant keys first, in position order (stable sort), then padding
+        idx = torch.sort((~relevant).to(torch.uint8), dim=-1, stable=True).indices[..., :n]
         valid = relevant.gather(-1, idx)  # [B, H_kv, n]: False on padding
         k_blk = key.gather(2, idx[..., None].expand(-1, -1, -1, key.shape[-1]))  # [B, H_kv, n, D]
         v_blk = value.gather(2, idx[..., None].expand(-1, -1, -1, value.shape[-1]))  # [B, H_kv, n, Dv]
         tq = t_all[t0:t1, None]  # [Tb, 1]
         vis = valid[..., None, :] & (idx[..., None, :] <= tq) & (tq <= horizon.gather(-1, idx)[..., None, :])
-        if given_mask is not None:  # padding or other constraints transformers put in its own mask
+        # additive float mask: sdpa converts bool masks to this anyway, and eager-style kernels need it
+        if given_mask is None:
+            mask = torch.zeros(vis.shape, dtype=query.dtype, device=query.device)
+        else:  # padding or other constraints transformers put in its own mask
             given = _given_block(given_mask, t0, t1, idx)  # [B, H_kv, Tb, n]
-            if given.dtype == torch.bool:
-                vis = vis & given
-            else:
-                vis = given.to(query.dtype).masked_fill(~vis, torch.finfo(query.dtype).min)
-        mask = vis.repeat_interleave(rep, dim=1)  # [B, H_q, Tb, n]
+            mask = given.to(query.dtype) if given.is_floating_point() else torch.zeros(
+                vis.shape, dtype=query.dtype, device=query.device)
+            vis = vis if given.is_floating_point() else vis & given
+        mask = mask.masked_fill(~vis, torch.finfo(query.dtype).min).repeat_interleave(rep, dim=1)  # [B, H_q, Tb, n]
         out, _ = base_fn(module, query[:, :, t0:t1], k_blk, v_blk, mask, **kwargs)  # [B, Tb, H_q, Dv]
         if out.shape[1] != t1 - t0:
             raise ModelError(f"attention kernel returned shape {tuple(out.shape)}; expected [B, T, H, D] outputs")
@@ -171,7 +173,7 @@ def perplexity(
     """Exact perplexity of token-by-token decoding under eviction, in one forward pass (``scorer=None``: full cache).
 
     Sequences no longer than ``budget`` never evict, so they take the plain forward (bit-identical to full cache).
-    Needs an sdpa or eager model (flash kernels take no arbitrary mask).
+    Needs an sdpa model (flash kernels take no arbitrary mask); the reference runs with any kernel.
     """
     _check_inputs(model, input_ids, scorer, budget, window, n_sinks)
     length = input_ids.shape[1]
@@ -182,7 +184,7 @@ def perplexity(
     else:
         impl = str(model.config._attn_implementation).removeprefix("qfilters+")
         if impl not in MASKABLE_KERNELS:
-            raise ModelError(f"the one-pass evaluator needs attn_implementation 'sdpa' or 'eager', not {impl!r}: "
+            raise ModelError(f"the one-pass evaluator needs attn_implementation 'sdpa', not {impl!r}: "
                              "reload the model with attn_implementation='sdpa'")
         with attention_hook(model, eviction_hook(model, scorer, budget, window, n_sinks, uncompressed_layers)):
             logits = model(input_ids, use_cache=False, logits_to_keep=n + 1).logits

@@ -23,7 +23,8 @@ def plot_perplexity_vs_budget(result: Any, path: str | os.PathLike[str]) -> Path
         label, color = _STYLE.get(policy, (policy, None))
         xs = [b for b in budgets if (policy, b) in result.nll]
         ax.plot(xs, [result.perplexity(policy, b) for b in xs], marker="o", label=label, color=color)
-    ax.axhline(result.full_perplexity, linestyle="--", color="black", label=f"full cache ({result.full_perplexity:.2f})")
+    full = result.full_perplexity
+    ax.axhline(full, linestyle="--", color="black", label=f"full cache ({full:.2f})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.minorticks_off()

@@ -243,3 +243,13 @@ def test_evaluate_policies_rejects_bad_arguments(tiny_llama) -> None:
     res = evaluate_policies(model, tok, corpus, None, budgets=[32], window=8, seq_len=200, score_last=50,
                             policies=("full", "knorm", "random"), progress=False)
     assert res.policies == ["knorm", "random"] and res.gap_ratio("knorm", "knorm", 32) == pytest.approx(1.0)
+
+
+def test_one_pass_refuses_kernels_that_take_no_mask(tiny_llama) -> None:
+    from qfilters.errors import ModelError
+
+    model = copy.deepcopy(tiny_llama.model)
+    model.config._attn_implementation = "flash_attention_2"  # not installed here: only the check is exercised
+    ids = torch.randint(4, 90, (1, 40))
+    with pytest.raises(ModelError, match="attn_implementation 'sdpa'"):
+        perplexity(model, ids, KNormScorer(), 16, 4)
