@@ -320,6 +320,11 @@ def test_numbers_are_those_of_evaluate_policies(tiny_run, tiny_llama) -> None:
     for policy in ("qfilters", "knorm", "streamingllm"):
         assert rows[policy, 24].perplexity == round(ref.perplexity(policy, 24), 6)
         assert rows[policy, 24].gap == round(ref.gap(policy, 24), 6)
+    # budget 48 (window 24) is the evaluate_policies call of the sweep, budget 24 (window 12) extends it
+    ref48 = evaluate_policies(tiny_llama.model, tiny_llama.tokenizer, _corpus(3), run.filters, budgets=[48],
+                              window=24, seq_len=128, score_last=64, n_sinks_streaming=4, max_docs=2, progress=False)
+    for policy in ("qfilters", "knorm", "streamingllm"):
+        assert rows[policy, 48].perplexity == round(ref48.perplexity(policy, 48), 6)
     assert r.transfer.perplexity[-1][0] == rows["qfilters", 24].perplexity
     # a transfer cell = evaluate_policies with that dataset's filters
     cell = evaluate_policies(tiny_llama.model, tiny_llama.tokenizer, _corpus(4), run.per_dataset[1].filters,

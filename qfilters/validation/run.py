@@ -10,7 +10,8 @@ Phases (``on_progress`` gets :class:`Progress` events for each):
 1. ``calibrate``: one calibration run per calibration dataset (tokens);
 2. ``evaluate``: the published filters (the exact union of the per-dataset runs, or ``filters`` when given) on every
    evaluation dataset, full cache vs Q-Filters / K-norm / StreamingLLM over the budget sweep;
-3. ``transfer``: each per-dataset filter set on each evaluation dataset at the reference budget.
+3. ``transfer``: each per-dataset filter set on each evaluation dataset at the reference budget (the same
+   per-document ``perplexity`` calls, pooled by the same ``EvalResult``, reusing the sweep's full-cache pass).
 """
 
 from __future__ import annotations
@@ -389,22 +390,26 @@ def _sampling(spec: str, result: Any, threshold: float) -> SamplingStability:
 
 @dataclass
 class Sweep:
-    """One evaluation dataset, the published filters: ``EvalResult`` per window group, merged by budget."""
+    """One evaluation dataset, the published filters, all budgets.
 
-    results: dict[int, Any]  # budget -> EvalResult that holds it (same documents and full cache in all)
+    ``base`` is the ``evaluate_policies`` result of the largest group of budgets sharing one window (it fixes the
+    documents and the full-cache pass); budgets with other windows are added by the same per-document ``perplexity``
+    calls and pooled by the same ``EvalResult``, reusing that full-cache pass instead of recomputing it.
+    """
 
-    def _at(self, budget: int) -> Any:
-        return self.results[budget]
+    base: Any  # EvalResult
+    chunks: list[Any]  # the evaluated token chunks, [1, seq_len] each, in document order
+    results: dict[int, Any]  # budget -> EvalResult that holds it
 
     @property
     def first(self) -> Any:
-        return next(iter(self.results.values()))
+        return self.base
 
     def perplexity(self, policy: str, budget: int) -> float:
-        return self._at(budget).perplexity(policy, budget)
+        return self.results[budget].perplexity(policy, budget)
 
     def gap(self, policy: str, budget: int) -> float:
-        return self._at(budget).gap(policy, budget)
+        return self.results[budget].gap(policy, budget)
 
 
 def _evaluate(lm: Any, corpus: Any, filters: Any, budgets: list[int], window: int, s: ValidationSettings,
@@ -413,7 +418,48 @@ def _evaluate(lm: Any, corpus: Any, filters: Any, budgets: list[int], window: in
 
     return evaluate_policies(lm.model, lm.tokenizer, corpus, filters, budgets=budgets, window=window,
                              seq_len=s.eval_seq_len, score_last=s.score_last, n_sinks_streaming=s.n_sinks,
-                             policies=tuple(policies), max_docs=s.max_docs, progress=False)
+                             policies=tuple(policies), max_docs=s.max_docs, progress=False,
+                             model_id=lm.info.model_id)
+
+
+def _selected_chunks(lm: Any, corpus: Any, s: ValidationSettings) -> tuple[list[str], list[Any]]:
+    """The documents and token chunks ``evaluate_policies`` scores (same rule; checked against its titles)."""
+    import torch
+
+    from qfilters.evaluate import encode_document
+
+    titles, chunks = [], []
+    for doc in corpus.documents:
+        if s.max_docs is not None and len(titles) >= s.max_docs:
+            break
+        ids = encode_document(lm.tokenizer, doc.text, s.eval_seq_len)
+        if len(ids) < s.eval_seq_len:
+            continue
+        titles.append(doc.title)
+        chunks.append(torch.tensor(ids, dtype=torch.long)[None])  # [1, seq_len], as evaluate_policies builds them
+    return titles, chunks
+
+
+def _extend(lm: Any, base: Any, chunks: Sequence[Any], filters: Any, policies: Sequence[str], budgets: Sequence[int],
+            window: int, s: ValidationSettings, tick: Callable[[], None]) -> Any:
+    """More policies / budgets on ``base``'s documents: ``evaluate_policies``' per-document calls (same scorers, same
+    arguments), pooled by an ``EvalResult`` that shares ``base``'s full-cache pass."""
+    from qfilters.evaluate import EvalResult, perplexity
+    from qfilters.scorers import make_scorer
+
+    nll: dict[tuple[str, int], list[float]] = {}
+    for p in policies:
+        kw = {"n_sinks": s.n_sinks} if p == "streamingllm" else {}
+        scorer = make_scorer(p, filters if p == "qfilters" else None, **kw)
+        for b in budgets:
+            nll[p, b] = []
+            for ids in chunks:
+                nll[p, b].append(perplexity(lm.model, ids, scorer, b, window, score_last=s.score_last).nll_sum)
+                tick()
+    return EvalResult(config={**base.config, "budgets": sorted(budgets), "window": window,
+                              "policies": ["full", *policies]},
+                      titles=list(base.titles), full_nll=list(base.full_nll), nll=nll,
+                      tokens_per_doc=base.tokens_per_doc, skipped=list(base.skipped))
 
 
 def _window_groups(budgets: Sequence[int], s: ValidationSettings) -> dict[int, list[int]]:
@@ -425,16 +471,30 @@ def _window_groups(budgets: Sequence[int], s: ValidationSettings) -> dict[int, l
 
 def _sweep(lm: Any, corpus: Any, filters: Any, budgets: list[int], s: ValidationSettings,
            notify: ProgressFn) -> Sweep:
-    """One ``evaluate_policies`` call per distinct window (budgets sharing a window share one call)."""
+    policies = [p for p in EVAL_POLICIES if p != "full"]
     groups = _window_groups(budgets, s)
-    results: dict[int, Any] = {}
-    notify(Progress("evaluate", corpus.spec, 0, len(groups)))
-    for done, (window, group) in enumerate(groups.items(), start=1):
-        result = _evaluate(lm, corpus, filters, group, window, s, EVAL_POLICIES)
-        for b in group:
-            results[b] = result
-        notify(Progress("evaluate", corpus.spec, done, len(groups), f"budgets {', '.join(map(str, group))}"))
-    return Sweep(results)
+    base_window = max(groups, key=lambda w: (len(groups[w]), w))  # the largest group goes through evaluate_policies
+    titles, chunks = _selected_chunks(lm, corpus, s)
+    n_budgets = len(budgets)
+    total = len(chunks) * (1 + len(policies) * n_budgets)
+    done = len(chunks) * (1 + len(policies) * len(groups[base_window]))
+    notify(Progress("evaluate", corpus.spec, 0, total, f"budgets {', '.join(map(str, groups[base_window]))}"))
+    base = _evaluate(lm, corpus, filters, groups[base_window], base_window, s, EVAL_POLICIES)
+    if base.titles != titles:  # pragma: no cover - would mean evaluate_policies changed its selection rule
+        raise RuntimeError(f"selected documents {titles} differ from the evaluated ones {base.titles}")
+    notify(Progress("evaluate", corpus.spec, done, total))
+    results = {b: base for b in groups[base_window]}
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        notify(Progress("evaluate", corpus.spec, done, total))
+
+    for window, group in groups.items():
+        if window != base_window:
+            extra = _extend(lm, base, chunks, filters, policies, group, window, s, tick)
+            results.update({b: extra for b in group})
+    return Sweep(base=base, chunks=chunks, results=results)
 
 
 def _perplexity_report(corpus: Any, sweep: Sweep, budgets: list[int], s: ValidationSettings) -> PerplexityReport:
@@ -463,19 +523,26 @@ def _transfer(lm: Any, eval_corpora: Sequence[Any], results: Sequence[Any], swee
               reference: int, s: ValidationSettings, notify: ProgressFn, last_label: str) -> TransferMatrix:
     """Filters of calibration dataset i (rows; last row: the published set, already in the sweeps) on dataset j."""
     window = s.window_for(reference)
+    chunks = [sweep.chunks for sweep in sweeps]
+    total = len(results) * sum(len(c) for c in chunks)
+    done = 0
+    label = "transfer matrix"
+    notify(Progress("transfer", label, 0, total))
     ppl: list[list[float]] = []
     ratio: list[list[float | None]] = []
-    total = len(results) * len(eval_corpora)
-    notify(Progress("transfer", "transfer matrix", 0, total))
-    done = 0
     for r in results:
         row_ppl, row_ratio = [], []
-        for corpus, sweep in zip(eval_corpora, sweeps):
-            cell = _evaluate(lm, corpus, r.filters, [reference], window, s, ("qfilters",))
+        for corpus, sweep, docs in zip(eval_corpora, sweeps, chunks):
+            detail = f"{_calibration_info(r).spec} -> {corpus.spec}"
+
+            def tick(detail: str = detail) -> None:
+                nonlocal done
+                done += 1
+                notify(Progress("transfer", label, done, total, detail))
+
+            cell = _extend(lm, sweep.base, docs, r.filters, ("qfilters",), [reference], window, s, tick)
             row_ppl.append(rnd(cell.perplexity("qfilters", reference)))
             row_ratio.append(rnd(gap_ratio(cell.gap("qfilters", reference), sweep.gap("streamingllm", reference))))
-            done += 1
-            notify(Progress("transfer", "transfer matrix", done, total, f"{_calibration_info(r).spec} -> {corpus.spec}"))
         ppl.append(row_ppl)
         ratio.append(row_ratio)
     ppl.append([rnd(sw.perplexity("qfilters", reference)) for sw in sweeps])
