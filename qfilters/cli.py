@@ -154,7 +154,7 @@ def evaluate(
         qf = QFilters.from_pretrained(filters, expected_shape=lm.info.filter_shape)
         result = evaluate_policies(lm.model, lm.tokenizer, corpus, qf, budgets=sorted(set(budget)), window=window,
                                    seq_len=seq_len, score_last=score_last, n_sinks_streaming=sinks,
-                                   max_docs=max_docs, progress=True)
+                                   max_docs=max_docs, progress=True, model_id=lm.info.model_id)
         if plot is not None:
             from qfilters.plots import plot_perplexity_vs_budget
 
