@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -316,15 +317,21 @@ class _validation_progress:  # noqa: N801 - used as a context manager like rich'
         columns = (TextColumn("[bold]{task.fields[phase]:<9}"), TextColumn("{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
         self.progress = Progress(*columns, console=err)
+        self.start = time.perf_counter()
         self.progress.__enter__()
         self.tasks: dict[tuple[str, str], Any] = {}
         return self.update
 
     def update(self, p) -> None:
         key = (p.phase, p.label)
-        if key not in self.tasks:
+        first = key not in self.tasks
+        if first:
             self.tasks[key] = self.progress.add_task(escape(p.label), total=p.total, phase=p.phase, detail="")
         self.progress.update(self.tasks[key], completed=p.completed, total=p.total, detail=escape(p.detail))
+        if not err.is_terminal and (first or p.completed >= p.total):  # logs (CI, redirected stderr): a line per step
+            elapsed = time.perf_counter() - self.start
+            err.print(f"[{elapsed:7.1f}s] {p.phase} {escape(p.label)}: {p.completed}/{p.total} {escape(p.detail)}",
+                      highlight=False)
 
     def __exit__(self, *exc) -> None:
         self.progress.__exit__(*exc)

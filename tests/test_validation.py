@@ -457,6 +457,41 @@ def test_cli_report_rerenders_and_rejects_garbage(tiny_run, tmp_path) -> None:
     assert res.exit_code == 2
 
 
+def test_cli_validate_end_to_end_on_a_local_tiny_model(tiny_llama, tmp_path) -> None:
+    """Local model directory + local text corpora: exit code follows the verdict, all files are written."""
+    from qfilters.artifact import QFilters, sha256_file
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama.model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    specs = []
+    for seed in range(4):
+        d = tmp_path / f"corpus{seed}"
+        d.mkdir()
+        for i, doc in enumerate(_corpus(seed).documents):
+            (d / f"doc{i}.txt").write_text(doc.text)
+        specs.append(str(d))
+    out = tmp_path / "out"
+    args = ["validate", str(model_dir), "-c", specs[0], "-c", specs[1], "-e", specs[3], "--out", str(out),
+            "--tokens", "512", "--calib-seq-len", "128", "--eval-seq-len", "128", "--score-last", "64",
+            "--budget", "48", "--budget", "24", "--max-docs", "2", "--json"]
+    res = _cli(args)
+    report = ValidationReport.model_validate_json(res.stdout)
+    assert res.exit_code == (0 if report.verdict.status == "pass" else 1), res.output
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.html", "report.md", "filters"}
+    assert ValidationReport.model_validate_json((out / "report.json").read_text()) == report
+    assert sha256_file(out / "filters" / "model.safetensors") == report.artifact_sha256
+    assert QFilters.from_pretrained(out / "filters", expected_shape=tiny_llama.info.filter_shape)
+    # loosen every gate: the same measurements now pass, and the exit code says so
+    loose = ["--gate", "cross_dataset_cosine=-1", "--gate", "gap_ratio_vs_streamingllm=1e9", "--gate",
+             "gap_vs_knorm=1e9", "--gate", "split_half_min=-1"]
+    res = _cli(args + loose)
+    again = ValidationReport.model_validate_json(res.stdout)
+    if all(g.value is not None for g in again.verdict.gates):
+        assert again.verdict.status == "pass" and res.exit_code == 0
+    assert [g.value for g in again.verdict.gates] == [g.value for g in report.verdict.gates]
+
+
 # --- real model (slow): SmolLM2, five calibration datasets, small ------------------------------------------------
 
 SMALL = ValidationSettings(tokens_per_dataset=2048, calib_seq_len=512, eval_seq_len=512, score_last=256,
