@@ -381,6 +381,21 @@ def report(
         Console().print(f"{kind}: [bold]{escape(str(path))}[/]")
 
 
+def _load_plugins() -> None:
+    """Commands other packages add under ``qfilters`` (the registry adds serve, token, db) through the
+    ``qfilters.commands`` entry-point group, so this library never imports them."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="qfilters.commands"):
+        try:
+            ep.load()(app)
+        except ImportError as e:  # the plugin's extra is not installed: its commands are simply absent
+            err.print(f"[yellow]note:[/] commands from {ep.value} unavailable ({e})")
+
+
+_load_plugins()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,75 @@
+"""ORM rows -> API schemas, with links built from the request's base URL (or ``QFILTERS_BASE_URL``)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+
+from registry.models import FINAL_STATUSES, BaseModel_, FilterSet, Job
+from registry.pipeline import CALIBRATION_WEIGHT
+from registry.schemas import FileRef, FilterSetDetail, FilterSetPublic, JobProgress, JobPublic, ModelPublic
+from registry.services import catalog
+
+
+def base_url(request: Request) -> str:
+    configured = request.app.state.registry.settings.base_url
+    return (configured or str(request.base_url)).rstrip("/")
+
+
+def job_progress(job: Job) -> JobProgress:
+    if job.status == "succeeded":
+        fraction = 1.0
+    elif job.status == "queued" or job.tokens_total == 0:
+        fraction = 0.0
+    elif job.status == "running":
+        fraction = CALIBRATION_WEIGHT * min(job.tokens_done / job.tokens_total, 1.0)
+    else:
+        steps = job.steps_done / job.steps_total if job.steps_total else 0.0
+        fraction = CALIBRATION_WEIGHT + (1 - CALIBRATION_WEIGHT) * min(steps, 1.0)
+    if job.status in FINAL_STATUSES and job.status != "succeeded":
+        fraction = min(fraction, 1.0)
+    return JobProgress(phase=job.phase, tokens_done=job.tokens_done, tokens_total=job.tokens_total,
+                       steps_done=job.steps_done, steps_total=job.steps_total, fraction=round(fraction, 4),
+                       eta_seconds=None if job.eta_seconds is None else round(job.eta_seconds, 1))
+
+
+def job_public(job: Job, base: str) -> JobPublic:
+    fs = job.filter_set
+    links = {"self": f"{base}/v1/jobs/{job.id}", "page": f"{base}/jobs/{job.id}"}
+    if fs is not None:
+        links["filter_set"] = f"{base}/v1/filter-sets/{fs.id}"
+        links["report"] = f"{base}/filter-sets/{fs.id}/report"
+    return JobPublic(
+        id=job.id, status=job.status, model=job.model.hf_id, revision=job.model.revision, request=job.request,
+        progress=job_progress(job), error=job.error, attempts=job.attempts, max_attempts=job.max_attempts,
+        cancel_requested=job.cancel_requested, created_by=job.token.name, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, filter_set_id=fs.id if fs else None, links=links,
+    )
+
+
+def files_of(fs: FilterSet, base: str) -> list[FileRef]:
+    return [FileRef(name=f.name, sha256=f.blob_sha256, size=f.blob.size,
+                    url=f"{base}/v1/filter-sets/{fs.id}/files/{f.name}") for f in fs.files]
+
+
+def filter_set_public(session: Session, fs: FilterSet, base: str, *, detail: bool = False) -> FilterSetPublic:
+    verdict = fs.verdict_detail or {}
+    data = dict(
+        id=fs.id, model_id=fs.model_id, model=fs.model.hf_id, revision=fs.model.revision, version=fs.version,
+        sha256=fs.sha256, shape=[fs.num_layers, fs.num_kv_heads, fs.head_dim], verdict=fs.verdict,
+        verdict_reasons=verdict.get("reasons", []), verdict_warnings=verdict.get("warnings", []),
+        datasets=fs.dataset_specs, job_id=fs.job_id, aliases=catalog.aliases_of(session, fs),
+        created_at=fs.created_at, files=files_of(fs, base), publications=list(fs.publications),
+        links={"self": f"{base}/v1/filter-sets/{fs.id}", "report_json": f"{base}/v1/filter-sets/{fs.id}/report",
+               "report_html": f"{base}/v1/filter-sets/{fs.id}/report.html",
+               "lineage": f"{base}/v1/filter-sets/{fs.id}/lineage", "page": f"{base}/filter-sets/{fs.id}/report"},
+    )
+    if detail:
+        return FilterSetDetail(**data, provenance=fs.provenance)
+    return FilterSetPublic(**data)
+
+
+def model_public(session: Session, model: BaseModel_) -> ModelPublic:
+    columns = {c.key: getattr(model, c.key) for c in BaseModel_.__table__.columns if c.key in ModelPublic.model_fields}
+    return ModelPublic(**columns, aliases={a.name: a.filter_set_id for a in model.aliases},
+                       versions=catalog.version_count(session, model.id))

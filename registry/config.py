@@ -1,0 +1,60 @@
+"""One settings object for the service, read from ``QFILTERS_*`` environment variables.
+
+The embedded default (SQLite and a local artifact directory under the user's data dir) makes ``qfilters serve``
+work with no services; production points ``QFILTERS_DATABASE_URL`` at PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from platformdirs import user_data_dir
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    return Path(user_data_dir("qfilters-registry", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Service configuration; every field can be set as ``QFILTERS_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="QFILTERS_", extra="ignore")
+
+    environment: str = Field("development", pattern="^(development|test|production)$")
+    data_dir: Path = Field(default_factory=default_data_dir)
+    database_url: str = ""  # default: sqlite file under data_dir
+    artifact_dir: Path | None = None  # default: data_dir / "artifacts"
+    public_reads: bool = True  # reads of published filters, reports and pages need no token
+    max_request_bytes: int = 1_000_000
+    run_jobs: bool = True  # start the in-process runner with the app (qfilters serve)
+    runner_poll_seconds: float = 1.0
+    max_attempts: int = 3
+    device: str = "cpu"  # where the in-process runner puts models
+    base_url: str = ""  # absolute URL prefix for download locations; default: the request's own
+
+    @field_validator("data_dir", "artifact_dir", mode="before")
+    @classmethod
+    def _expand(cls, value: object) -> object:
+        return Path(value).expanduser() if isinstance(value, str) and value else value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'registry.sqlite3'}"
+        if self.artifact_dir is None:
+            self.artifact_dir = self.data_dir / "artifacts"
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            raise ValueError("QFILTERS_DATABASE_URL must point at PostgreSQL in production (SQLite is the embedded default)")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,65 @@
+"""The ASGI app: ``uvicorn registry.main:app`` in production, ``qfilters serve`` for the embedded default."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import registry
+from registry.api import problems
+from registry.api.routes import catalog, jobs
+from registry.config import Settings, get_settings
+from registry.state import RegistryState
+from registry import pages
+
+log = logging.getLogger("qfilters.registry")
+
+
+def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None, migrate: bool = False) -> FastAPI:
+    """Build the app. ``run_jobs`` starts the in-process runner; ``migrate`` upgrades the database schema first."""
+    settings = settings or get_settings()
+    state = RegistryState.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            from registry.migrate import upgrade
+
+            upgrade(settings.database_url)
+        if run_jobs if run_jobs is not None else settings.run_jobs:
+            from registry.runner import JobRunner
+
+            state.runner = JobRunner(state.session_factory, state.store, device=settings.device,
+                                     poll_seconds=settings.runner_poll_seconds)
+            state.runner.start()
+        yield
+        if state.runner is not None:
+            state.runner.stop()
+        state.engine.dispose()
+
+    app = FastAPI(
+        title="qfilters registry",
+        version=registry.__version__,
+        summary="Calibrate, validate and find Q-Filters for any transformers causal LM.",
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+    )
+    app.state.registry = state
+    problems.install(app)
+    app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.include_router(jobs.router)
+    app.include_router(catalog.router)
+    app.include_router(pages.router)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # ``uvicorn registry.main:app`` builds the app from the environment on first access, not at import time.
+    if name == "app":
+        built = create_app(run_jobs=False)
+        globals()["app"] = built
+        return built
+    raise AttributeError(name)

@@ -1,0 +1,154 @@
+"""The job code path: calibrate -> validate -> register (-> publish request), through qfilters' public API.
+
+The in-process runner of ``qfilters serve`` calls :func:`execute_job`; the Celery workers will call the same function.
+It re-reads the job row, reports progress (with the heartbeat) at most twice a second, stops when asked to cancel, and
+leaves nothing half-written: files reach the content-addressed store before the SQL rows that reference them.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry.models import Job
+from registry.schemas import JobCreate
+from registry.services import catalog, jobs
+from registry.store import ArtifactStore
+
+log = logging.getLogger("qfilters.registry.pipeline")
+CALIBRATION_WEIGHT = 0.6  # share of a job's progress bar that calibration fills (the rest: evaluation)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (or taken away from this runner) while it ran."""
+
+
+class ProgressReporter:
+    """Turns the library's progress events into throttled job-row updates, and notices cancellation."""
+
+    def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, tokens_total: int,
+                 min_interval: float = 0.5) -> None:
+        self.factory, self.job_id, self.runner_id = factory, job_id, runner_id
+        self.tokens_total, self.min_interval = tokens_total, min_interval
+        self.finished_datasets: dict[str, int] = {}
+        self.current: dict[str, int] = {}
+        self.started = time.monotonic()
+        self.phase_started: dict[str, float] = {}
+        self.last_write = 0.0
+
+    def status(self, status: str, phase: str, steps: tuple[int, int] = (0, 0), force: bool = True) -> None:
+        self._write(jobs.ProgressUpdate(status, phase, self.tokens_done, self.tokens_total, steps[0], steps[1], None),
+                    force)
+
+    @property
+    def tokens_done(self) -> int:
+        return sum(self.current.values())
+
+    def __call__(self, p: Any) -> None:  # qfilters.validation.run.Progress
+        now = time.monotonic()
+        key = f"{p.phase}:{p.label}"
+        started = self.phase_started.setdefault(key, now)
+        if p.phase == "calibrate":
+            self.current[p.label] = p.completed
+            done = self.tokens_done
+            rate = done / max(now - self.started, 1e-6)
+            eta = (self.tokens_total - done) / rate if done else None
+            update = jobs.ProgressUpdate("running", f"calibrating on {p.label}", done, self.tokens_total, 0, 0, eta)
+        else:
+            per_step = (now - started) / p.completed if p.completed else None
+            eta = per_step * (p.total - p.completed) if per_step is not None else None
+            verb = "evaluating on" if p.phase == "evaluate" else "transfer matrix on"
+            update = jobs.ProgressUpdate("validating", f"{verb} {p.label}", self.tokens_done, self.tokens_total,
+                                         p.completed, p.total, eta)
+        self._write(update, force=p.completed == 0 or p.completed >= p.total)
+
+    def _write(self, update: jobs.ProgressUpdate, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_write < self.min_interval:
+            return
+        self.last_write = now
+        with self.factory() as session:
+            if not jobs.write_progress(session, self.job_id, self.runner_id, update):
+                raise JobCancelled(self.job_id)
+
+
+class ModelCache:
+    """Keeps the last loaded model, so consecutive jobs on the same model skip the load."""
+
+    def __init__(self) -> None:
+        self.key: tuple[str, str, str] | None = None
+        self.model: Any = None
+
+    def get(self, name: str, revision: str, device: str) -> Any:
+        from qfilters.models import load_model, resolve_alias
+
+        key = (name, revision, device)
+        if self.key != key:
+            self.model = None  # free the previous one first
+            embedded = resolve_alias(name) is not None
+            self.model = load_model(name, revision=None if embedded else revision, device=device)
+            self.key = key
+        return self.model
+
+
+def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, *,
+                device: str = "cpu", models: ModelCache | None = None) -> str:
+    """Run a claimed job to its end; returns the final status (succeeded, failed or cancelled)."""
+    from qfilters.errors import QFiltersError
+
+    with factory() as session:
+        job = session.get(Job, job_id)
+        if job is None:  # deleted meanwhile: nothing to do
+            return "gone"
+        body = JobCreate.model_validate(job.request)
+    reporter = ProgressReporter(factory, job_id, runner_id, body.tokens * len(body.datasets))
+    try:
+        reporter.status("running", f"loading model {body.model}")
+        lm = (models or ModelCache()).get(body.model, body.revision or jobs.DEFAULT_REVISION, device)
+        with factory.begin() as session:
+            job = session.get(Job, job_id)
+            catalog.record_architecture(job.model, lm.info.to_dict(), lm.info.revision)
+        filter_set_id = _validate_and_register(factory, store, job_id, body, lm, reporter)
+        if body.publish_to:
+            reporter.status("publishing", f"requesting publication to {body.publish_to}")
+            with factory.begin() as session:
+                fs = catalog.get_filter_set(session, filter_set_id)
+                catalog.request_publication(session, fs, body.publish_to, actor="runner:" + runner_id,
+                                            force=body.force_publish)
+        final, error = "succeeded", None
+    except JobCancelled:
+        final, error = "cancelled", None
+    except QFiltersError as e:
+        final, error = "failed", f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 - a job must end in a final state, whatever went wrong
+        log.exception("job %s failed", job_id)
+        final, error = "failed", f"internal error ({type(e).__name__}): {e}"
+    with factory() as session:
+        jobs.finish(session, job_id, runner_id, final, error=error)  # no-op if the job was taken from this runner
+    return final
+
+
+def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, body: JobCreate,
+                           lm: Any, reporter: ProgressReporter) -> int:
+    from qfilters.validation.render import render_html, render_markdown, report_json
+    from qfilters.validation.run import run_validation
+
+    run = run_validation(lm, body.datasets, body.eval_datasets, body.validation_settings(), on_progress=reporter)
+    reporter.status("validating", "storing filters and report")
+    report = run.report
+    report_files = {"json": report_json(report).encode(), "html": render_html(report).encode(),
+                    "md": render_markdown(report).encode()}
+    with tempfile.TemporaryDirectory(prefix="qfilters-job-") as tmp:
+        artifact_dir = run.filters.save_pretrained(Path(tmp) / "filters")
+        with factory.begin() as session:
+            job = session.get(Job, job_id)
+            for info in run.report.calibration_datasets:
+                catalog.record_dataset(session, info.spec, sha256=info.sha256, source=info.source,
+                                       documents=info.documents, tokens=info.tokens)
+            fs = catalog.create_filter_set(session, store, job, Path(artifact_dir), report_files, report)
+            return fs.id

@@ -1,0 +1,221 @@
+"""Jobs: idempotent submission, cancel and retry, and the claim / progress / finish protocol runners follow.
+
+The SQL row is the source of truth. A runner (the in-process one of ``qfilters serve`` or a Celery worker) owns a job
+only through a conditional update on its status, proves it is alive with a heartbeat on every progress write, and
+loses the job to recovery when the heartbeat goes stale.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from registry.errors import Conflict, NotFound
+from registry.models import ACTIVE_STATUSES, ApiToken, BaseModel_, Dataset, Job, JobDataset, new_id, utcnow
+from registry.schemas import JobCreate
+from registry.services import audit
+from registry.services.upsert import get_or_create, insert_ignore
+
+DEFAULT_REVISION = "main"
+
+
+def canonical_request(body: JobCreate) -> dict:
+    data = body.model_dump(mode="json")
+    data["revision"] = data["revision"] or DEFAULT_REVISION
+    return data
+
+
+def request_hash(request: dict) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def hub_id_for(model: str) -> str:
+    """Embedded aliases (``smollm2``) are registered under the Hub id of the model they are a copy of."""
+    from qfilters.models import EMBEDDED, resolve_alias
+
+    alias = resolve_alias(model)
+    return EMBEDDED[alias].hub_id if alias else model
+
+
+def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: str | None,
+           max_attempts: int = 3) -> tuple[Job, bool]:
+    """Create a job, or return the one this token already created with the same ``Idempotency-Key``.
+
+    Returns ``(job, created)``. The same key with a different body is a :class:`Conflict`.
+    """
+    request = canonical_request(body)
+    digest = request_hash(request)
+    if idempotency_key is not None:
+        existing = _by_key(session, token.id, idempotency_key)
+        if existing is not None:
+            return _same_request(existing, digest), False
+
+    model = get_or_create(session, BaseModel_, {"hf_id": hub_id_for(body.model), "revision": request["revision"]})
+    job_id = new_id()
+    values = dict(id=job_id, token_id=token.id, idempotency_key=idempotency_key, request_hash=digest,
+                  request=request, model_id=model.id, status="queued", max_attempts=max_attempts, created_at=utcnow(),
+                  tokens_done=0, tokens_total=0, steps_done=0, steps_total=0, attempts=0, cancel_requested=False)
+    if idempotency_key is None:
+        session.add(Job(**values))
+        session.flush()
+    else:
+        insert_ignore(session, Job, values, ["token_id", "idempotency_key"])
+        existing = _by_key(session, token.id, idempotency_key)
+        assert existing is not None
+        if existing.id != job_id:  # a concurrent request with the same key won the insert
+            return _same_request(existing, digest), False
+    job = session.get(Job, job_id)
+    assert job is not None
+    for role, specs in (("calibration", body.datasets), ("evaluation", body.eval_datasets)):
+        for position, spec in enumerate(specs):
+            dataset = get_or_create(session, Dataset, {"spec": spec})
+            session.add(JobDataset(job_id=job.id, role=role, position=position, dataset_id=dataset.id))
+    audit.record(session, token.name, "job.submit", "job", job.id, model=request["model"],
+                 revision=request["revision"], idempotency_key=idempotency_key)
+    session.flush()
+    return job, True
+
+
+def _by_key(session: Session, token_id: int, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.token_id == token_id, Job.idempotency_key == key))
+
+
+def _same_request(job: Job, digest: str) -> Job:
+    if job.request_hash != digest:
+        raise Conflict(
+            f"Idempotency-Key was already used for job {job.id} with a different request body; "
+            "use a new key for a new job, or resend the original body to get that job back"
+        )
+    return job
+
+
+def get(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id) if len(job_id) <= 32 else None
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    return job
+
+
+def list_jobs(session: Session, *, status: str | None = None, model_id: int | None = None, limit: int = 50,
+              offset: int = 0) -> tuple[list[Job], int]:
+    query = select(Job)
+    if status:
+        query = query.where(Job.status == status)
+    if model_id:
+        query = query.where(Job.model_id == model_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    return list(rows), total
+
+
+def cancel(session: Session, job: Job, actor: str) -> Job:
+    """Queued jobs stop at once; running ones are asked to stop and do so at their next progress write."""
+    if job.status == "queued":
+        job.status, job.finished_at = "cancelled", utcnow()
+    elif job.status in ACTIVE_STATUSES:
+        job.cancel_requested = True
+    elif job.status != "cancelled":
+        raise Conflict(f"job {job.id} has {job.status}; only queued or running jobs can be cancelled")
+    audit.record(session, actor, "job.cancel", "job", job.id, status=job.status)
+    return job
+
+
+def retry(session: Session, job: Job, actor: str) -> Job:
+    if job.status not in ("failed", "cancelled"):
+        raise Conflict(f"job {job.id} has status {job.status}; only failed or cancelled jobs can be retried")
+    job.status, job.error, job.cancel_requested = "queued", None, False
+    job.attempts, job.claimed_by, job.heartbeat_at, job.finished_at = 0, None, None, None
+    job.tokens_done = job.steps_done = 0
+    job.phase = job.eta_seconds = None
+    audit.record(session, actor, "job.retry", "job", job.id)
+    return job
+
+
+# ------------------------------------------------------------------------------------------------ runner protocol
+
+
+def claim_next(session: Session, runner_id: str) -> Job | None:
+    """Take the oldest queued job with a conditional update; ``None`` if there is none (or others took them all)."""
+    for _ in range(5):
+        job_id = session.scalar(select(Job.id).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(1))
+        if job_id is None:
+            return None
+        now = utcnow()
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued")
+            .values(status="running", claimed_by=runner_id, attempts=Job.attempts + 1, started_at=now,
+                    heartbeat_at=now, phase="starting", error=None)
+        )
+        session.commit()
+        if result.rowcount == 1:
+            return session.get(Job, job_id)
+    return None
+
+
+@dataclass
+class ProgressUpdate:
+    status: str
+    phase: str
+    tokens_done: int
+    tokens_total: int
+    steps_done: int
+    steps_total: int
+    eta_seconds: float | None
+
+
+def write_progress(session: Session, job_id: str, runner_id: str, p: ProgressUpdate) -> bool:
+    """Record progress and the heartbeat. Returns False if the runner no longer owns the job or cancel was asked."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.claimed_by == runner_id, Job.status.in_(ACTIVE_STATUSES))
+        .values(status=p.status, phase=p.phase[:200], tokens_done=p.tokens_done, tokens_total=p.tokens_total,
+                steps_done=p.steps_done, steps_total=p.steps_total, eta_seconds=p.eta_seconds, heartbeat_at=utcnow())
+    )
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    session.commit()
+    return result.rowcount == 1 and not cancel
+
+
+def finish(session: Session, job_id: str, runner_id: str, status: str, *, error: str | None = None) -> bool:
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.claimed_by == runner_id, Job.status.in_(ACTIVE_STATUSES))
+        .values(status=status, error=error, finished_at=utcnow(), eta_seconds=None, heartbeat_at=utcnow(),
+                phase=None if status == "succeeded" else Job.phase)
+    )
+    if result.rowcount == 1:
+        audit.record(session, "runner:" + runner_id, f"job.{status}", "job", job_id, error=error)
+    session.commit()
+    return result.rowcount == 1
+
+
+def recover_stale(session: Session, stale_after: dt.timedelta) -> list[str]:
+    """Jobs whose runner stopped (no heartbeat for ``stale_after``): requeue them, or fail them after max attempts."""
+    limit = utcnow() - stale_after
+    stale = session.scalars(
+        select(Job).where(Job.status.in_(ACTIVE_STATUSES), Job.heartbeat_at < limit)
+    ).all()
+    touched = []
+    for job in stale:
+        values: dict
+        if job.cancel_requested:
+            values = dict(status="cancelled", finished_at=utcnow(), error="cancelled while its runner was down")
+        elif job.attempts >= job.max_attempts:
+            values = dict(status="failed", finished_at=utcnow(),
+                          error=f"its runner stopped during attempt {job.attempts} of {job.max_attempts}; "
+                                "retry the job to start again")
+        else:
+            values = dict(status="queued", claimed_by=None, error=None,
+                          phase=f"requeued: its runner stopped during attempt {job.attempts}")
+        result = session.execute(
+            update(Job).where(Job.id == job.id, Job.status == job.status, Job.claimed_by == job.claimed_by)
+            .values(**values)
+        )
+        if result.rowcount == 1:
+            audit.record(session, "system", "job.recover", "job", job.id, to=values["status"])
+            touched.append(job.id)
+    session.commit()
+    return touched
