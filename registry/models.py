@@ -114,6 +114,7 @@ class Job(Base):
     tokens_total: Mapped[int] = mapped_column(BigInteger, default=0)
     steps_done: Mapped[int] = mapped_column(Integer, default=0)
     steps_total: Mapped[int] = mapped_column(Integer, default=0)
+    fraction: Mapped[float] = mapped_column(default=0.0)  # monotone share of the whole job done, 0..1
     eta_seconds: Mapped[float | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -21,7 +21,8 @@ from registry.services import catalog, jobs
 from registry.store import ArtifactStore
 
 log = logging.getLogger("qfilters.registry.pipeline")
-CALIBRATION_WEIGHT = 0.6  # share of a job's progress bar that calibration fills (the rest: evaluation)
+CALIBRATION_WEIGHT = 0.6  # shares of a job's progress bar: calibration, evaluation sweeps, then the transfer matrix
+EVALUATION_WEIGHT = 0.3
 
 
 class JobCancelled(Exception):
@@ -29,42 +30,57 @@ class JobCancelled(Exception):
 
 
 class ProgressReporter:
-    """Turns the library's progress events into throttled job-row updates, and notices cancellation."""
+    """Turns the library's progress events into throttled job-row updates, and notices cancellation.
 
-    def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, tokens_total: int,
+    The job's ``fraction`` never goes back: calibration fills the first 60 %, the evaluation sweep of each evaluation
+    dataset an equal share of the next 30 %, the transfer matrix the last 10 %.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, body: JobCreate,
                  min_interval: float = 0.5) -> None:
         self.factory, self.job_id, self.runner_id = factory, job_id, runner_id
-        self.tokens_total, self.min_interval = tokens_total, min_interval
-        self.finished_datasets: dict[str, int] = {}
-        self.current: dict[str, int] = {}
+        self.tokens_total = body.tokens * len(body.datasets)
+        self.eval_labels = list(body.eval_datasets)
+        self.min_interval = min_interval
+        self.calibrated: dict[str, int] = {}
         self.started = time.monotonic()
         self.phase_started: dict[str, float] = {}
+        self.fraction = 0.0
         self.last_write = 0.0
-
-    def status(self, status: str, phase: str, steps: tuple[int, int] = (0, 0), force: bool = True) -> None:
-        self._write(jobs.ProgressUpdate(status, phase, self.tokens_done, self.tokens_total, steps[0], steps[1], None),
-                    force)
 
     @property
     def tokens_done(self) -> int:
-        return sum(self.current.values())
+        return sum(self.calibrated.values())
+
+    def status(self, status: str, phase: str) -> None:
+        self._write(jobs.ProgressUpdate(status, phase, self.tokens_done, self.tokens_total, 0, 0, self.fraction, None),
+                    force=True)
 
     def __call__(self, p: Any) -> None:  # qfilters.validation.run.Progress
         now = time.monotonic()
-        key = f"{p.phase}:{p.label}"
-        started = self.phase_started.setdefault(key, now)
+        started = self.phase_started.setdefault(f"{p.phase}:{p.label}", now)
+        share = min(p.completed / p.total, 1.0) if p.total else 0.0
         if p.phase == "calibrate":
-            self.current[p.label] = p.completed
+            self.calibrated[p.label] = min(p.completed, p.total)
             done = self.tokens_done
             rate = done / max(now - self.started, 1e-6)
             eta = (self.tokens_total - done) / rate if done else None
-            update = jobs.ProgressUpdate("running", f"calibrating on {p.label}", done, self.tokens_total, 0, 0, eta)
+            fraction = CALIBRATION_WEIGHT * done / max(self.tokens_total, 1)
+            update = jobs.ProgressUpdate("running", f"calibrating on {p.label}", done, self.tokens_total, 0, 0,
+                                         fraction, eta)
         else:
             per_step = (now - started) / p.completed if p.completed else None
             eta = per_step * (p.total - p.completed) if per_step is not None else None
-            verb = "evaluating on" if p.phase == "evaluate" else "transfer matrix on"
-            update = jobs.ProgressUpdate("validating", f"{verb} {p.label}", self.tokens_done, self.tokens_total,
-                                         p.completed, p.total, eta)
+            if p.phase == "evaluate":
+                index = self.eval_labels.index(p.label) if p.label in self.eval_labels else 0
+                fraction = CALIBRATION_WEIGHT + EVALUATION_WEIGHT * (index + share) / max(len(self.eval_labels), 1)
+                phase = f"evaluating on {p.label}"
+            else:
+                fraction = CALIBRATION_WEIGHT + EVALUATION_WEIGHT + (1 - CALIBRATION_WEIGHT - EVALUATION_WEIGHT) * share
+                phase = "building the transfer matrix"
+            update = jobs.ProgressUpdate("validating", phase, self.tokens_done, self.tokens_total, p.completed,
+                                         p.total, fraction, eta)
+        self.fraction = update.fraction = max(self.fraction, min(update.fraction, 0.99))
         self._write(update, force=p.completed == 0 or p.completed >= p.total)
 
     def _write(self, update: jobs.ProgressUpdate, force: bool) -> None:
@@ -106,7 +122,7 @@ def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: st
         if job is None:  # deleted meanwhile: nothing to do
             return "gone"
         body = JobCreate.model_validate(job.request)
-    reporter = ProgressReporter(factory, job_id, runner_id, body.tokens * len(body.datasets))
+    reporter = ProgressReporter(factory, job_id, runner_id, body)
     try:
         reporter.status("running", f"loading model {body.model}")
         lm = (models or ModelCache()).get(body.model, body.revision or jobs.DEFAULT_REVISION, device)

@@ -98,6 +98,7 @@ def upgrade() -> None:
     sa.Column('tokens_total', sa.BigInteger(), nullable=False),
     sa.Column('steps_done', sa.Integer(), nullable=False),
     sa.Column('steps_total', sa.Integer(), nullable=False),
+    sa.Column('fraction', sa.Double(), nullable=False),
     sa.Column('eta_seconds', sa.Double(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),

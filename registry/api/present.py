@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from registry.models import FINAL_STATUSES, BaseModel_, FilterSet, Job
-from registry.pipeline import CALIBRATION_WEIGHT
+from registry.models import BaseModel_, FilterSet, Job
 from registry.schemas import FileRef, FilterSetDetail, FilterSetPublic, JobProgress, JobPublic, ModelPublic
 from registry.services import catalog
 
@@ -17,19 +16,8 @@ def base_url(request: Request) -> str:
 
 
 def job_progress(job: Job) -> JobProgress:
-    if job.status == "succeeded":
-        fraction = 1.0
-    elif job.status == "queued" or job.tokens_total == 0:
-        fraction = 0.0
-    elif job.status == "running":
-        fraction = CALIBRATION_WEIGHT * min(job.tokens_done / job.tokens_total, 1.0)
-    else:
-        steps = job.steps_done / job.steps_total if job.steps_total else 0.0
-        fraction = CALIBRATION_WEIGHT + (1 - CALIBRATION_WEIGHT) * min(steps, 1.0)
-    if job.status in FINAL_STATUSES and job.status != "succeeded":
-        fraction = min(fraction, 1.0)
     return JobProgress(phase=job.phase, tokens_done=job.tokens_done, tokens_total=job.tokens_total,
-                       steps_done=job.steps_done, steps_total=job.steps_total, fraction=round(fraction, 4),
+                       steps_done=job.steps_done, steps_total=job.steps_total, fraction=round(job.fraction, 4),
                        eta_seconds=None if job.eta_seconds is None else round(job.eta_seconds, 1))
 
 

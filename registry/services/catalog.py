@@ -142,7 +142,8 @@ def create_filter_set(session: Session, store: ArtifactStore, job: Job, artifact
     report_html = _put_blob(session, store, report_files["html"], "text/html; charset=utf-8")
     report_md = _put_blob(session, store, report_files["md"], "text/markdown; charset=utf-8")
     config = json.loads((artifact_dir / "config.json").read_text())
-    provenance = json.loads((artifact_dir / "qfilters.json").read_text()) if "qfilters.json" in files else {}
+    metadata = json.loads((artifact_dir / "qfilters.json").read_text()) if "qfilters.json" in files else {}
+    provenance = metadata.get("provenance") or {}
     # Versions are numbered per model; the unique constraint makes a concurrent writer fail loudly, not duplicate.
     version = (session.scalar(select(func.max(FilterSet.version)).where(FilterSet.model_id == job.model_id)) or 0) + 1
     fs = FilterSet(

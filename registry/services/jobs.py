@@ -59,7 +59,8 @@ def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: 
     job_id = new_id()
     values = dict(id=job_id, token_id=token.id, idempotency_key=idempotency_key, request_hash=digest,
                   request=request, model_id=model.id, status="queued", max_attempts=max_attempts, created_at=utcnow(),
-                  tokens_done=0, tokens_total=0, steps_done=0, steps_total=0, attempts=0, cancel_requested=False)
+                  tokens_done=0, tokens_total=body.tokens * len(body.datasets), steps_done=0, steps_total=0,
+                  fraction=0.0, attempts=0, cancel_requested=False)
     if idempotency_key is None:
         session.add(Job(**values))
         session.flush()
@@ -131,7 +132,7 @@ def retry(session: Session, job: Job, actor: str) -> Job:
     job.status, job.error, job.cancel_requested = "queued", None, False
     job.attempts, job.claimed_by, job.heartbeat_at, job.finished_at = 0, None, None, None
     job.tokens_done = job.steps_done = 0
-    job.phase = job.eta_seconds = None
+    job.fraction, job.phase, job.eta_seconds = 0.0, None, None
     audit.record(session, actor, "job.retry", "job", job.id)
     return job
 
@@ -165,6 +166,7 @@ class ProgressUpdate:
     tokens_total: int
     steps_done: int
     steps_total: int
+    fraction: float
     eta_seconds: float | None
 
 
@@ -173,7 +175,8 @@ def write_progress(session: Session, job_id: str, runner_id: str, p: ProgressUpd
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.claimed_by == runner_id, Job.status.in_(ACTIVE_STATUSES))
         .values(status=p.status, phase=p.phase[:200], tokens_done=p.tokens_done, tokens_total=p.tokens_total,
-                steps_done=p.steps_done, steps_total=p.steps_total, eta_seconds=p.eta_seconds, heartbeat_at=utcnow())
+                steps_done=p.steps_done, steps_total=p.steps_total, fraction=p.fraction, eta_seconds=p.eta_seconds,
+                heartbeat_at=utcnow())
     )
     cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
     session.commit()
@@ -184,6 +187,7 @@ def finish(session: Session, job_id: str, runner_id: str, status: str, *, error:
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.claimed_by == runner_id, Job.status.in_(ACTIVE_STATUSES))
         .values(status=status, error=error, finished_at=utcnow(), eta_seconds=None, heartbeat_at=utcnow(),
+                fraction=1.0 if status == "succeeded" else Job.fraction,
                 phase=None if status == "succeeded" else Job.phase)
     )
     if result.rowcount == 1:
