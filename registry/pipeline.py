@@ -166,5 +166,7 @@ def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore,
             for info in run.report.calibration_datasets:
                 catalog.record_dataset(session, info.spec, sha256=info.sha256, source=info.source,
                                        documents=info.documents, tokens=info.tokens)
+            for info in (p.dataset for p in run.report.perplexity):
+                catalog.record_dataset(session, info.spec, sha256=info.sha256, source=info.source)
             fs = catalog.create_filter_set(session, store, job, Path(artifact_dir), report_files, report)
             return fs.id

@@ -191,7 +191,7 @@ class DatasetPublic(_Out):
     sha256: str | None
     source: str | None
     documents: int | None
-    tokens: int | None
+    tokens: int | None  # tokens the latest calibration on it used (tokenizer-dependent)
     created_at: dt.datetime
 
 

@@ -77,10 +77,15 @@ def list_datasets(session: Session, *, limit: int = 50, offset: int = 0) -> tupl
     return list(rows), total
 
 
-def record_dataset(session: Session, spec: str, *, sha256: str, source: str, documents: int, tokens: int) -> None:
+def record_dataset(session: Session, spec: str, *, sha256: str, source: str, documents: int | None = None,
+                   tokens: int | None = None) -> None:
+    """Content hash and origin of a corpus a job read; documents and tokens are those its latest calibration used."""
     row = session.scalar(select(Dataset).where(Dataset.spec == spec))
-    if row is not None:
-        row.sha256, row.source, row.documents, row.tokens = sha256, source, documents, tokens
+    if row is None:
+        return
+    row.sha256, row.source = sha256, source
+    if tokens is not None:
+        row.documents, row.tokens = documents, tokens
 
 
 # ------------------------------------------------------------------------------------------------------ filter sets
