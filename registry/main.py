@@ -12,8 +12,8 @@ import registry
 from registry.api import problems
 from registry.api.routes import catalog, jobs
 from registry.config import Settings, get_settings
-from registry.state import RegistryState
 from registry import pages
+from registry.state import RegistryState
 
 log = logging.getLogger("qfilters.registry")
 
@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
         summary="Calibrate, validate and find Q-Filters for any transformers causal LM.",
         lifespan=lifespan,
         openapi_url="/openapi.json",
+        docs_url=None,  # served below from the installed swagger-ui-bundle: no CDN, works offline
+        redoc_url=None,
     )
     app.state.registry = state
     problems.install(app)
@@ -53,7 +55,25 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
     app.include_router(jobs.router)
     app.include_router(catalog.router)
     app.include_router(pages.router)
+    _mount_api_docs(app)
     return app
+
+
+def _mount_api_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from local files (FastAPI's default loads it from a CDN, which closed networks lack)."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static/swagger", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="swagger")
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="qfilters registry API",
+                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -170,6 +170,8 @@ def test_a_job_runs_to_a_filter_set_with_verdict_report_and_downloads(registry, 
         assert "immutable" in r.headers["cache-control"]
         assert hashlib.sha256(r.content).hexdigest() == f["sha256"]
         assert client.get(f["url"], headers={"If-None-Match": r.headers["etag"]}).status_code == 304
+        head = client.head(f["url"])
+        assert head.status_code == 200 and head.headers["etag"] == r.headers["etag"] and not head.content
         (out / f["name"]).write_bytes(r.content)
     assert {f["name"] for f in fs["files"]} == {"config.json", "model.safetensors", "qfilters.json"}
     loaded = QFilters.from_pretrained(out, expected_shape=tiny_llama.info.filter_shape)
@@ -332,3 +334,12 @@ def test_runner_recovers_jobs_whose_runner_stopped(registry) -> None:
     # a runner that lost its job cannot write progress or finish it
     with factory() as session:
         assert not jobs.finish(session, job_id, "dead-runner-3", "succeeded")
+
+
+def test_openapi_and_docs_are_served_without_a_cdn(sqlite_registry) -> None:
+    client = sqlite_registry.client
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/jobs", "/v1/resolve", "/v1/filter-sets/{filter_set_id}/files/{name}"} <= set(spec["paths"])
+    docs = client.get("/docs").text
+    assert "/static/swagger/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
+    assert client.get("/static/swagger/swagger-ui-bundle.js").status_code == 200

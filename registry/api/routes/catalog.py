@@ -137,7 +137,8 @@ def get_lineage(filter_set_id: Id, request: Request, session: SessionDep, _: Pub
     )
 
 
-@router.api_route("/filter-sets/{filter_set_id}/files/{name}", methods=["GET", "HEAD"], tags=["filter sets"],
+@router.head("/filter-sets/{filter_set_id}/files/{name}", include_in_schema=False)
+@router.get("/filter-sets/{filter_set_id}/files/{name}", tags=["filter sets"],
             responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}, 304: {},
                        **ERRORS})
 def download_file(filter_set_id: Id, name: FileName, request: Request, session: SessionDep, state: StateDep,
@@ -148,7 +149,8 @@ def download_file(filter_set_id: Id, name: FileName, request: Request, session: 
     return _blob_response(request, state, f.blob_sha256, f.blob.media_type, filename=name)
 
 
-@router.api_route("/filter-sets/{filter_set_id}/report", methods=["GET", "HEAD"], tags=["reports"],
+@router.head("/filter-sets/{filter_set_id}/report", include_in_schema=False)
+@router.get("/filter-sets/{filter_set_id}/report", tags=["reports"],
             responses={200: {"content": {"application/json": {}}}, 304: {}, **ERRORS})
 def report_json(filter_set_id: Id, request: Request, session: SessionDep, state: StateDep,
                 _: PublicRead) -> Response:
@@ -157,7 +159,8 @@ def report_json(filter_set_id: Id, request: Request, session: SessionDep, state:
     return _blob_response(request, state, fs.report_json_sha256, "application/json")
 
 
-@router.api_route("/filter-sets/{filter_set_id}/report.html", methods=["GET", "HEAD"], tags=["reports"],
+@router.head("/filter-sets/{filter_set_id}/report.html", include_in_schema=False)
+@router.get("/filter-sets/{filter_set_id}/report.html", tags=["reports"],
             responses={200: {"content": {"text/html": {}}}, 304: {}, **ERRORS})
 def report_html(filter_set_id: Id, request: Request, session: SessionDep, state: StateDep,
                 _: PublicRead) -> Response:
@@ -166,7 +169,8 @@ def report_html(filter_set_id: Id, request: Request, session: SessionDep, state:
     return _blob_response(request, state, fs.report_html_sha256, "text/html; charset=utf-8")
 
 
-@router.api_route("/filter-sets/{filter_set_id}/report.md", methods=["GET", "HEAD"], tags=["reports"],
+@router.head("/filter-sets/{filter_set_id}/report.md", include_in_schema=False)
+@router.get("/filter-sets/{filter_set_id}/report.md", tags=["reports"],
             responses={200: {"content": {"text/markdown": {}}}, 304: {}, **ERRORS})
 def report_markdown(filter_set_id: Id, request: Request, session: SessionDep, state: StateDep,
                     _: PublicRead) -> Response:
