@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's chromium, installed by scripts/setup.sh; never a downloaded browser
+# as root, headless, and with nothing that calls out to the network (this machine's network is closed)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(os.environ.get("QFILTERS_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
 
@@ -17,6 +21,25 @@ def artifacts_dir() -> Path:
     """Where tests keep files a person may want to look at after a run (plots, screenshots)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium context driven by playwright, shared by the report and the registry page tests."""
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (scripts/setup.sh installs it)")
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="qfilters-chromium-") as profile, sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1200, "height": 900}, java_script_enabled=True)
+        try:
+            yield context
+        finally:
+            context.close()
 
 
 def _quiet() -> None:

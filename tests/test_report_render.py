@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,8 +22,6 @@ from qfilters.validation.render import load_report, render_html, render_markdown
 from report_fixtures import make_report
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
                                     reason="/usr/bin/chromium is not installed (scripts/setup.sh installs it)")
 
@@ -60,22 +57,6 @@ def xss_report():
 @pytest.fixture(scope="module")
 def xss_html(xss_report):
     return render_html(xss_report)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is not installed (scripts/setup.sh installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with tempfile.TemporaryDirectory(prefix="qfilters-chromium-") as profile, sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1200, "height": 900}, java_script_enabled=True)
-        try:
-            yield context
-        finally:
-            context.close()
 
 
 def _open(browser, html: str, directory: Path, *, strip_csp: bool = False):

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from registry.config import Settings
+from registry.db import session_scope
 from registry.errors import Forbidden, Unauthorized
 from registry.security import effective_scopes
 from registry.services import tokens
@@ -24,15 +25,8 @@ def get_state(request: Request) -> RegistryState:
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    session = get_state(request).session_factory()
-    try:
+    with session_scope(get_state(request).session_factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 StateDep = Annotated[RegistryState, Depends(get_state)]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from registry.models import AuditEvent
+from registry.services.query import page, where_equal
 
 
 def record(session: Session, actor: str, action: str, target_type: str, target_id: object,
@@ -19,13 +20,6 @@ def record(session: Session, actor: str, action: str, target_type: str, target_i
 
 def list_events(session: Session, *, action: str | None = None, target_type: str | None = None,
                 target_id: str | None = None, limit: int = 100, offset: int = 0) -> tuple[list[AuditEvent], int]:
-    query = select(AuditEvent)
-    if action:
-        query = query.where(AuditEvent.action == action)
-    if target_type:
-        query = query.where(AuditEvent.target_type == target_type)
-    if target_id:
-        query = query.where(AuditEvent.target_id == target_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(AuditEvent.id.desc()).limit(limit).offset(offset)).all()
-    return list(rows), total
+    query = where_equal(select(AuditEvent), (AuditEvent.action, action), (AuditEvent.target_type, target_type),
+                        (AuditEvent.target_id, target_id))
+    return page(session, query, AuditEvent.id.desc(), limit=limit, offset=offset)

@@ -24,6 +24,7 @@ from registry.models import (
     utcnow,
 )
 from registry.services import audit
+from registry.services.query import page, where_equal
 from registry.services.upsert import insert_ignore
 from registry.store import ArtifactStore
 
@@ -44,15 +45,9 @@ def get_model(session: Session, model_id: int) -> BaseModel_:
 
 def list_models(session: Session, *, hf_id: str | None = None, model_type: str | None = None,
                 limit: int = 50, offset: int = 0) -> tuple[list[BaseModel_], int]:
-    query = select(BaseModel_)
-    if hf_id:
-        query = query.where(BaseModel_.hf_id == hf_id)
-    if model_type:
-        query = query.where(BaseModel_.model_type == model_type)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.options(selectinload(BaseModel_.aliases))
-                           .order_by(BaseModel_.hf_id, BaseModel_.revision).limit(limit).offset(offset)).all()
-    return list(rows), total
+    query = where_equal(select(BaseModel_), (BaseModel_.hf_id, hf_id), (BaseModel_.model_type, model_type))
+    return page(session, query, BaseModel_.hf_id, BaseModel_.revision, limit=limit, offset=offset,
+                options=(selectinload(BaseModel_.aliases),))
 
 
 def version_count(session: Session, model_id: int) -> int:
@@ -72,9 +67,7 @@ def record_architecture(model: BaseModel_, info: dict[str, Any], commit: str | N
 
 
 def list_datasets(session: Session, *, limit: int = 50, offset: int = 0) -> tuple[list[Dataset], int]:
-    total = session.scalar(select(func.count()).select_from(Dataset)) or 0
-    rows = session.scalars(select(Dataset).order_by(Dataset.spec).limit(limit).offset(offset)).all()
-    return list(rows), total
+    return page(session, select(Dataset), Dataset.spec, limit=limit, offset=offset)
 
 
 def record_dataset(session: Session, spec: str, *, sha256: str, source: str, documents: int | None = None,
@@ -102,26 +95,16 @@ def search_filter_sets(session: Session, *, model: str | None = None, revision: 
                        model_id: int | None = None, architecture: str | None = None, dataset: str | None = None,
                        verdict: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[FilterSet], int]:
     """Filter by base model (Hub id), revision, architecture (model_type), a calibration dataset spec, verdict."""
-    query = select(FilterSet).join(BaseModel_, FilterSet.model_id == BaseModel_.id)
-    if model:
-        query = query.where(BaseModel_.hf_id == model)
-    if revision:
-        query = query.where(BaseModel_.revision == revision)
-    if model_id:
-        query = query.where(FilterSet.model_id == model_id)
-    if architecture:
-        query = query.where(BaseModel_.model_type == architecture)
-    if verdict:
-        query = query.where(FilterSet.verdict == verdict)
+    query = where_equal(select(FilterSet).join(BaseModel_, FilterSet.model_id == BaseModel_.id),
+                        (BaseModel_.hf_id, model), (BaseModel_.revision, revision), (FilterSet.model_id, model_id),
+                        (BaseModel_.model_type, architecture), (FilterSet.verdict, verdict))
     if dataset:
         query = query.where(FilterSet.job_id.in_(
             select(JobDataset.job_id).join(Dataset, JobDataset.dataset_id == Dataset.id)
             .where(JobDataset.role == "calibration", Dataset.spec == dataset)
         ))
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.options(selectinload(FilterSet.files).selectinload(FilterSetFile.blob))
-                           .order_by(FilterSet.created_at.desc(), FilterSet.id.desc()).limit(limit).offset(offset))
-    return list(rows.all()), total
+    return page(session, query, FilterSet.created_at.desc(), FilterSet.id.desc(), limit=limit, offset=offset,
+                options=(selectinload(FilterSet.files).selectinload(FilterSetFile.blob),))
 
 
 def aliases_of(session: Session, fs: FilterSet) -> list[str]:

@@ -12,13 +12,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from registry.errors import Conflict, NotFound
 from registry.models import ACTIVE_STATUSES, ApiToken, BaseModel_, Dataset, Job, JobDataset, new_id, utcnow
 from registry.schemas import JobCreate
 from registry.services import audit
+from registry.services.query import page, where_equal
 from registry.services.upsert import get_or_create, insert_ignore
 
 DEFAULT_REVISION = "main"
@@ -104,14 +105,8 @@ def get(session: Session, job_id: str) -> Job:
 
 def list_jobs(session: Session, *, status: str | None = None, model_id: int | None = None, limit: int = 50,
               offset: int = 0) -> tuple[list[Job], int]:
-    query = select(Job)
-    if status:
-        query = query.where(Job.status == status)
-    if model_id:
-        query = query.where(Job.model_id == model_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
-    return list(rows), total
+    query = where_equal(select(Job), (Job.status, status), (Job.model_id, model_id))
+    return page(session, query, Job.created_at.desc(), Job.id, limit=limit, offset=offset)
 
 
 def cancel(session: Session, job: Job, actor: str) -> Job:

@@ -19,9 +19,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 QFILTERS = str(Path(sys.executable).parent / "qfilters")
 JOB = {
     "model": "smollm2",
@@ -90,20 +87,6 @@ def _wait(server, job_id: str, seen: list[dict]) -> dict:
             return job
         assert time.monotonic() < deadline, f"job still {job['status']} after {JOB_TIMEOUT_S} s"
         time.sleep(1)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is not installed (scripts/setup.sh installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with tempfile.TemporaryDirectory(prefix="qfilters-chromium-") as profile, sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1200, "height": 900})
-        yield context
-        context.close()
 
 
 def test_job_page_follows_the_job_live_until_it_succeeds(server, submitted_job, browser, artifacts_dir) -> None:
