@@ -9,7 +9,7 @@ from qfilters.attention import attention_hook, attention_layers
 from qfilters.calibrate import CalibrationConfig, calibrate
 from qfilters.data import Corpus, Document
 from qfilters.errors import CalibrationError, ModelError
-from qfilters.query_stats import QueryStatistics, group_mean, top_directions
+from qfilters.query_stats import QueryStatistics, group_mean
 
 
 def _text_corpus(n_docs: int = 12, seed: int = 0) -> Corpus:
