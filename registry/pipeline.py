@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,32 @@ class ProgressReporter:
                 raise JobCancelled(self.job_id)
 
 
+class Heartbeat:
+    """A daemon thread that refreshes the job's heartbeat every ``interval`` seconds while the job runs."""
+
+    def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, interval: float = 20.0) -> None:
+        self.factory, self.job_id, self.runner_id, self.interval = factory, job_id, runner_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with self.factory() as session:
+                    if not jobs.heartbeat(session, self.job_id, self.runner_id):
+                        return  # the job ended or was taken from this runner
+            except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
+
+
 class ModelCache:
     """Keeps the last loaded model, so consecutive jobs on the same model skip the load."""
 
@@ -115,17 +142,27 @@ class ModelCache:
 def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, *,
                 device: str = "cpu", models: ModelCache | None = None) -> str:
     """Run a claimed job to its end; returns the final status (succeeded, failed or cancelled)."""
-    from qfilters.errors import QFiltersError
-
     with factory() as session:
         job = session.get(Job, job_id)
         if job is None:  # deleted meanwhile: nothing to do
             return "gone"
         body = JobCreate.model_validate(job.request)
+    with Heartbeat(factory, job_id, runner_id):
+        final, error = _run_steps(factory, store, job_id, runner_id, body, device, models or ModelCache())
+    with factory() as session:
+        jobs.finish(session, job_id, runner_id, final, error=error)  # no-op if the job was taken from this runner
+    return final
+
+
+def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, body: JobCreate,
+               device: str, models: ModelCache) -> tuple[str, str | None]:
+    """Load, validate, register, request publication; returns (final status, error)."""
+    from qfilters.errors import QFiltersError
+
     reporter = ProgressReporter(factory, job_id, runner_id, body)
     try:
         reporter.status("running", f"loading model {body.model}")
-        lm = (models or ModelCache()).get(body.model, body.revision or jobs.DEFAULT_REVISION, device)
+        lm = models.get(body.model, body.revision or jobs.DEFAULT_REVISION, device)
         with factory.begin() as session:
             job = session.get(Job, job_id)
             catalog.record_architecture(job.model, lm.info.to_dict(), lm.info.revision)
@@ -136,17 +173,14 @@ def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: st
                 fs = catalog.get_filter_set(session, filter_set_id)
                 catalog.request_publication(session, fs, body.publish_to, actor="runner:" + runner_id,
                                             force=body.force_publish)
-        final, error = "succeeded", None
+        return "succeeded", None
     except JobCancelled:
-        final, error = "cancelled", None
+        return "cancelled", None
     except QFiltersError as e:
-        final, error = "failed", f"{type(e).__name__}: {e}"
+        return "failed", f"{type(e).__name__}: {e}"
     except Exception as e:  # noqa: BLE001 - a job must end in a final state, whatever went wrong
         log.exception("job %s failed", job_id)
-        final, error = "failed", f"internal error ({type(e).__name__}): {e}"
-    with factory() as session:
-        jobs.finish(session, job_id, runner_id, final, error=error)  # no-op if the job was taken from this runner
-    return final
+        return "failed", f"internal error ({type(e).__name__}): {e}"
 
 
 def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, body: JobCreate,

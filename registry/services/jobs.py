@@ -165,6 +165,14 @@ class ProgressUpdate:
     eta_seconds: float | None
 
 
+def heartbeat(session: Session, job_id: str, runner_id: str) -> bool:
+    """Prove the runner is alive during long steps that report no progress (a model download, say)."""
+    result = session.execute(update(Job).where(Job.id == job_id, Job.claimed_by == runner_id,
+                                               Job.status.in_(ACTIVE_STATUSES)).values(heartbeat_at=utcnow()))
+    session.commit()
+    return result.rowcount == 1
+
+
 def write_progress(session: Session, job_id: str, runner_id: str, p: ProgressUpdate) -> bool:
     """Record progress and the heartbeat. Returns False if the runner no longer owns the job or cancel was asked."""
     result = session.execute(

@@ -343,3 +343,26 @@ def test_openapi_and_docs_are_served_without_a_cdn(sqlite_registry) -> None:
     docs = client.get("/docs").text
     assert "/static/swagger/swagger-ui-bundle.js" in docs and "cdn" not in docs.lower()
     assert client.get("/static/swagger/swagger-ui-bundle.js").status_code == 200
+
+
+def test_heartbeat_keeps_a_long_silent_step_from_looking_dead(sqlite_registry) -> None:
+    """A step that reports no progress (a model download) must not let recovery requeue the job under the runner."""
+    import time
+
+    from registry.models import Job
+    from registry.pipeline import Heartbeat
+    from registry.services import jobs
+
+    reg = sqlite_registry
+    job_id = reg.client.post("/v1/jobs", json=_job(), headers=reg.auth(reg.token("submit"))).json()["id"]
+    factory = reg.state.session_factory
+    with factory() as session:
+        jobs.claim_next(session, "busy-runner")
+        session.execute(update(Job).where(Job.id == job_id)
+                        .values(heartbeat_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)))
+        session.commit()
+    with Heartbeat(factory, job_id, "busy-runner", interval=0.05):
+        time.sleep(0.5)
+        with factory() as session:
+            assert jobs.recover_stale(session, dt.timedelta(minutes=1)) == []
+    assert reg.client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
