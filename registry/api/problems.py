@@ -31,6 +31,8 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 
 def install(app: FastAPI) -> None:
+    _document_problems(app)
+
     @app.exception_handler(RegistryError)
     async def registry_error(request: Request, exc: RegistryError) -> JSONResponse:
         return problem(exc.status, exc.title, exc.detail, request.url.path)
@@ -55,6 +57,36 @@ def install(app: FastAPI) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return problem(500, "Internal error", "the server failed to handle this request; it has been logged",
                        request.url.path)
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Make the OpenAPI spec say what the handlers above send: errors declared with ``{"model": Problem}`` are
+    ``application/problem+json`` (FastAPI files every response model under ``application/json``), and operations
+    with a request body may answer 400 (FastAPI cannot decode it) or 413 (:class:`BodySizeLimit`)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()
+        problem_ref = "#/components/schemas/Problem"
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                for status, response in responses.items():
+                    content = response.get("content", {})
+                    json_body = content.get("application/json", {})
+                    if status[:1] in "45" and json_body.get("schema", {}).get("$ref") == problem_ref:
+                        content[PROBLEM_JSON] = content.pop("application/json")
+                if "requestBody" in operation:
+                    for status, title in (("400", "Bad Request: the body could not be read (e.g. not UTF-8)"),
+                                          ("413", "Request Entity Too Large")):
+                        responses.setdefault(status, {"description": title,
+                                                      "content": {PROBLEM_JSON: {"schema": {"$ref": problem_ref}}}})
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 class BodySizeLimit:
