@@ -6,8 +6,18 @@ from fastapi import Request
 from sqlalchemy.orm import Session
 
 from registry.models import BaseModel_, FilterSet, Job
-from registry.schemas import FileRef, FilterSetDetail, FilterSetPublic, JobProgress, JobPublic, ModelPublic
+from registry.schemas import (
+    FileRef,
+    FilterSetDetail,
+    FilterSetPublic,
+    JobProgress,
+    JobPublic,
+    ModelPublic,
+    PublicationPublic,
+    Resolved,
+)
 from registry.services import catalog
+from registry.services.resolver import Resolution
 
 
 def base_url(request: Request) -> str:
@@ -40,6 +50,12 @@ def files_of(fs: FilterSet, base: str) -> list[FileRef]:
                     url=f"{base}/v1/filter-sets/{fs.id}/files/{f.name}") for f in fs.files]
 
 
+def filter_set_links(filter_set_id: int, base: str) -> dict[str, str]:
+    api = f"{base}/v1/filter-sets/{filter_set_id}"
+    return {"self": api, "report_json": f"{api}/report", "report_html": f"{api}/report.html",
+            "lineage": f"{api}/lineage", "page": f"{base}/filter-sets/{filter_set_id}/report"}
+
+
 def filter_set_public(session: Session, fs: FilterSet, base: str, *, detail: bool = False) -> FilterSetPublic:
     verdict = fs.verdict_detail or {}
     data = dict(
@@ -48,13 +64,28 @@ def filter_set_public(session: Session, fs: FilterSet, base: str, *, detail: boo
         verdict_reasons=verdict.get("reasons", []), verdict_warnings=verdict.get("warnings", []),
         datasets=fs.dataset_specs, job_id=fs.job_id, aliases=catalog.aliases_of(session, fs),
         created_at=fs.created_at, files=files_of(fs, base), publications=list(fs.publications),
-        links={"self": f"{base}/v1/filter-sets/{fs.id}", "report_json": f"{base}/v1/filter-sets/{fs.id}/report",
-               "report_html": f"{base}/v1/filter-sets/{fs.id}/report.html",
-               "lineage": f"{base}/v1/filter-sets/{fs.id}/lineage", "page": f"{base}/filter-sets/{fs.id}/report"},
+        links=filter_set_links(fs.id, base),
     )
     if detail:
         return FilterSetDetail(**data, provenance=fs.provenance)
     return FilterSetPublic(**data)
+
+
+def resolved(res: Resolution, base: str) -> Resolved:
+    fs = res.filter_set
+    verdict = fs["verdict_detail"] or {}
+    files = [FileRef(name=f.name, sha256=f.sha256, size=f.size, url=f"{base}/v1/filter-sets/{fs['id']}/files/{f.name}")
+             for f in res.files]
+    links = filter_set_links(fs["id"], base)
+    public = FilterSetPublic(
+        id=fs["id"], model_id=fs["model_id"], model=res.hf_id, revision=res.revision, version=fs["version"],
+        sha256=fs["sha256"], shape=[fs["num_layers"], fs["num_kv_heads"], fs["head_dim"]], verdict=fs["verdict"],
+        verdict_reasons=verdict.get("reasons", []), verdict_warnings=verdict.get("warnings", []),
+        datasets=fs["dataset_specs"], job_id=fs["job_id"], aliases=res.aliases, created_at=fs["created_at"],
+        files=files, publications=[PublicationPublic(**p) for p in res.publications], links=links,
+    )
+    return Resolved(model=res.hf_id, revision=res.revision, alias=res.alias, filter_set=public, files=files,
+                    report_url=links["report_html"])
 
 
 def model_public(session: Session, model: BaseModel_) -> ModelPublic:

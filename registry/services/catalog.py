@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, contains_eager, joinedload, selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from registry.errors import Conflict, NotFound, Unprocessable
 from registry.models import (
@@ -201,44 +201,17 @@ def alias_history(session: Session, alias: Alias) -> list[AliasMove]:
 # ---------------------------------------------------------------------------------------------------------- resolve
 
 
-def resolve(session: Session, hf_id: str, revision: str | None, alias: str | None) -> tuple[BaseModel_, Alias]:
-    """The alias of (model, revision) that answers 'which filters?': ``alias`` or else stable, then latest.
-
-    The hot path of the service: one query finds the model's candidate aliases and loads, alongside, the model, the
-    filter set each points to, its files and their blobs; a second loads the publications. Only a miss queries again,
-    to say what is there instead.
-    """
+def explain_unresolved(session: Session, hf_id: str, revision: str | None, alias: str | None) -> NotFound:
+    """The error for a resolve miss, naming the model's known revisions or its aliases."""
     wanted = (alias,) if alias else DEFAULT_RESOLVE_ALIASES
-    found = {row.name: row for row in session.scalars(
-        select(Alias).join(Alias.model)
-        .where(BaseModel_.hf_id == hf_id, BaseModel_.revision == (revision or "main"), Alias.name.in_(wanted))
-        .options(contains_eager(Alias.model),
-                 joinedload(Alias.filter_set).joinedload(FilterSet.files).joinedload(FilterSetFile.blob),
-                 joinedload(Alias.filter_set).selectinload(FilterSet.publications))
-    ).unique()}
-    for name in wanted:
-        if name in found:
-            return found[name].model, found[name]
-    return _resolve_or_explain(session, hf_id, revision, alias)
-
-
-def _resolve_or_explain(session: Session, hf_id: str, revision: str | None,
-                        alias: str | None) -> tuple[BaseModel_, Alias]:
-    """Resolve step by step, raising NotFound that names the known revisions or the model's aliases."""
-    query = select(BaseModel_).where(BaseModel_.hf_id == hf_id)
-    models = session.scalars(query.where(BaseModel_.revision == (revision or "main"))).all()
-    if not models:
+    model = session.scalar(select(BaseModel_).where(BaseModel_.hf_id == hf_id,
+                                                    BaseModel_.revision == (revision or "main")))
+    if model is None:
         known = session.scalars(select(BaseModel_.revision).where(BaseModel_.hf_id == hf_id)).all()
         hint = f"; known revisions: {', '.join(known)}" if known else "; submit a calibration job for it first"
-        raise NotFound(f"no filters registered for model {hf_id!r} at revision {revision or 'main'!r}{hint}")
-    model = models[0]
-    wanted = (alias,) if alias else DEFAULT_RESOLVE_ALIASES
-    for name in wanted:
-        row = session.scalar(select(Alias).where(Alias.model_id == model.id, Alias.name == name))
-        if row is not None:
-            return model, row
+        return NotFound(f"no filters registered for model {hf_id!r} at revision {revision or 'main'!r}{hint}")
     existing = [a.name for a in model.aliases]
-    raise NotFound(
+    return NotFound(
         f"model {hf_id!r} (revision {model.revision!r}) has no alias {' or '.join(repr(w) for w in wanted)}"
         + (f"; its aliases: {', '.join(existing)}" if existing else "; no version has passed validation yet")
     )

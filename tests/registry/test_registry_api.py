@@ -242,6 +242,15 @@ def test_versions_aliases_resolve_and_publications(registry, tiny_llama) -> None
                          json={"repo_id": "org/tiny-qf", "force": True}, headers=publisher).json()
     assert forced["status"] == "pending" and forced["forced"] is True
 
+    # resolve (its own fast query, files cached per process) says exactly what the filter set's own page says,
+    # with the alias just moved and the publication just requested
+    resolved = client.get("/v1/resolve", params={"model": "tiny-llama", "alias": "stable"}).json()
+    detail = client.get(f"/v1/filter-sets/{by_version[2]['id']}").json()
+    assert resolved["filter_set"] == {k: v for k, v in detail.items() if k != "provenance"}
+    assert resolved["filter_set"]["aliases"] == ["stable"]
+    assert [p["id"] for p in resolved["filter_set"]["publications"]] == [refused["id"], forced["id"]]
+    assert resolved["files"] == resolved["filter_set"]["files"]
+
     # unknown model / alias: 404 that says what exists
     assert "submit a calibration job" in _problem(client.get("/v1/resolve", params={"model": "org/none"}), 404)[
         "detail"]

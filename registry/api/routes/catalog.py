@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from registry.api.deps import Admin, PublicRead, Publisher, SessionDep, StateDep
-from registry.api.present import base_url, files_of, filter_set_public, job_public, model_public
+from registry.api.present import base_url, files_of, filter_set_public, job_public, model_public, resolved
 from registry.schemas import (
     AliasMovePublic,
     AliasMoveRequest,
@@ -29,7 +29,7 @@ from registry.schemas import (
     Resolved,
     Revision,
 )
-from registry.services import audit, catalog
+from registry.services import audit, catalog, resolver
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
@@ -207,12 +207,7 @@ def _blob_response(request: Request, state, sha256: str, media_type: str, filena
 def resolve(request: Request, session: SessionDep, _: PublicRead, model: RepoId, revision: Revision | None = None,
             alias: Annotated[AliasName | None, Query(description="default: stable, else latest")] = None) -> Resolved:
     """Which filters for base model X (revision R)? The version the alias points to, with its download location."""
-    found_model, found_alias = catalog.resolve(session, model, revision, alias)
-    fs = found_alias.filter_set
-    base = base_url(request)
-    public = filter_set_public(session, fs, base)
-    return Resolved(model=found_model.hf_id, revision=found_model.revision, alias=found_alias.name,
-                    filter_set=public, files=files_of(fs, base), report_url=public.links["report_html"])
+    return resolved(resolver.resolve(session, model, revision, alias), base_url(request))
 
 
 # ------------------------------------------------------------------------------------------------------------ audit
