@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "QFilters": "qfilters.artifact",
     "QFiltersCache": "qfilters.cache",
+    "cache_kwargs": "qfilters.cache",
     "Scorer": "qfilters.scorers",
     "QFilterScorer": "qfilters.scorers",
     "KNormScorer": "qfilters.scorers",
@@ -28,7 +29,7 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from qfilters.artifact import QFilters
-    from qfilters.cache import QFiltersCache
+    from qfilters.cache import QFiltersCache, cache_kwargs
     from qfilters.calibrate import calibrate
     from qfilters.data import load_corpus
     from qfilters.models import load_model

@@ -16,6 +16,7 @@ plain ``generate()`` and token-by-token decoding).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,18 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from qfilters.eviction import check_budget, prepare_scores, select_kept
 from qfilters.scorers import Scorer
 
-__all__ = ["EvictingLayer", "QFiltersCache", "layer_kinds", "model_dims"]
+__all__ = ["EvictingLayer", "QFiltersCache", "cache_kwargs", "layer_kinds", "model_dims"]
+
+
+def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
+    """The keyword that hands ``cache`` to ``model(...)`` or ``model.generate(...)``: ``cache`` from transformers
+    5.24 on, ``past_key_values`` before (deprecated since, removed in 5.40)."""
+    forward = getattr(model, "forward", None)
+    try:
+        takes_cache = forward is not None and "cache" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        takes_cache = False
+    return {"cache": cache} if takes_cache else {"past_key_values": cache}
 
 
 def _text_config(model_or_config: Any) -> Any:
@@ -175,7 +187,7 @@ class EvictingLayer(DynamicLayer):
 class QFiltersCache(Cache):
     """KV cache that keeps at most ``budget`` keys per head in every compressible layer, chosen by ``scorer``.
 
-    ``QFiltersCache(model, QFilterScorer(filters), budget=512)`` then ``model.generate(..., past_key_values=cache)``.
+    ``QFiltersCache(model, QFilterScorer(filters), budget=512)`` then ``model.generate(..., **cache_kwargs(model, cache))`` (``cache=cache`` on transformers >= 5.24).
     ``window`` most recent positions and ``n_sinks`` first ones are always kept; ``budget > window + n_sinks``.
     """
 

@@ -205,7 +205,7 @@ def perplexity_reference(
     """Same quantity as :func:`perplexity`, by decoding one token at a time with :class:`QFiltersCache` (slow)."""
     from transformers import DynamicCache
 
-    from qfilters.cache import QFiltersCache
+    from qfilters.cache import QFiltersCache, cache_kwargs
 
     _check_inputs(model, input_ids, scorer, budget, window, n_sinks)
     length = input_ids.shape[1]
@@ -216,10 +216,11 @@ def perplexity_reference(
     else:
         cache = QFiltersCache(model, scorer, budget, window, n_sinks, uncompressed_layers)
     skip_head = torch.empty(0, dtype=torch.long, device=input_ids.device)  # no LM head on unscored steps
+    pass_cache = cache_kwargs(model, cache)
     logits = []
     for t in range(length - 1):
         scored = t >= length - 1 - n
-        out = model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True,
+        out = model(input_ids[:, t : t + 1], **pass_cache, use_cache=True,
                     logits_to_keep=1 if scored else skip_head)
         if scored:
             logits.append(out.logits[:, -1])  # [B, V] predicts token t + 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from qfilters.cache import EvictingLayer, QFiltersCache, layer_kinds
+from qfilters.cache import EvictingLayer, QFiltersCache, cache_kwargs, layer_kinds
 from qfilters.errors import ShapeMismatchError
 from qfilters.eviction import (
     _kth_beater_dense,
@@ -180,7 +180,7 @@ def test_generate_with_small_budget_keeps_budget_and_changes_output(smollm2) -> 
     with torch.inference_mode():
         ref = model.generate(ids, max_new_tokens=new, do_sample=False)
         cache = QFiltersCache(model, QFilterScorer(torch.randn(30, 3, 64)), budget=64, window=16)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new, do_sample=False)
     total = ids.shape[1] + new - 1  # the last generated token is never fed back
     assert cache.get_seq_length() == total
     assert cache.stored_lengths() == [64] * 30
@@ -196,8 +196,8 @@ def test_generate_with_budget_covering_everything_equals_default_cache(smollm2) 
     with torch.inference_mode():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
         cache = QFiltersCache(model, KNormScorer(), budget=ids.shape[1] + 10, window=16)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=10,
-                             do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
+                             max_new_tokens=10, do_sample=False)
     assert torch.equal(out, ref)
 
 
@@ -206,7 +206,7 @@ def test_streamingllm_positions_and_uncompressed_layers(smollm2) -> None:
     model, ids = smollm2.model, _prompt(smollm2.tokenizer, 4)
     with torch.inference_mode():
         cache = QFiltersCache(model, StreamingLLMScorer(n_sinks=4), budget=32, window=8, uncompressed_layers=(0, 7))
-        model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False)
     seen = cache.get_seq_length()
     assert isinstance(cache.layers[0], DynamicLayer) and not isinstance(cache.layers[0], EvictingLayer)
     lengths = cache.stored_lengths()
@@ -231,9 +231,9 @@ def test_gemma3_sliding_layers_keep_transformers_layers(gemma3) -> None:
     with torch.inference_mode():
         ref = model.generate(ids, max_new_tokens=6, do_sample=False)
         full = QFiltersCache(model, QFilterScorer(torch.randn(18, 1, 256)), budget=ids.shape[1] + 8, window=16)
-        same = model.generate(ids, past_key_values=full, max_new_tokens=6, do_sample=False)
+        same = model.generate(ids, **cache_kwargs(model, full), max_new_tokens=6, do_sample=False)
         small = QFiltersCache(model, QFilterScorer(torch.randn(18, 1, 256)), budget=40, window=8)
-        model.generate(ids, past_key_values=small, max_new_tokens=6, do_sample=False)
+        model.generate(ids, **cache_kwargs(model, small), max_new_tokens=6, do_sample=False)
     assert torch.equal(same, ref)
     assert isinstance(small.layers[0], DynamicSlidingWindowLayer)
     assert [small.stored_lengths()[i] for i in (5, 11, 17)] == [40, 40, 40]
@@ -245,7 +245,7 @@ def test_tiny_model_generate_batch(tiny_llama) -> None:
     ids = torch.randint(4, 90, (3, 50), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         cache = QFiltersCache(model, KNormScorer(), budget=20, window=4, n_sinks=2)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=5,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
+                             max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (3, 55) and cache.stored_lengths() == [20, 20]
     assert (cache.layers[1].positions[..., :2] == torch.tensor([0, 1])).all()

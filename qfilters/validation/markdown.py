@@ -190,7 +190,8 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
         f"model = AutoModelForCausalLM.from_pretrained({report.model_id!r})\n"
         f"filters = QFilters.from_pretrained({repo!r})\n"
         f"cache = QFiltersCache(model, QFilterScorer(filters), budget={ref}, window={window}, n_sinks={s.n_sinks})\n"
-        "out = model.generate(input_ids, past_key_values=cache, max_new_tokens=256)"
+        "# transformers < 5.24: past_key_values=cache\n"
+        "out = model.generate(input_ids, cache=cache, max_new_tokens=256)"
     )
     kvpress = (
         "from kvpress import QFilterPress\n"
