@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = None  # default: data_dir / "artifacts"
     public_reads: bool = True  # reads of published filters, reports and pages need no token
     max_request_bytes: int = 1_000_000
+    # Database connections per server process; pool + overflow is also how many requests run at once in a process
+    # (the rest queue): keep workers x (pool + overflow) + the runner under PostgreSQL's max_connections.
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(5, ge=0)
+    db_pool_timeout: float = Field(30.0, gt=0)
     run_jobs: bool = True  # start the in-process runner with the app (qfilters serve)
     runner_poll_seconds: float = 1.0
     max_attempts: int = 3

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 import registry
 from registry.api import problems
+from registry.api.admission import ConcurrencyLimit, ensure_worker_threads
 from registry.api.routes import catalog, jobs
 from registry.config import Settings, get_settings
 from registry import pages
@@ -22,9 +23,11 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
     """Build the app. ``run_jobs`` starts the in-process runner; ``migrate`` upgrades the database schema first."""
     settings = settings or get_settings()
     state = RegistryState.from_settings(settings)
+    admitted = settings.db_pool_size + settings.db_max_overflow  # one connection per request inside the app
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ensure_worker_threads(admitted)
         if migrate:
             from registry.migrate import upgrade
 
@@ -51,7 +54,8 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
     )
     app.state.registry = state
     problems.install(app)
-    app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ConcurrencyLimit, limit=admitted)
+    app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_request_bytes)  # outermost: refuse early
     app.include_router(jobs.router)
     app.include_router(catalog.router)
     app.include_router(pages.router)

@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SQLAlchemyTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,6 +54,18 @@ def install(app: FastAPI) -> None:
             detail = f"no such resource {request.url.path}; the API lives under /v1 (see /docs)"
         return problem(exc.status_code, titles.get(exc.status_code, "Error"), detail, request.url.path)
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(SQLAlchemyTimeoutError)
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # The database refused or dropped a connection, or the pool had none free in time: the request itself was
+        # fine, so say 503 and when to come back rather than 500.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                    str(exc).splitlines()[0][:300])
+        response = problem(503, "Service unavailable", "the database is unavailable or saturated right now; "
+                           "retry in a few seconds", request.url.path)
+        response.headers["Retry-After"] = "5"
+        return response
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -61,8 +75,9 @@ def install(app: FastAPI) -> None:
 
 def _document_problems(app: FastAPI) -> None:
     """Make the OpenAPI spec say what the handlers above send: errors declared with ``{"model": Problem}`` are
-    ``application/problem+json`` (FastAPI files every response model under ``application/json``), and operations
-    with a request body may answer 400 (FastAPI cannot decode it) or 413 (:class:`BodySizeLimit`)."""
+    ``application/problem+json`` (FastAPI files every response model under ``application/json``), any operation may
+    answer 503 (database unavailable), and operations with a request body may answer 400 (FastAPI cannot decode it)
+    or 413 (:class:`BodySizeLimit`)."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -78,6 +93,9 @@ def _document_problems(app: FastAPI) -> None:
                     json_body = content.get("application/json", {})
                     if status[:1] in "45" and json_body.get("schema", {}).get("$ref") == problem_ref:
                         content[PROBLEM_JSON] = content.pop("application/json")
+                responses.setdefault("503", {"description": "Service Unavailable: the database is down or saturated "
+                                                        "(see Retry-After)",
+                                         "content": {PROBLEM_JSON: {"schema": {"$ref": problem_ref}}}})
                 if "requestBody" in operation:
                     for status, title in (("400", "Bad Request: the body could not be read (e.g. not UTF-8)"),
                                           ("413", "Request Entity Too Large")):

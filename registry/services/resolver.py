@@ -2,8 +2,8 @@
 
 Every client fetch starts here, so a hit costs one round trip: the candidate aliases of (model, revision) joined with
 the filter set each points to, that set's aliases and its publications (the parts that can change). The files of a
-filter set never change once written (versions are immutable), so they are cached per process, keyed by
-(id, sha256): an id reused after a deletion can never serve another set's files. A miss falls back to
+filter set never change once written (versions are immutable), so the caller may keep them in a :class:`FileCache`
+(one per database), keyed by (id, sha256): an id reused after a deletion can never serve another set's files. A miss falls back to
 :func:`registry.services.catalog.explain_unresolved`, which says what exists instead.
 """
 
@@ -41,8 +41,8 @@ class Resolution:
     files: tuple[FileRow, ...] = ()
 
 
-class _FileCache:
-    """A small thread-safe LRU of immutable file listings."""
+class FileCache:
+    """A small thread-safe LRU of immutable file listings, for one database."""
 
     def __init__(self, max_entries: int = 4096) -> None:
         self._entries: OrderedDict[tuple[int, str], tuple[FileRow, ...]] = OrderedDict()
@@ -62,12 +62,6 @@ class _FileCache:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-FILES = _FileCache()
 
 _FS_COLUMNS = (FilterSet.id, FilterSet.model_id, FilterSet.version, FilterSet.sha256, FilterSet.num_layers,
                FilterSet.num_kv_heads, FilterSet.head_dim, FilterSet.verdict, FilterSet.verdict_detail,
@@ -98,14 +92,15 @@ def _files_query() -> Select:
             .where(FilterSetFile.filter_set_id == bindparam("filter_set_id")).order_by(FilterSetFile.name))
 
 
-_CANDIDATES = _candidates_query()
-_FILES = _files_query()
+_CANDIDATES_QUERY = _candidates_query()
+_FILES_QUERY = _files_query()
 
 
-def resolve(session: Session, hf_id: str, revision: str | None, alias: str | None) -> Resolution:
+def resolve(session: Session, hf_id: str, revision: str | None, alias: str | None,
+            files_cache: FileCache | None = None) -> Resolution:
     """``alias`` of (hf_id, revision), or else ``stable``, then ``latest``; NotFound says what exists instead."""
     wanted = (alias,) if alias else DEFAULT_RESOLVE_ALIASES
-    rows = session.execute(_CANDIDATES, {"hf_id": hf_id, "revision": revision or "main",
+    rows = session.execute(_CANDIDATES_QUERY, {"hf_id": hf_id, "revision": revision or "main",
                                          "names": list(wanted)}).mappings().all()
     chosen = next((name for name in wanted if any(r["candidate"] == name for r in rows)), None)
     if chosen is None:
@@ -119,15 +114,16 @@ def resolve(session: Session, hf_id: str, revision: str | None, alias: str | Non
         filter_set={c.key: first[c.key] for c in _FS_COLUMNS},
         aliases=sorted({r["sibling"] for r in mine if r["sibling"] is not None}),
         publications=[publications[k] for k in sorted(publications)],
-        files=_files(session, first["id"], first["sha256"]),
+        files=_files(session, first["id"], first["sha256"], files_cache),
     )
 
 
-def _files(session: Session, filter_set_id: int, sha256: str) -> tuple[FileRow, ...]:
+def _files(session: Session, filter_set_id: int, sha256: str, cache: FileCache | None) -> tuple[FileRow, ...]:
     key = (filter_set_id, sha256)
-    files = FILES.get(key)
+    files = cache.get(key) if cache is not None else None
     if files is None:
         files = tuple(FileRow(name, sha, size) for name, sha, size
-                      in session.execute(_FILES, {"filter_set_id": filter_set_id}))
-        FILES.put(key, files)
+                      in session.execute(_FILES_QUERY, {"filter_set_id": filter_set_id}))
+        if cache is not None:
+            cache.put(key, files)
     return files

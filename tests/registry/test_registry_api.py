@@ -11,7 +11,7 @@ import hashlib
 import pytest
 from sqlalchemy import select, text, update
 
-from tests.registry.conftest import TINY_JOB, run_queued_jobs
+from tests.registry.conftest import TINY_JOB, Registry, _create_pg_database, _drop_pg_database, run_queued_jobs
 
 PASSING_GATES = {"cross_dataset_cosine": -1, "gap_ratio_vs_streamingllm": 1e9, "gap_vs_knorm": 1e9,
                  "split_half_min": -1}
@@ -375,3 +375,56 @@ def test_heartbeat_keeps_a_long_silent_step_from_looking_dead(sqlite_registry) -
         with factory() as session:
             assert jobs.recover_stale(session, dt.timedelta(minutes=1)) == []
     assert reg.client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+
+
+def test_resolve_file_cache_keeps_the_most_recently_used_listings() -> None:
+    from registry.services.resolver import FileCache, FileRow
+
+    cache = FileCache(max_entries=2)
+    one, two, three = ((FileRow(f"f{i}", "0" * 64, i),) for i in range(3))
+    cache.put((1, "a"), one)
+    cache.put((2, "b"), two)
+    assert cache.get((1, "a")) == one  # now the most recent
+    cache.put((3, "c"), three)
+    assert cache.get((2, "b")) is None and cache.get((1, "a")) == one and cache.get((3, "c")) == three
+    assert cache.get((1, "other sha")) is None  # a reused id with another sha never hits
+
+
+def test_a_saturated_database_pool_answers_503_with_retry_after(postgres_server, tmp_path) -> None:
+    """Load beyond the connection pool waits, then gets 503 + Retry-After (never a 500), and service resumes."""
+    url, name = _create_pg_database(postgres_server)
+    reg = Registry(url, tmp_path / "data", db_pool_size=1, db_max_overflow=0, db_pool_timeout=0.2)
+    try:
+        held = reg.state.engine.connect()  # the pool's only connection
+        try:
+            busy = reg.client.get("/v1/models")
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+            assert busy.headers["content-type"].startswith("application/problem+json")
+            assert "retry" in busy.json()["detail"]
+        finally:
+            held.close()
+        assert reg.client.get("/v1/models").status_code == 200
+        assert "503" in reg.client.get("/openapi.json").json()["paths"]["/v1/models"]["get"]["responses"]
+    finally:
+        reg.close()
+        _drop_pg_database(postgres_server, name)
+
+
+def test_a_burst_larger_than_the_pool_queues_instead_of_failing(postgres_server, tmp_path) -> None:
+    """80 concurrent reads against 2 connections (and 40 worker threads): all answered, none 503 or 500.
+
+    Without admission control, worker threads block waiting for a connection while the requests holding the
+    connections wait for a worker thread, until the pool timeout fails them.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, name = _create_pg_database(postgres_server)
+    reg = Registry(url, tmp_path / "data", db_pool_size=2, db_max_overflow=0, db_pool_timeout=3)
+    try:
+        with ThreadPoolExecutor(max_workers=80) as pool:
+            statuses = list(pool.map(lambda i: reg.client.get("/v1/models", params={"limit": 1 + i % 5}).status_code,
+                                     range(240)))
+        assert statuses == [200] * 240
+    finally:
+        reg.close()
+        _drop_pg_database(postgres_server, name)

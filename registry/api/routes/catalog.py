@@ -204,10 +204,11 @@ def _blob_response(request: Request, state, sha256: str, media_type: str, filena
 
 
 @router.get("/resolve", response_model=Resolved, tags=["resolve"], responses=ERRORS)
-def resolve(request: Request, session: SessionDep, _: PublicRead, model: RepoId, revision: Revision | None = None,
+def resolve(request: Request, session: SessionDep, state: StateDep, _: PublicRead, model: RepoId,
+            revision: Revision | None = None,
             alias: Annotated[AliasName | None, Query(description="default: stable, else latest")] = None) -> Resolved:
     """Which filters for base model X (revision R)? The version the alias points to, with its download location."""
-    return resolved(resolver.resolve(session, model, revision, alias), base_url(request))
+    return resolved(resolver.resolve(session, model, revision, alias, state.resolve_files), base_url(request))
 
 
 # ------------------------------------------------------------------------------------------------------------ audit
