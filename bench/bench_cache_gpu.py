@@ -25,18 +25,19 @@ def _decode(model: Any, prompt: Any, cache: Any, new_tokens: int, warmup: int) -
 
     from qfilters.cache import cache_kwargs
 
+    pass_cache = cache_kwargs(model, cache)  # once: it inspects the forward signature
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = model(prompt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
+    out = model(prompt, **pass_cache, use_cache=True, logits_to_keep=1)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     token = out.logits[:, -1:].argmax(dim=-1)  # [B, 1]
     for _ in range(warmup):
-        token = model(token, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(dim=-1)
+        token = model(token, **pass_cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        token = model(token, **cache_kwargs(model, cache), use_cache=True).logits[:, -1:].argmax(dim=-1)
+        token = model(token, **pass_cache, use_cache=True).logits[:, -1:].argmax(dim=-1)
     torch.cuda.synchronize()
     decode_s = time.perf_counter() - t0
     return {"prefill_s": prefill_s, "decode_s": decode_s, "tok_per_s": new_tokens * prompt.shape[0] / decode_s}

@@ -98,7 +98,7 @@ def seed_registry(url: str, artifact_dir: Path, n: int) -> list[str]:
                 session_scope(make_session_factory(engine)) as session:
             art = Path(tmp)
             (art / "config.json").write_text(json.dumps({"num_layers": 30, "num_kv_heads": 3, "kv_head_dim": 64}))
-            for i, hf_id in enumerate(names):
+            for hf_id in names:
                 model = BaseModel_(hf_id=hf_id, revision="main", model_type="llama", num_layers=30,
                                    num_attention_heads=9, num_kv_heads=3, head_dim=64, qk_norm=False,
                                    qkv_bias=False, rope=True)
@@ -108,8 +108,6 @@ def seed_registry(url: str, artifact_dir: Path, n: int) -> list[str]:
                 (art / "qfilters.json").write_text(json.dumps({"provenance": {"model": hf_id, "bench": True}}))
                 job = SimpleNamespace(id=None, model_id=model.id)  # no job row: filter_sets.job_id is nullable
                 catalog.create_filter_set(session, store, job, art, report_files, report)  # type: ignore[arg-type]
-                if i % 50 == 49:
-                    session.flush()
     finally:
         engine.dispose()
     return names
@@ -403,7 +401,8 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
         print(title)
         for label, r in rows:
             print(f"{label:55s} {r['throughput_rps']:10.1f} req/s  p50 {r['p50_ms']:8.2f} ms  "
-                  f"p99 {r['p99_ms']:8.2f} ms  errors {r['errors']}  CPU {r['median_server_cpu_ms_per_request']} ms/req")
+                  f"p99 {r['p99_ms']:8.2f} ms  errors {r['errors']}  "
+                  f"CPU {r['median_server_cpu_ms_per_request']} ms/req")
     if mlf:
         print(f"throughput ratio registry / MLflow: {results['ratio_throughput']:.2f}x (target >= 2x: "
               f"{'met' if results['ratio_throughput'] >= 2 else 'NOT met'}); per round: "

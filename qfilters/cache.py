@@ -187,7 +187,8 @@ class EvictingLayer(DynamicLayer):
 class QFiltersCache(Cache):
     """KV cache that keeps at most ``budget`` keys per head in every compressible layer, chosen by ``scorer``.
 
-    ``QFiltersCache(model, QFilterScorer(filters), budget=512)`` then ``model.generate(..., **cache_kwargs(model, cache))`` (``cache=cache`` on transformers >= 5.24).
+    ``QFiltersCache(model, QFilterScorer(filters), budget=512)`` then
+    ``model.generate(..., **cache_kwargs(model, cache))`` (plainly ``cache=cache`` on transformers >= 5.24).
     ``window`` most recent positions and ``n_sinks`` first ones are always kept; ``budget > window + n_sinks``.
     """
 

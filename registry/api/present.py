@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from fastapi import Request
 from sqlalchemy.orm import Session
 
@@ -45,9 +48,12 @@ def job_public(job: Job, base: str) -> JobPublic:
     )
 
 
+def file_ref(filter_set_id: int, name: str, sha256: str, size: int, base: str) -> FileRef:
+    return FileRef(name=name, sha256=sha256, size=size, url=f"{base}/v1/filter-sets/{filter_set_id}/files/{name}")
+
+
 def files_of(fs: FilterSet, base: str) -> list[FileRef]:
-    return [FileRef(name=f.name, sha256=f.blob_sha256, size=f.blob.size,
-                    url=f"{base}/v1/filter-sets/{fs.id}/files/{f.name}") for f in fs.files]
+    return [file_ref(fs.id, f.name, f.blob_sha256, f.blob.size, base) for f in fs.files]
 
 
 def filter_set_links(filter_set_id: int, base: str) -> dict[str, str]:
@@ -56,36 +62,38 @@ def filter_set_links(filter_set_id: int, base: str) -> dict[str, str]:
             "lineage": f"{api}/lineage", "page": f"{base}/filter-sets/{filter_set_id}/report"}
 
 
-def filter_set_public(session: Session, fs: FilterSet, base: str, *, detail: bool = False) -> FilterSetPublic:
-    verdict = fs.verdict_detail or {}
-    data = dict(
-        id=fs.id, model_id=fs.model_id, model=fs.model.hf_id, revision=fs.model.revision, version=fs.version,
-        sha256=fs.sha256, shape=[fs.num_layers, fs.num_kv_heads, fs.head_dim], verdict=fs.verdict,
-        verdict_reasons=verdict.get("reasons", []), verdict_warnings=verdict.get("warnings", []),
-        datasets=fs.dataset_specs, job_id=fs.job_id, aliases=catalog.aliases_of(session, fs),
-        created_at=fs.created_at, files=files_of(fs, base), publications=list(fs.publications),
-        links=filter_set_links(fs.id, base),
+def _filter_set_fields(columns: Mapping[str, Any], *, model: str, revision: str, aliases: list[str],
+                       files: list[FileRef], publications: list[Any], base: str) -> dict[str, Any]:
+    """FilterSetPublic's fields from a filter set's columns (an ORM row's or a resolve query's) and its relations."""
+    verdict = columns["verdict_detail"] or {}
+    return dict(
+        id=columns["id"], model_id=columns["model_id"], model=model, revision=revision, version=columns["version"],
+        sha256=columns["sha256"], shape=[columns["num_layers"], columns["num_kv_heads"], columns["head_dim"]],
+        verdict=columns["verdict"], verdict_reasons=verdict.get("reasons", []),
+        verdict_warnings=verdict.get("warnings", []), datasets=columns["dataset_specs"], job_id=columns["job_id"],
+        aliases=aliases, created_at=columns["created_at"], files=files, publications=publications,
+        links=filter_set_links(columns["id"], base),
     )
+
+
+def filter_set_public(session: Session, fs: FilterSet, base: str, *, detail: bool = False) -> FilterSetPublic:
+    columns = {c.key: getattr(fs, c.key) for c in FilterSet.__table__.columns}
+    data = _filter_set_fields(columns, model=fs.model.hf_id, revision=fs.model.revision,
+                              aliases=catalog.aliases_of(session, fs), files=files_of(fs, base),
+                              publications=list(fs.publications), base=base)
     if detail:
         return FilterSetDetail(**data, provenance=fs.provenance)
     return FilterSetPublic(**data)
 
 
 def resolved(res: Resolution, base: str) -> Resolved:
-    fs = res.filter_set
-    verdict = fs["verdict_detail"] or {}
-    files = [FileRef(name=f.name, sha256=f.sha256, size=f.size, url=f"{base}/v1/filter-sets/{fs['id']}/files/{f.name}")
-             for f in res.files]
-    links = filter_set_links(fs["id"], base)
-    public = FilterSetPublic(
-        id=fs["id"], model_id=fs["model_id"], model=res.hf_id, revision=res.revision, version=fs["version"],
-        sha256=fs["sha256"], shape=[fs["num_layers"], fs["num_kv_heads"], fs["head_dim"]], verdict=fs["verdict"],
-        verdict_reasons=verdict.get("reasons", []), verdict_warnings=verdict.get("warnings", []),
-        datasets=fs["dataset_specs"], job_id=fs["job_id"], aliases=res.aliases, created_at=fs["created_at"],
-        files=files, publications=[PublicationPublic(**p) for p in res.publications], links=links,
-    )
+    fs_id = res.filter_set["id"]
+    files = [file_ref(fs_id, f.name, f.sha256, f.size, base) for f in res.files]
+    public = FilterSetPublic(**_filter_set_fields(
+        res.filter_set, model=res.hf_id, revision=res.revision, aliases=res.aliases, files=files,
+        publications=[PublicationPublic(**p) for p in res.publications], base=base))
     return Resolved(model=res.hf_id, revision=res.revision, alias=res.alias, filter_set=public, files=files,
-                    report_url=links["report_html"])
+                    report_url=public.links["report_html"])
 
 
 def model_public(session: Session, model: BaseModel_) -> ModelPublic:

@@ -85,22 +85,20 @@ def _document_problems(app: FastAPI) -> None:
             return app.openapi_schema
         spec = build()
         problem_ref = "#/components/schemas/Problem"
-        for operations in spec.get("paths", {}).values():
-            for operation in operations.values():
-                responses = operation.get("responses", {})
-                for status, response in responses.items():
-                    content = response.get("content", {})
-                    json_body = content.get("application/json", {})
-                    if status[:1] in "45" and json_body.get("schema", {}).get("$ref") == problem_ref:
-                        content[PROBLEM_JSON] = content.pop("application/json")
-                responses.setdefault("503", {"description": "Service Unavailable: the database is down or saturated "
-                                                        "(see Retry-After)",
-                                         "content": {PROBLEM_JSON: {"schema": {"$ref": problem_ref}}}})
-                if "requestBody" in operation:
-                    for status, title in (("400", "Bad Request: the body could not be read (e.g. not UTF-8)"),
-                                          ("413", "Request Entity Too Large")):
-                        responses.setdefault(status, {"description": title,
-                                                      "content": {PROBLEM_JSON: {"schema": {"$ref": problem_ref}}}})
+        problem_body = {PROBLEM_JSON: {"schema": {"$ref": problem_ref}}}
+        for operation in (op for ops in spec.get("paths", {}).values() for op in ops.values()):
+            responses = operation.get("responses", {})
+            for status, response in responses.items():
+                content = response.get("content", {})
+                declared = content.get("application/json", {}).get("schema", {}).get("$ref")
+                if status[:1] in "45" and declared == problem_ref:
+                    content[PROBLEM_JSON] = content.pop("application/json")
+            extra = [("503", "Service Unavailable: the database is down or saturated (see Retry-After)")]
+            if "requestBody" in operation:
+                extra += [("400", "Bad Request: the body could not be read (e.g. not UTF-8)"),
+                          ("413", "Request Entity Too Large")]
+            for status, description in extra:
+                responses.setdefault(status, {"description": description, "content": dict(problem_body)})
         app.openapi_schema = spec
         return spec
 

@@ -2,9 +2,9 @@
 
 Every client fetch starts here, so a hit costs one round trip: the candidate aliases of (model, revision) joined with
 the filter set each points to, that set's aliases and its publications (the parts that can change). The files of a
-filter set never change once written (versions are immutable), so the caller may keep them in a :class:`FileCache`
-(one per database), keyed by (id, sha256): an id reused after a deletion can never serve another set's files. A miss falls back to
-:func:`registry.services.catalog.explain_unresolved`, which says what exists instead.
+filter set never change once written (versions are immutable), so they are kept in a :class:`FileCache` (one per
+database), keyed by (id, sha256): an id reused after a deletion can never serve another set's files. A miss falls
+back to :func:`registry.services.catalog.explain_unresolved`, which says what exists instead.
 """
 
 from __future__ import annotations
@@ -97,11 +97,11 @@ _FILES_QUERY = _files_query()
 
 
 def resolve(session: Session, hf_id: str, revision: str | None, alias: str | None,
-            files_cache: FileCache | None = None) -> Resolution:
+            files_cache: FileCache) -> Resolution:
     """``alias`` of (hf_id, revision), or else ``stable``, then ``latest``; NotFound says what exists instead."""
     wanted = (alias,) if alias else DEFAULT_RESOLVE_ALIASES
-    rows = session.execute(_CANDIDATES_QUERY, {"hf_id": hf_id, "revision": revision or "main",
-                                         "names": list(wanted)}).mappings().all()
+    params = {"hf_id": hf_id, "revision": revision or "main", "names": list(wanted)}
+    rows = session.execute(_CANDIDATES_QUERY, params).mappings().all()
     chosen = next((name for name in wanted if any(r["candidate"] == name for r in rows)), None)
     if chosen is None:
         raise explain_unresolved(session, hf_id, revision, alias)
@@ -118,12 +118,11 @@ def resolve(session: Session, hf_id: str, revision: str | None, alias: str | Non
     )
 
 
-def _files(session: Session, filter_set_id: int, sha256: str, cache: FileCache | None) -> tuple[FileRow, ...]:
+def _files(session: Session, filter_set_id: int, sha256: str, cache: FileCache) -> tuple[FileRow, ...]:
     key = (filter_set_id, sha256)
-    files = cache.get(key) if cache is not None else None
+    files = cache.get(key)
     if files is None:
         files = tuple(FileRow(name, sha, size) for name, sha, size
                       in session.execute(_FILES_QUERY, {"filter_set_id": filter_set_id}))
-        if cache is not None:
-            cache.put(key, files)
+        cache.put(key, files)
     return files

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from registry.api.deps import Admin, PublicRead, Publisher, SessionDep, StateDep
-from registry.api.present import base_url, files_of, filter_set_public, job_public, model_public, resolved
+from registry.api.present import base_url, filter_set_public, job_public, model_public, resolved
 from registry.schemas import (
     AliasMovePublic,
     AliasMoveRequest,
