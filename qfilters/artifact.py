@@ -217,6 +217,20 @@ class QFilters:
         }
         _write_text(directory / METADATA_NAME, json.dumps(metadata, sort_keys=True, indent=2, allow_nan=False) + "\n")
 
+    def push_to_hub(self, repo_id: str, *, report_dir: str | os.PathLike[str] | None = None, tag: str | None = None,
+                    token: str | bool | None = None, endpoint: str | None = None, private: bool = False,
+                    base_model: str | None = None, license: str | None = None, card: Any = None) -> Any:
+        """Publish these filters (with a model card, and the validation report if given) as one commit of
+        ``repo_id``; see :func:`qfilters.hub.publish`. Returns its :class:`~qfilters.hub.PublishResult`."""
+        import tempfile
+
+        from qfilters.hub import publish
+
+        with tempfile.TemporaryDirectory(prefix="qfilters-push-") as tmp:
+            directory = self.save_pretrained(Path(tmp) / "filters")
+            return publish(directory, repo_id, card=card, report_dir=report_dir, tag=tag, token=token,
+                           endpoint=endpoint, private=private, base_model=base_model, license=license)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(

@@ -42,3 +42,32 @@ class ShapeMismatchError(QFiltersError, ValueError):
 
 class CalibrationError(QFiltersError, RuntimeError):
     """Calibration could not produce filters (for example: no tokens reached the model)."""
+
+
+class HubError(QFiltersError, RuntimeError):
+    """Publishing to a Hub endpoint failed. ``retryable`` says whether trying again later can help."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, repo_id: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.status = status
+
+
+class HubAuthError(HubError, PermissionError):
+    """The Hub refused the token (401/403): fix the token or its permissions; retrying will not help."""
+
+
+class HubNotFoundError(HubError):
+    """The Hub answered 404 for the repo or revision (or hides a private repo the token cannot see)."""
+
+
+class HubConflictError(HubError):
+    """The repo already holds something else under this name (e.g. the version tag points at another commit)."""
+
+
+class HubUnavailableError(HubError, ConnectionError):
+    """The Hub kept failing (5xx, 429, timeouts, network errors) after the bounded retries; try again later."""
+
+    retryable = True
