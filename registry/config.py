@@ -39,8 +39,16 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     device: str = "cpu"  # where the in-process runner puts models
     base_url: str = ""  # absolute URL prefix for download locations; default: the request's own
+    # Publishing: where publications are pushed ("self": this registry's own Hub-compatible endpoint, reached at
+    # base_url), the token for it (a secret file, never the database or a job payload), the default organisation of
+    # repo ids (<org>/<base-model-name>-qfilters), and the largest commit the Hub endpoint accepts.
+    hub_endpoint: str = "https://huggingface.co"
+    hub_token_file: Path | None = None
+    hub_organization: str = "qfilters"
+    hub_max_commit_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    hub_retries: int = Field(4, ge=0, le=10)
 
-    @field_validator("data_dir", "artifact_dir", mode="before")
+    @field_validator("data_dir", "artifact_dir", "hub_token_file", mode="before")
     @classmethod
     def _expand(cls, value: object) -> object:
         return Path(value).expanduser() if isinstance(value, str) and value else value

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 import registry
 from registry.api import problems
 from registry.api.admission import ConcurrencyLimit, ensure_worker_threads
-from registry.api.routes import catalog, jobs
+from registry.api.routes import catalog, hub, jobs
 from registry.config import Settings, get_settings
 from registry import pages
 from registry.state import RegistryState
@@ -55,10 +55,13 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
     app.state.registry = state
     problems.install(app)
     app.add_middleware(ConcurrencyLimit, limit=admitted)
-    app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_request_bytes)  # outermost: refuse early
+    # outermost: refuse early; commits to the Hub endpoint carry whole files
+    app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_request_bytes,
+                       overrides={"/api/": settings.hub_max_commit_bytes})
     app.include_router(jobs.router)
     app.include_router(catalog.router)
     app.include_router(pages.router)
+    hub.install(app)  # the Hub-compatible endpoint (/api/..., /{repo}/resolve/...)
     _mount_api_docs(app)
     return app
 

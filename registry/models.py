@@ -237,3 +237,78 @@ class Publication(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     url: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    endpoint: Mapped[str | None] = mapped_column(String(300))  # where it was pushed ("self": this registry)
+    tag: Mapped[str | None] = mapped_column(String(100))
+    commit_sha: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    updated_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# ------------------------------------------------------------------------------------- Hub-compatible endpoint
+
+
+class HubRepo(Base):
+    """A model repo of the registry's Hub-compatible endpoint; card fields mirror README.md at the head of main."""
+
+    __tablename__ = "hub_repos"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    repo_id: Mapped[str] = mapped_column(String(200), unique=True)
+    author: Mapped[str] = mapped_column(String(96), index=True)
+    private: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_modified: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    library_name: Mapped[str | None] = mapped_column(String(100))
+    card_data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    tags: Mapped[list[HubRepoTag]] = relationship(order_by="HubRepoTag.position", cascade="all, delete-orphan")
+
+
+class HubRepoTag(Base):
+    """One tag of a repo (from its model card, as the Hub derives them); indexed for ``list_models(filter=...)``."""
+
+    __tablename__ = "hub_repo_tags"
+
+    repo_pk: Mapped[int] = mapped_column(ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(200), primary_key=True, index=True)
+    position: Mapped[int] = mapped_column(Integer)
+
+
+class HubCommit(Base):
+    """An immutable commit; its id is the sha1 of its parent, files, message, author and time."""
+
+    __tablename__ = "hub_commits"
+
+    sha: Mapped[str] = mapped_column(String(40), primary_key=True)
+    repo_pk: Mapped[int] = mapped_column(ForeignKey("hub_repos.id", ondelete="CASCADE"), index=True)
+    parent_sha: Mapped[str | None] = mapped_column(String(40))
+    title: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class HubCommitFile(Base):
+    """The full file listing of a commit, each file a blob of the content-addressed store."""
+
+    __tablename__ = "hub_commit_files"
+
+    commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha", ondelete="CASCADE"), primary_key=True)
+    path: Mapped[str] = mapped_column(String(500), primary_key=True)
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    git_oid: Mapped[str] = mapped_column(String(40))
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
+class HubRef(Base):
+    """A branch or a tag of a repo, pointing at a commit."""
+
+    __tablename__ = "hub_refs"
+
+    repo_pk: Mapped[int] = mapped_column(ForeignKey("hub_repos.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # branch | tag
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    commit_sha: Mapped[str] = mapped_column(ForeignKey("hub_commits.sha"))
+    message: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

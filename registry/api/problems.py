@@ -108,16 +108,21 @@ def _document_problems(app: FastAPI) -> None:
 class BodySizeLimit:
     """Refuse request bodies over ``max_bytes`` with 413, by Content-Length and while streaming."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.overrides = dict(overrides or {})  # path prefix -> its own limit
+
+    def limit_for(self, path: str) -> int:
+        return next((limit for prefix, limit in self.overrides.items() if path.startswith(prefix)), self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.limit_for(scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+            await self._refuse(scope, receive, send, max_bytes)
             return
         seen = 0
 
@@ -126,17 +131,17 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > max_bytes:
                     raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, max_bytes)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem(413, "Request too large", f"request bodies are limited to {self.max_bytes} bytes",
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
+        response = problem(413, "Request too large", f"request bodies are limited to {max_bytes} bytes",
                            scope.get("path"))
         await response(scope, receive, send)
 
