@@ -35,8 +35,11 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
         if run_jobs if run_jobs is not None else settings.run_jobs:
             from registry.runner import JobRunner
 
+            from registry.services.publish import HubTarget
+
             state.runner = JobRunner(state.session_factory, state.store, device=settings.device,
-                                     poll_seconds=settings.runner_poll_seconds)
+                                     poll_seconds=settings.runner_poll_seconds,
+                                     hub=HubTarget.from_settings(settings))
             state.runner.start()
         yield
         if state.runner is not None:

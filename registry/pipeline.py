@@ -16,9 +16,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.models import Job
+from registry.models import Job, Publication
 from registry.schemas import JobCreate
 from registry.services import catalog, jobs
+from registry.services.publish import HubTarget, publish_publication
 from registry.store import ArtifactStore
 
 log = logging.getLogger("qfilters.registry.pipeline")
@@ -140,22 +141,25 @@ class ModelCache:
 
 
 def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, *,
-                device: str = "cpu", models: ModelCache | None = None) -> str:
-    """Run a claimed job to its end; returns the final status (succeeded, failed or cancelled)."""
+                device: str = "cpu", models: ModelCache | None = None, hub: HubTarget | None = None) -> str:
+    """Run a claimed job to its end; returns the final status (succeeded, failed or cancelled).
+
+    With ``hub``, a requested publication is pushed as the job's last step (its failure fails the job); without,
+    it stays ``pending`` for a publisher to pick up."""
     with factory() as session:
         job = session.get(Job, job_id)
         if job is None:  # deleted meanwhile: nothing to do
             return "gone"
         body = JobCreate.model_validate(job.request)
     with Heartbeat(factory, job_id, runner_id):
-        final, error = _run_steps(factory, store, job_id, runner_id, body, device, models or ModelCache())
+        final, error = _run_steps(factory, store, job_id, runner_id, body, device, models or ModelCache(), hub)
     with factory() as session:
         jobs.finish(session, job_id, runner_id, final, error=error)  # no-op if the job was taken from this runner
     return final
 
 
 def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, body: JobCreate,
-               device: str, models: ModelCache) -> tuple[str, str | None]:
+               device: str, models: ModelCache, hub: HubTarget | None = None) -> tuple[str, str | None]:
     """Load, validate, register, request publication; returns (final status, error)."""
     from qfilters.errors import QFiltersError
 
@@ -171,8 +175,15 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
             reporter.status("publishing", f"requesting publication to {body.publish_to}")
             with factory.begin() as session:
                 fs = catalog.get_filter_set(session, filter_set_id)
-                catalog.request_publication(session, fs, body.publish_to, actor="runner:" + runner_id,
-                                            force=body.force_publish)
+                pub = catalog.request_publication(session, fs, body.publish_to, actor="runner:" + runner_id,
+                                                  force=body.force_publish)
+                pub_id, pub_status = pub.id, pub.status
+            if hub is not None and pub_status == "pending":
+                reporter.status("publishing", f"publishing to {body.publish_to} on {hub.endpoint}")
+                if publish_publication(factory, store, hub, pub_id, worker="runner:" + runner_id) == "failed":
+                    with factory() as session:
+                        detail = session.get(Publication, pub_id).detail  # type: ignore[union-attr]
+                    return "failed", f"publishing to {body.publish_to} failed: {detail}"
         return "succeeded", None
     except JobCancelled:
         return "cancelled", None

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from registry.pipeline import ModelCache, execute_job
 from registry.services import jobs
+from registry.services.publish import HubTarget, next_pending, publish_publication
 from registry.store import ArtifactStore
 
 log = logging.getLogger("qfilters.registry.runner")
@@ -25,8 +26,9 @@ log = logging.getLogger("qfilters.registry.runner")
 
 class JobRunner:
     def __init__(self, factory: sessionmaker[Session], store: ArtifactStore, *, device: str = "cpu",
-                 poll_seconds: float = 1.0, stale_after: dt.timedelta = dt.timedelta(minutes=2)) -> None:
-        self.factory, self.store, self.device = factory, store, device
+                 poll_seconds: float = 1.0, stale_after: dt.timedelta = dt.timedelta(minutes=2),
+                 hub: HubTarget | None = None) -> None:
+        self.factory, self.store, self.device, self.hub = factory, store, device, hub
         self.poll_seconds, self.stale_after = poll_seconds, stale_after
         self.runner_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.models = ModelCache()
@@ -58,11 +60,22 @@ class JobRunner:
             job = jobs.claim_next(session, self.runner_id)
             job_id = job.id if job else None
         if job_id is None:
-            return None
+            return self.publish_once()
         log.info("running job %s", job_id)
-        status = execute_job(self.factory, self.store, job_id, self.runner_id, device=self.device, models=self.models)
+        status = execute_job(self.factory, self.store, job_id, self.runner_id, device=self.device, models=self.models,
+                             hub=self.hub)
         log.info("job %s %s", job_id, status)
         return status
+
+    def publish_once(self) -> str | None:
+        """Push one publication requested over the API (pending); None when there is none or no Hub target."""
+        if self.hub is None:
+            return None
+        with self.factory() as session:
+            pub_id = next_pending(session)
+        if pub_id is None:
+            return None
+        return publish_publication(self.factory, self.store, self.hub, pub_id, worker="runner:" + self.runner_id)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

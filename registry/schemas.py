@@ -218,6 +218,8 @@ class PublicationPublic(_Out):
     detail: str | None
     url: str | None
     created_at: dt.datetime
+    tag: str | None = None
+    commit_sha: str | None = Field(None, description="the commit holding the published files, once published")
 
 
 class FilterSetPublic(_Out):

@@ -67,7 +67,8 @@ _FS_COLUMNS = (FilterSet.id, FilterSet.model_id, FilterSet.version, FilterSet.sh
                FilterSet.num_kv_heads, FilterSet.head_dim, FilterSet.verdict, FilterSet.verdict_detail,
                FilterSet.dataset_specs, FilterSet.job_id, FilterSet.created_at)
 _PUBLICATION_COLUMNS = (Publication.id, Publication.repo_id, Publication.status, Publication.forced,
-                        Publication.detail, Publication.url, Publication.created_at)
+                        Publication.detail, Publication.url, Publication.created_at, Publication.tag,
+                        Publication.commit_sha)
 
 
 def _candidates_query() -> Select:
