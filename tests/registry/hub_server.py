@@ -29,7 +29,7 @@ class LiveRegistry:
         upgrade(database_url)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.settings = make_settings(database_url, data_dir, **overrides)
+        self.settings = make_settings(database_url, data_dir, **{"base_url": self.url, **overrides})
         self.app = create_app(self.settings, run_jobs=False)
         self.state = self.app.state.registry
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
