@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     # repo ids (<org>/<base-model-name>-qfilters), and the largest commit the Hub endpoint accepts.
     hub_endpoint: str = "https://huggingface.co"
     hub_token_file: Path | None = None
-    hub_organization: str = "qfilters"
+    hub_organization: str = Field("qfilters", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
     hub_max_commit_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     hub_retries: int = Field(4, ge=0, le=10)
 

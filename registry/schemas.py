@@ -286,7 +286,8 @@ class AliasMovePublic(_Out):
 class PublicationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    repo_id: RepoId
+    repo_id: RepoId | None = Field(None, description="Hub repo; default <QFILTERS_HUB_ORGANIZATION>/<base model "
+                                                     "name>-qfilters")
     force: bool = Field(False, description="publish even though the verdict failed")
 
 

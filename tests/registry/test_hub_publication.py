@@ -83,6 +83,16 @@ def test_job_publishes_and_a_fresh_process_loads_the_same_tensor(live: LiveRegis
                          check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert out.stdout.split()[0] == weights_sha
 
+    # asked over the API without a repo id: the organisation's default naming; the runner pushes it
+    publisher = {"Authorization": f"Bearer {live.token('publish')}"}
+    asked = httpx.post(f"{live.url}/v1/filter-sets/{pub.filter_set_id}/publications", json={"force": True},
+                       headers=publisher).json()
+    assert asked["repo_id"] == "qfilters/tiny-llama-qfilters" and asked["status"] == "pending"
+    runner = JobRunner(live.state.session_factory, live.state.store, hub=HubTarget.from_settings(live.settings))
+    assert runner.run_once() == "published" and runner.run_once() is None
+    (_, second) = _publications(live)
+    assert second.commit_sha == api.list_repo_refs("qfilters/tiny-llama-qfilters").tags[0].target_commit
+
 
 def test_publisher_killed_between_upload_and_bookkeeping_converges(live: LiveRegistry, tiny_llama,
                                                                    tmp_path: Path) -> None:

@@ -181,11 +181,15 @@ def report_markdown(filter_set_id: Id, request: Request, session: SessionDep, st
 
 @router.post("/filter-sets/{filter_set_id}/publications", status_code=201, response_model=PublicationPublic,
              tags=["filter sets"], responses=ERRORS)
-def request_publication(filter_set_id: Id, body: PublicationCreate, session: SessionDep,
+def request_publication(filter_set_id: Id, body: PublicationCreate, session: SessionDep, state: StateDep,
                         principal: Publisher) -> PublicationPublic:
-    """Ask for a filter set to be published to a Hub repo; a failing verdict is refused unless ``force``."""
+    """Ask for a filter set to be published to a Hub repo (pushed by the runner or a worker, to
+    ``QFILTERS_HUB_ENDPOINT``); a failing verdict is refused unless ``force``."""
+    from qfilters.hub import default_repo_id
+
     fs = catalog.get_filter_set(session, filter_set_id)
-    pub = catalog.request_publication(session, fs, body.repo_id, actor=principal.name, force=body.force)
+    repo_id = body.repo_id or default_repo_id(fs.model.hf_id, state.settings.hub_organization)
+    pub = catalog.request_publication(session, fs, repo_id, actor=principal.name, force=body.force)
     session.commit()
     return PublicationPublic.model_validate(pub)
 
