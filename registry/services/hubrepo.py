@@ -129,7 +129,8 @@ def create_repo(session: Session, repo_id: str, *, private: bool, actor: str) ->
     if session.scalar(select(HubRef).where(HubRef.repo_pk == repo.id)) is not None:
         return repo, False  # a concurrent creator won the race
     sha = _new_commit(session, repo, None, {}, "initial commit", "", actor, now)
-    session.add(HubRef(repo_pk=repo.id, kind="branch", name=DEFAULT_BRANCH, commit_sha=sha, updated_at=now))
+    insert_ignore(session, HubRef, {"repo_pk": repo.id, "kind": "branch", "name": DEFAULT_BRANCH, "commit_sha": sha,
+                                    "updated_at": now}, ["repo_pk", "kind", "name"])  # a racing creator may win
     audit.record(session, actor, "hub.repo.create", "hub_repo", repo.id, repo_id=repo_id, private=private)
     session.flush()
     return repo, True
@@ -258,7 +259,7 @@ def commit(session: Session, store: ArtifactStore, repo: HubRepo, branch: str, r
                                                  HubRef.name == branch, HubRef.commit_sha == head)
                             .values(commit_sha=sha, updated_at=now))
     if moved.rowcount != 1:  # type: ignore[attr-defined]
-        raise HubError(f"the branch {branch!r} moved during the commit; retry", status=409)
+        raise HubError(f"the branch {branch!r} moved during the commit; retry", status=412)
     repo.last_modified = now
     if branch == DEFAULT_BRANCH:
         readme = files.get("README.md")

@@ -94,6 +94,10 @@ def test_push_pull_refs_and_errors(live: LiveRegistry, tmp_path: Path) -> None:
     assert part.headers["content-range"] == f"bytes 100-{len(weights) - 1}/{len(weights)}"
     assert httpx.get(url, headers={"Range": f"bytes={len(weights)}-"}).status_code == 416
 
+    infos = api.get_paths_info("acme/demo", ["config.json", "report", "missing.txt"], revision=first)
+    assert [(type(i).__name__, i.path) for i in infos] == [("RepoFile", "config.json"), ("RepoFolder", "report")]
+    assert api.file_exists("acme/demo", "report/fig/a.png") and not api.file_exists("acme/demo", "nope.txt")
+
     # deleting a folder and a tag
     api.create_commit("acme/demo", [CommitOperationDelete("report/")], commit_message="drop report")
     assert not any(s.rfilename.startswith("report/") for s in api.model_info("acme/demo").siblings)

@@ -19,7 +19,7 @@ import json
 import mimetypes
 import re
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, Body, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -191,6 +191,31 @@ def tree(namespace: str, name: str, revision: str, session: SessionDep, principa
     return [entries[key] for key in sorted(entries)]
 
 
+@router.post(REPO + "/paths-info/{revision}")
+async def paths_info(namespace: str, name: str, revision: str, request: Request, session: SessionDep,
+                     principal: PublicRead) -> list[dict[str, Any]]:
+    """Files and folders among ``paths`` (form field, repeated) at a revision; unknown paths are left out."""
+    # the client sends a url-encoded form; parsed here to spare a multipart dependency
+    wanted = parse_qs((await request.body()).decode("utf-8", "replace")).get("paths", [])[:1000]
+
+    def look() -> list[dict[str, Any]]:
+        repo = hubrepo.get_repo(session, _repo_id(namespace, name), authenticated=_reader(principal))
+        sha = hubrepo.resolve(session, repo, revision)
+        files = {f.path: f for f in hubrepo.files_at(session, sha)}
+        out = []
+        for path in dict.fromkeys(p.strip("/") for p in wanted):
+            if path in files:
+                f = files[path]
+                out.append({"type": "file", "oid": f.git_oid, "size": f.size, "path": path})
+            elif any(p.startswith(path + "/") for p in files):
+                listing = "\n".join(sorted(f"{p}:{f.git_oid}" for p, f in files.items() if p.startswith(path + "/")))
+                out.append({"type": "directory", "oid": hashlib.sha1(listing.encode()).hexdigest(), "size": 0,
+                            "path": path})
+        return out
+
+    return await run_in_threadpool(look)
+
+
 @router.get(REPO + "/refs")
 def list_refs(namespace: str, name: str, session: SessionDep, principal: PublicRead) -> dict[str, Any]:
     repo = hubrepo.get_repo(session, _repo_id(namespace, name), authenticated=_reader(principal))
@@ -332,7 +357,7 @@ def resolve_file(namespace: str, name: str, revision: str, path: str, request: R
     immutable = revision == sha
     headers = {"X-Repo-Commit": sha, "ETag": etag, "Accept-Ranges": "bytes",
                "Content-Type": mimetypes.guess_type(path)[0] or "application/octet-stream",
-               "Content-Disposition": f'inline; filename="{path.rsplit("/", 1)[-1]}"',
+               "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1], safe='')}",
                "Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache"}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
