@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from registry.errors import RegistryError
 from registry.models import Blob, HubCommit, HubCommitFile, HubRef, HubRepo, HubRepoTag, utcnow
@@ -350,13 +350,21 @@ def search(session: Session, *, tags: list[str], author: str | None, text: str |
         query = query.where(func.lower(HubRepo.repo_id).like(f"%{escaped}%", escape="\\"))
     column = {"createdAt": HubRepo.created_at, "id": HubRepo.repo_id}.get(sort, HubRepo.last_modified)
     order = (column.desc(), HubRepo.id.desc()) if descending else (column.asc(), HubRepo.id.asc())
-    rows = list(session.scalars(query.order_by(*order).limit(limit + 1).offset(offset)).all())
+    rows = list(session.scalars(query.options(selectinload(HubRepo.tags)).order_by(*order).limit(limit + 1)
+                                .offset(offset)).all())
     return rows[:limit], len(rows) > limit
 
 
 def head_of(session: Session, repo: HubRepo) -> str | None:
     return session.scalar(select(HubRef.commit_sha).where(HubRef.repo_pk == repo.id, HubRef.kind == "branch",
                                                           HubRef.name == DEFAULT_BRANCH))
+
+
+def heads_of(session: Session, repos: list[HubRepo]) -> dict[int, str]:
+    """Head commit of ``main`` for each repo, in one query."""
+    rows = session.execute(select(HubRef.repo_pk, HubRef.commit_sha).where(
+        HubRef.repo_pk.in_([r.id for r in repos]), HubRef.kind == "branch", HubRef.name == DEFAULT_BRANCH))
+    return {pk: sha for pk, sha in rows}
 
 
 def tags_of(repo: HubRepo) -> list[str]:

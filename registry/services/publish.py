@@ -90,7 +90,9 @@ def publish_publication(factory: sessionmaker[Session], store: ArtifactStore, ta
                 (report / name).write_bytes(store.read_bytes(sha))
             result = publish(artifact, repo_id, report_dir=report, tag=tag, token=token, endpoint=target.endpoint,
                              base_model=base_model, retries=target.retries, backoff=target.backoff)
-    except (QFiltersError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever happened, the row must not stay 'publishing'
+        if not isinstance(e, (QFiltersError, OSError)):
+            log.exception("publication %s to %s failed unexpectedly", publication_id, repo_id)
         reason = f"{type(e).__name__}: {e}"
         with factory.begin() as session:
             _finish(session, publication_id, "failed", detail=reason[:4000], actor=worker)
@@ -119,12 +121,13 @@ def claim(session: Session, publication_id: int, stale_after: dt.timedelta) -> b
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def next_pending(session: Session) -> int | None:
-    """The oldest publication waiting for its push."""
+def next_pending(session: Session, stale_after: dt.timedelta = STALE_AFTER) -> int | None:
+    """The oldest publication waiting for its push, or left 'publishing' by a publisher that stopped."""
     from sqlalchemy import select
 
-    return session.scalar(select(Publication.id).where(Publication.status == "pending").order_by(Publication.id)
-                          .limit(1))
+    stale = (Publication.status == "publishing") & (Publication.updated_at <= utcnow() - stale_after)
+    return session.scalar(select(Publication.id).where(or_(Publication.status == "pending", stale))
+                          .order_by(Publication.id).limit(1))
 
 
 def _finish(session: Session, publication_id: int, status: str, *, actor: str, detail: str,

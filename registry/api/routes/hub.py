@@ -142,8 +142,9 @@ def list_models(request: Request, session: SessionDep, principal: PublicRead,
     rows, more = hubrepo.search(session, tags=tags, author=author, text=search, sort=sort, descending=direction != 1,
                                 limit=limit, offset=offset, authenticated=_reader(principal))
     items = []
+    heads = hubrepo.heads_of(session, rows)
     for repo in rows:
-        head = hubrepo.head_of(session, repo)
+        head = heads.get(repo.id)
         files = hubrepo.files_at(session, head) if full and head else None
         items.append(_repo_json(repo, head, files, card=full or cardData))
     headers = {}
