@@ -355,11 +355,6 @@ def search(session: Session, *, tags: list[str], author: str | None, text: str |
     return rows[:limit], len(rows) > limit
 
 
-def head_of(session: Session, repo: HubRepo) -> str | None:
-    return session.scalar(select(HubRef.commit_sha).where(HubRef.repo_pk == repo.id, HubRef.kind == "branch",
-                                                          HubRef.name == DEFAULT_BRANCH))
-
-
 def heads_of(session: Session, repos: list[HubRepo]) -> dict[int, str]:
     """Head commit of ``main`` for each repo, in one query."""
     rows = session.execute(select(HubRef.repo_pk, HubRef.commit_sha).where(
