@@ -59,6 +59,9 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'registry.sqlite3'}"
         if self.artifact_dir is None:
             self.artifact_dir = self.data_dir / "artifacts"
+        if self.hub_endpoint.strip() == "self" and not self.base_url:
+            raise ValueError("QFILTERS_HUB_ENDPOINT=self publishes to this registry's own Hub endpoint: set "
+                             "QFILTERS_BASE_URL to the URL it is reached at (e.g. http://registry.internal:8000)")
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("QFILTERS_DATABASE_URL must point at PostgreSQL in production (SQLite is the embedded default)")
         return self

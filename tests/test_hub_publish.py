@@ -185,3 +185,22 @@ def test_hub_errors_are_clear_and_only_transient_ones_are_retried(live, filters_
     token_file.write_text(live.token("publish") + "\n")
     monkeypatch.setenv("QFILTERS_HUB_TOKEN_FILE", str(token_file))
     assert publish(filters_dir, REPO, endpoint=live.url, retries=0).created_commit  # the secret file's token
+
+
+def test_remote_comparison_understands_regular_and_lfs_files() -> None:
+    """huggingface.co reports large files by LFS sha256, small ones by git blob id: both count as unchanged."""
+    from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+    from qfilters.hub import _diff, git_blob_id
+
+    weights, config = b"\x00" * 4096, b'{"a": 1}'
+    remote = {"model.safetensors": RepoSibling("model.safetensors", size=len(weights), blob_id="0" * 40,
+                                               lfs=BlobLfsInfo(size=len(weights), sha256=hashlib.sha256(weights)
+                                                               .hexdigest(), pointer_size=134)),
+              "config.json": RepoSibling("config.json", size=len(config), blob_id=git_blob_id(config)),
+              "report/old.png": RepoSibling("report/old.png", size=3, blob_id="1" * 40),
+              ".gitattributes": RepoSibling(".gitattributes", size=10, blob_id="2" * 40)}
+    assert _diff({"model.safetensors": weights, "config.json": config}, remote) == ([], ["report/old.png"])
+    assert _diff({"model.safetensors": weights[:-1] + b"\x01", "config.json": config}, remote)[0] == \
+        ["model.safetensors"]
+    assert git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"  # what `git hash-object` says

@@ -150,3 +150,14 @@ def test_refused_token_fails_the_job_clearly(live: LiveRegistry, tiny_llama) -> 
     (pub,) = _publications(live)
     assert pub.status == "failed" and pub.attempts == 1 and pub.commit_sha is None
     assert live.settings.hub_token_file.read_text().strip() not in error
+
+
+def test_self_endpoint_needs_the_registry_url(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from registry.config import Settings
+
+    with pytest.raises(ValidationError, match="set QFILTERS_BASE_URL"):
+        Settings(data_dir=tmp_path, hub_endpoint="self", base_url="")
+    assert HubTarget.from_settings(Settings(data_dir=tmp_path, hub_endpoint="self",
+                                            base_url="http://registry:8000/")).endpoint == "http://registry:8000"
