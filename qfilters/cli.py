@@ -1,4 +1,4 @@
-"""``qfilters`` command line: calibrate, eval, info, validate, report.
+"""``qfilters`` command line: calibrate, eval, info, validate, report, publish.
 
 Every command prints a human table by default and machine-readable JSON with ``--json`` (progress then goes to stderr).
 """
@@ -379,6 +379,41 @@ def report(
         _fail(e)
     for kind, path in files.items():
         Console().print(f"{kind}: [bold]{escape(str(path))}[/]")
+
+
+@app.command()
+def publish(
+    filters: Annotated[Path, typer.Argument(help="Directory of the filters (config.json, model.safetensors, ...).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo, e.g. my-org/SmolLM2-135M-Instruct-qfilters.")],
+    report_dir: Annotated[Optional[Path], typer.Option("--report", help="Validation report directory to publish "
+                                                       "with the filters (report.json, from `qfilters validate`).")]
+    = None,
+    tag: Annotated[Optional[str], typer.Option(help="Version tag, e.g. v1.")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint (default HF_ENDPOINT or huggingface.co; a "
+                                                    "qfilters registry URL works too).")] = None,
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish filters (+ model card and report) as one commit of a Hub repo; publishing the same content again
+    makes no new commit. The token comes from the file named by QFILTERS_HUB_TOKEN_FILE, else HF_TOKEN / `hf auth
+    login`. Exit code 1 when the Hub refuses or fails, 2 on bad input."""
+    from qfilters.errors import HubError
+    from qfilters.hub import publish as publish_filters
+
+    try:
+        result = publish_filters(filters, repo_id, report_dir=report_dir, tag=tag, endpoint=endpoint, private=private)
+    except HubError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}")
+        raise typer.Exit(code=1) from None
+    except QFiltersError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps({"commit_sha": result.commit_sha, "repo_url": result.repo_url, "tag": result.tag,
+                          "created_commit": result.created_commit}))
+        return
+    what = "committed" if result.created_commit else "unchanged, already at"
+    Console().print(f"{escape(result.repo_url)}: {what} [bold]{result.commit_sha}[/]"
+                    + (f" (tag {escape(result.tag)})" if result.tag else ""))
 
 
 def _load_plugins() -> None:

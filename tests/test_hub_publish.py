@@ -204,3 +204,23 @@ def test_remote_comparison_understands_regular_and_lfs_files() -> None:
     assert _diff({"model.safetensors": weights[:-1] + b"\x01", "config.json": config}, remote)[0] == \
         ["model.safetensors"]
     assert git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"  # what `git hash-object` says
+
+
+def test_cli_publish(live, filters_dir: Path, report_dir: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(live.token("publish"))
+    env = {**os.environ, "QFILTERS_HUB_TOKEN_FILE": str(token_file),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [str(Path(sys.executable).parent / "qfilters"), "publish", str(filters_dir), REPO, "--report",
+               str(report_dir), "--tag", "v1", "--endpoint", live.url, "--json"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    import json
+
+    one, two = json.loads(first.stdout), json.loads(again.stdout)
+    assert one["created_commit"] and not two["created_commit"] and one["commit_sha"] == two["commit_sha"]
+    token_file.write_text("qft_revoked-or-wrong")
+    refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    said = " ".join(refused.stderr.split())  # rich wraps long lines
+    assert refused.returncode == 1 and "refused the token" in said and "qft_revoked" not in said
