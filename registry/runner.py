@@ -54,7 +54,8 @@ class JobRunner:
             self._thread.join(timeout)
 
     def run_once(self) -> str | None:
-        """Claim and run one queued job; returns its final status, or None when the queue is empty."""
+        """Claim and run one queued job, else push one pending publication; returns the final status of what it
+        ran, or None when there was nothing to do."""
         with self.factory() as session:
             jobs.recover_stale(session, self.stale_after)
             job = jobs.claim_next(session, self.runner_id)

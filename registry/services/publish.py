@@ -94,6 +94,8 @@ def publish_publication(factory: sessionmaker[Session], store: ArtifactStore, ta
         if not isinstance(e, (QFiltersError, OSError)):
             log.exception("publication %s to %s failed unexpectedly", publication_id, repo_id)
         reason = f"{type(e).__name__}: {e}"
+        if target.token_file is None and getattr(e, "status", None) in (401, 403):
+            reason += " (no token was sent: set QFILTERS_HUB_TOKEN_FILE to a file holding the Hub token)"
         with factory.begin() as session:
             _finish(session, publication_id, "failed", detail=reason[:4000], actor=worker)
         log.warning("publication %s to %s failed: %s", publication_id, repo_id, reason)
