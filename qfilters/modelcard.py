@@ -42,6 +42,7 @@ VERDICT_TAG = "qfilters-verdict:{}"
 # Licenses of the base models qfilters embeds (their Hub cards say so); others come from the caller or the Hub.
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0", "google/gemma-3-270m": "gemma"}
 _SLUG = re.compile(r"[^a-z0-9]+")
+USAGE_HEADING = "### Use these filters"  # where qfilters.validation.markdown starts its usage snippets
 
 
 def figure_name(spec: str, index: int) -> str:
@@ -133,14 +134,26 @@ def build_model_card(filter_dir: str | Path, *, repo_id: str, report: Validation
     if report is not None:
         from qfilters.validation.markdown import render_markdown
 
-        lines.append(render_markdown(report, repo_id=repo_id).rstrip())
+        # the figures go with the validation results, before the usage snippets
+        results, heading, usage = render_markdown(report, repo_id=repo_id).rstrip().partition(USAGE_HEADING)
+        lines.append(results.rstrip())
+        lines += _figures(figures)
+        if heading:
+            lines += ["", heading + usage]
     else:
-        lines += _usage(base, repo_id)
-    for path, caption in figures:
-        lines += ["", f"![{md(caption)}]({path})", "", f"*{md(caption)}*"]
+        lines += _figures(figures) + [""] + _usage(base, repo_id)
     lines += ["", *_provenance(meta, provenance, specs, report)]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n")
     return card
+
+
+def _figures(figures: Sequence[tuple[str, str]]) -> list[str]:
+    from qfilters.validation.markdown import md
+
+    out: list[str] = []
+    for path, caption in figures:
+        out += ["", f"![{md(caption)}]({path})", "", f"*{md(caption)}*"]
+    return out
 
 
 def _usage(base: str, repo_id: str) -> list[str]:

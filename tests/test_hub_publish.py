@@ -66,6 +66,7 @@ def test_model_card_metadata_round_trips_through_huggingface_hub(filters_dir: Pa
     body = parsed.text
     assert "## Q-Filters validation" in body and "Verdict" in body
     assert "![Perplexity vs KV budget on austen](report/perplexity-0-austen.png)" in body
+    assert body.index("### Perplexity at a KV budget") < body.index("![Perplexity") < body.index("### Use these")
     assert f"QFilters.from_pretrained({REPO!r})" in body and "QFilterPress" in body
     assert "## Provenance" in body and "ab" * 32 in body
 
