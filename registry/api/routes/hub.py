@@ -18,12 +18,14 @@ import hashlib
 import json
 import mimetypes
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, Body, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from registry.api.deps import Principal, PublicRead, Publisher, SessionDep, StateDep
 from registry.api.present import base_url
@@ -378,5 +380,17 @@ def resolve_file(namespace: str, name: str, revision: str, path: str, request: R
     headers["Content-Length"] = str(end - start + 1 if f.size else 0)
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers)
-    data = state.store.read_bytes(f.blob_sha256)
-    return Response(data[start:end + 1] if status == 206 else data, status_code=status, headers=headers)
+    return StreamingResponse(_chunks(state.store.path_for(f.blob_sha256), start, end - start + 1),
+                             status_code=status, headers=headers)
+
+
+def _chunks(path: Path, start: int, length: int, size: int = 1 << 20) -> Iterator[bytes]:
+    """A byte range of a stored file, a megabyte at a time (large files never sit whole in memory)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while length > 0:
+            chunk = f.read(min(size, length))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
