@@ -38,10 +38,12 @@ class HubError(RegistryError):
     code: str | None = None
 
     def __init__(self, detail: str, *, status: int | None = None, code: str | None = None,
-                 commit: str | None = None) -> None:
+                 commit: str | None = None, title: str | None = None) -> None:
         super().__init__(detail)
         if status is not None:
             self.status = status
+        if title is not None:
+            self.title = title
         if code is not None:
             self.code = code
         self.commit = commit  # X-Repo-Commit of a missing entry, so clients can cache its absence

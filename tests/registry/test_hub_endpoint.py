@@ -155,6 +155,16 @@ def test_access_rules(live: LiveRegistry) -> None:
         HfApi(endpoint=live.url, token=False).model_info("acme/secret")
     assert [m.id for m in HfApi(endpoint=live.url, token=False).list_models()] == []
     assert [m.id for m in reader.list_models()] == ["acme/secret"]
+
+    _push(writer, "acme/open", {"a.txt": b"a"})
+    live.settings.public_reads = False  # QFILTERS_PUBLIC_READS=false: even public repos need a read token
+    with pytest.raises(HfHubHTTPError) as unauthorized:
+        HfApi(endpoint=live.url, token=False).model_info("acme/open")
+    assert unauthorized.value.response.status_code == 401 and "read" in str(unauthorized.value)
+    assert httpx.get(f"{live.url}/acme/open/resolve/main/a.txt").status_code == 401
+    assert reader.model_info("acme/open").id == "acme/open"
+    live.settings.public_reads = True
+
     bad_path = httpx.post(f"{live.url}/api/models/acme/secret/commit/main",
                           headers={"Authorization": f"Bearer {writer.token}", "Content-Type": "application/x-ndjson"},
                           content=b'{"key":"header","value":{"summary":"x"}}\n'

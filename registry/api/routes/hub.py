@@ -18,17 +18,19 @@ import hashlib
 import json
 import mimetypes
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlencode
 
-from fastapi import APIRouter, Body, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials
 
-from registry.api.deps import Principal, PublicRead, Publisher, SessionDep, StateDep
+from registry.api.deps import Principal, SessionDep, StateDep, bearer, get_principal, require
 from registry.api.present import base_url
+from registry.errors import RegistryError
 from registry.models import HubCommitFile, HubRepo
 from registry.services import hubrepo
 from registry.services.hubrepo import CommitRequest, HubError
@@ -40,13 +42,16 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 def install(app: FastAPI) -> None:
-    """Hub errors: problem+json that also carries the Hub's ``error`` member and ``X-Error-Code`` header."""
+    """Mount the routes; their errors stay problem+json and also carry what huggingface_hub shows its users: the
+    ``error`` member, ``X-Error-Message`` and the Hub's ``X-Error-Code``."""
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:
         body = {"type": "about:blank", "title": exc.title, "status": exc.status, "detail": exc.detail,
                 "instance": request.url.path, "error": exc.detail}
         headers = {"X-Error-Message": " ".join(exc.detail.split())[:500].encode("ascii", "replace").decode()}
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         if exc.code:
             headers["X-Error-Code"] = exc.code
         if exc.commit:
@@ -54,6 +59,26 @@ def install(app: FastAPI) -> None:
         return JSONResponse(body, status_code=exc.status, media_type="application/problem+json", headers=headers)
 
     app.include_router(router)
+
+
+def _access(scope: str, *, public_if_enabled: bool = False) -> Callable[..., Principal]:
+    """The registry's token and scope checks, with their refusals answered the Hub's way."""
+    checker = require(scope, public_if_enabled=public_if_enabled)
+
+    def check(request: Request, session: SessionDep,
+              credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
+        try:
+            return checker(request, get_principal(session, credentials))
+        except HubError:
+            raise
+        except RegistryError as e:
+            raise HubError(e.detail, status=e.status, title=e.title) from None
+
+    return check
+
+
+PublicRead = Annotated[Principal, Depends(_access("read", public_if_enabled=True))]
+Publisher = Annotated[Principal, Depends(_access("publish"))]
 
 
 def hub_date(value: dt.datetime) -> str:
