@@ -289,17 +289,31 @@ def _new_commit(session: Session, repo: HubRepo, parent: str | None, files: dict
 # ------------------------------------------------------------------------------------------- card and search
 
 
+MAX_FRONT_MATTER = 256 * 1024
+
+
 def front_matter(readme: str) -> dict[str, Any]:
-    """The YAML metadata of a model card ({} when absent); raises ValueError when the YAML is broken."""
+    """The YAML metadata of a model card ({} when absent); raises ValueError when the YAML is broken, too large, or
+    uses aliases (which could expand a small card into gigabytes once turned into JSON)."""
     import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise ValueError("YAML aliases (*name) are not allowed in model card metadata")
+            return super().compose_node(parent, index)
 
     text = readme.lstrip("\ufeff")
     if not text.startswith("---"):
         return {}
-    match = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.DOTALL)
+    match = re.match(r"^---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text[:MAX_FRONT_MATTER + 16], re.DOTALL)
     if match is None:
-        raise ValueError("the YAML metadata block opened by '---' is never closed by another '---' line")
-    data = yaml.safe_load(match.group(1)) or {}
+        raise ValueError("the YAML metadata block opened by '---' is never closed by another '---' line (or it "
+                         f"is larger than {MAX_FRONT_MATTER} bytes)")
+    try:
+        data = yaml.load(match.group(1), Loader=NoAliasLoader) or {}  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ValueError(f"the YAML metadata is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"the YAML metadata must be a mapping, not a {type(data).__name__}")
     return data

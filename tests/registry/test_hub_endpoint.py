@@ -165,6 +165,10 @@ def test_access_rules(live: LiveRegistry) -> None:
     assert reader.model_info("acme/open").id == "acme/open"
     live.settings.public_reads = True
 
+    bomb = "---\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\ntags: [*b]\n---\n"
+    with pytest.raises(ValueError, match="aliases"):  # the client asks the endpoint to validate the card first
+        _push(writer, "acme/open", {"README.md": bomb.encode()})
+
     bad_path = httpx.post(f"{live.url}/api/models/acme/secret/commit/main",
                           headers={"Authorization": f"Bearer {writer.token}", "Content-Type": "application/x-ndjson"},
                           content=b'{"key":"header","value":{"summary":"x"}}\n'
