@@ -232,7 +232,7 @@ class Publication(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     filter_set_id: Mapped[int] = mapped_column(ForeignKey("filter_sets.id"), index=True)
     repo_id: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16))  # pending | refused | published | failed
+    status: Mapped[str] = mapped_column(String(16))  # pending | publishing | refused | published | failed
     forced: Mapped[bool] = mapped_column(Boolean, default=False)
     detail: Mapped[str | None] = mapped_column(Text)
     url: Mapped[str | None] = mapped_column(String(500))
