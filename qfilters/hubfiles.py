@@ -180,6 +180,10 @@ def translate_hub_error(
     def cls(name: str) -> type[BaseException]:
         return getattr(hf_errors, name, ())  # type: ignore[return-value]
 
+    cause = error.__cause__
+    if type(error) is ValueError and isinstance(cause, Exception) and "Force download failed" in str(error):
+        error = cause  # force_download=True wraps the failed HEAD call's error in a bare ValueError
+
     where = f"{repo_id}" + (f" (revision {revision!r})" if revision else "")
     server = " ".join(str(error).split())  # one line: the Hub's messages span several
     hub = (endpoint or constants.ENDPOINT).rstrip("/")

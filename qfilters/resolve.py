@@ -119,6 +119,8 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
         found = _from_registry(registry, identifier, opts, tried, errors)
         if found is not None:
             return found
+    else:
+        tried.append(f"registry: none configured (set {REGISTRY_URL_ENV} to resolve base model ids through one)")
     # 2b. Hub search by tags, then 2c. the official naming
     found = _from_hub_search(identifier, opts, hub_reachable, tried, errors)
     if found is not None:
@@ -127,8 +129,6 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
     if found is not None:
         return found
 
-    if not registry:
-        tried.append(f"registry: none configured (set {REGISTRY_URL_ENV} to resolve base model ids through one)")
     listing = "\n".join(f"  {i}. {line}" for i, line in enumerate(tried, 1))
     raise FiltersNotFoundError(
         f"No Q-Filters found for {identifier!r}"
@@ -424,8 +424,10 @@ def _is_model_config(path: Path) -> bool:
 
 def _unreachable(cause: BaseException | None) -> bool:
     """Whether a failed Hub call means nothing on that endpoint can be reached (rather than 'not there')."""
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    if isinstance(cause, HfHubHTTPError):
+        return False  # the server answered (404, 401, ...): it is reachable
     return isinstance(cause, LocalEntryNotFoundError) or (
         isinstance(cause, Exception) and hubfiles.is_network_error(cause))
 

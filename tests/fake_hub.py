@@ -29,6 +29,8 @@ class FakeHub:
         self.last_modified: dict[str, str] = {}  # repo -> ISO date answered by /api/models
         self.versions: dict[str, dict[str, dict[str, bytes]]] = {}  # repo -> commit -> files (besides COMMIT)
         self.refs: dict[str, dict[str, str]] = {}  # repo -> tag -> commit
+        # (repo, filename) -> byte offset flipped on the wire, after the ETag was computed (corruption in transit)
+        self.flip_in_transit: dict[tuple[str, str], int] = {}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -99,9 +101,13 @@ class FakeHub:
         content = files.get(filename)
         if content is None:
             return self._error(handler, 404, "EntryNotFound", f"{filename} does not exist on \"main\"", commit=commit)
+        etag = hashlib.sha256(content).hexdigest()
+        flip = self.flip_in_transit.get((repo_id, filename))
+        if flip is not None:
+            content = content[:flip] + bytes([content[flip] ^ 0x01]) + content[flip + 1:]
         handler.send_response(200)
         handler.send_header("X-Repo-Commit", commit)
-        handler.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+        handler.send_header("ETag", f'"{etag}"')
         handler.send_header("Content-Length", str(len(content)))
         handler.send_header("Content-Type", "application/octet-stream")
         handler.end_headers()
