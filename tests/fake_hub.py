@@ -31,6 +31,7 @@ class FakeHub:
         self.refs: dict[str, dict[str, str]] = {}  # repo -> tag -> commit
         # (repo, filename) -> byte offset flipped on the wire, after the ETag was computed (corruption in transit)
         self.flip_in_transit: dict[tuple[str, str], int] = {}
+        self.git_etags = False  # True: ETag = git blob sha1, as huggingface.co answers for files not in LFS
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -101,7 +102,10 @@ class FakeHub:
         content = files.get(filename)
         if content is None:
             return self._error(handler, 404, "EntryNotFound", f"{filename} does not exist on \"main\"", commit=commit)
-        etag = hashlib.sha256(content).hexdigest()
+        if self.git_etags:
+            etag = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+        else:
+            etag = hashlib.sha256(content).hexdigest()
         flip = self.flip_in_transit.get((repo_id, filename))
         if flip is not None:
             content = content[:flip] + bytes([content[flip] ^ 0x01]) + content[flip + 1:]

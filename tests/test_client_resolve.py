@@ -216,6 +216,19 @@ def test_a_byte_flipped_in_transit_is_refused(sets: dict, hub: FakeHub, tmp_path
         assert "differs from the sha256" in str(info.value) and filename in info.value.path
 
 
+def test_git_sha1_etags_of_small_hub_files_are_checked_too(sets: dict, hub: FakeHub, tmp_path: Path) -> None:
+    from huggingface_hub.utils.sha import git_hash
+
+    hub.git_etags = True
+    loaded = load("team/base-7b-qfilters", hub, tmp_path / "hf")
+    blob = Path(os.path.realpath(next((tmp_path / "hf").rglob("snapshots/*/config.json"))))
+    assert blob.name == git_hash(blob.read_bytes())  # the cache names the blob after the git sha1 ETag
+    assert torch.equal(loaded.filters, sets["pass-old"][0].filters)
+    hub.flip_in_transit[("team/base-7b-qfilters", "config.json")] = 3
+    with pytest.raises(ArtifactError, match="differs from the git sha1"):
+        load("team/base-7b-qfilters", hub, tmp_path / "hf2")
+
+
 def test_a_byte_flipped_on_the_server_is_refused(sets: dict, hub: FakeHub, tmp_path: Path) -> None:
     files = hub.repos["team/base-7b-qfilters"]
     # the weights: caught by qfilters.json's sha256 wherever the byte is
