@@ -2,7 +2,7 @@
 revision pinning, offline from what was cached, a clear list of everything tried, and refusal of corrupted or wrong
 files served by a Hub endpoint (acceptance 4 of issue 11). The Hub is ``tests/fake_hub.py`` over real HTTP, driven
 through stock huggingface_hub (``hf_hub_download``, ``HfApi.list_models``). The registry path is in
-``test_client_registry.py``.
+``tests/registry/test_registry_client.py``.
 """
 
 from __future__ import annotations
