@@ -15,6 +15,7 @@ oriented along them), and a key ``k`` scores ``-(f . k)`` exactly as in kvpress:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +35,9 @@ from qfilters.artifact_format import (
     METADATA_NAME,
     TENSOR_NAME,
     WEIGHTS_NAME,
+    check_digest,
     check_finite,
+    read_bytes,
     read_config,
     read_metadata,
     read_tensor,
@@ -68,8 +71,18 @@ class QFilters:
         check_finite(filters, _IN_MEMORY)
         if provenance is not None and not isinstance(provenance, dict):
             raise ArtifactError(_IN_MEMORY, f"provenance must be a dict, got {type(provenance).__name__}")
+        self._set(filters, dict(provenance or {}))
+
+    @classmethod
+    def _checked(cls, filters: torch.Tensor, provenance: dict[str, Any]) -> "QFilters":
+        """An instance from a tensor the loader already checked (float32, contiguous, 3-D, finite): no second pass."""
+        instance = cls.__new__(cls)
+        instance._set(filters, provenance)
+        return instance
+
+    def _set(self, filters: torch.Tensor, provenance: dict[str, Any]) -> None:
         self.filters: torch.Tensor = filters
-        self.provenance: dict[str, Any] = dict(provenance or {})
+        self.provenance: dict[str, Any] = provenance
         # Bookkeeping read from qfilters.json (format/library version, sha256); empty for in-memory or third-party.
         self.artifact_info: dict[str, Any] = {}
         # Where from_pretrained found the files ({"kind": "local" | "repo" | "registry" | "hub-search" | "official"}).
@@ -249,6 +262,8 @@ class QFilters:
             files: dict[str, Path | None] = {name: local / name for name in ARTIFACT_FILES}
             labels = {name: str(local / name) for name in ARTIFACT_FILES}
             source: dict[str, Any] = {"kind": "local", "path": str(local)}
+            declared: dict[str, str] = {}
+            declared_by = ""
         else:
             from qfilters.resolve import locate
 
@@ -262,7 +277,9 @@ class QFilters:
                 force_download=force_download,
             )
             files, labels, source = located.files, located.labels, located.source
-        filters = cls._load_files(files, labels, expected_shape=expected_shape)
+            declared, declared_by = located.declared, located.declared_by
+        filters = cls._load_files(files, labels, expected_shape=expected_shape, declared=declared,
+                                  declared_by=declared_by)
         filters.source = source
         return filters
 
@@ -273,7 +290,11 @@ class QFilters:
         labels: dict[str, str],
         *,
         expected_shape: tuple[int, int, int] | None,
+        declared: dict[str, str] | None = None,
+        declared_by: str = "its server",
     ) -> "QFilters":
+        """Strictly load the artifact files; ``declared``: hashes a server or registry gave for them (checked)."""
+        declared = declared or {}
         config_path, weights_path, meta_path = files[CONFIG_NAME], files[WEIGHTS_NAME], files[METADATA_NAME]
         for name, path in ((CONFIG_NAME, config_path), (WEIGHTS_NAME, weights_path)):
             if path is None or not path.is_file():
@@ -283,15 +304,22 @@ class QFilters:
                     f"(re-save it with QFilters.save_pretrained, or check the path / repo id)",
                 )
         assert config_path is not None and weights_path is not None
-        config = read_config(config_path, labels[CONFIG_NAME])
+        # Each file is read once; every check below works on those bytes (no second read to race with).
+        raw = {CONFIG_NAME: read_bytes(config_path, labels[CONFIG_NAME]),
+               WEIGHTS_NAME: read_bytes(weights_path, labels[WEIGHTS_NAME])}
+        if meta_path is not None and meta_path.is_file():
+            raw[METADATA_NAME] = read_bytes(meta_path, labels[METADATA_NAME])
+        digests = {name: check_digest(data, declared[name], labels[name], declared_by)
+                   for name, data in raw.items() if name in declared}
+        config = read_config(raw[CONFIG_NAME], labels[CONFIG_NAME])
         config_shape = (config["num_layers"], config["num_kv_heads"], config["kv_head_dim"])
 
         info: dict[str, Any] = {}
         provenance: dict[str, Any] = {}
-        if meta_path is not None and meta_path.is_file():
-            info = read_metadata(meta_path, labels[METADATA_NAME], config_shape, labels[CONFIG_NAME])
+        if METADATA_NAME in raw:
+            info = read_metadata(raw[METADATA_NAME], labels[METADATA_NAME], config_shape, labels[CONFIG_NAME])
             provenance = info.pop("provenance", {})
-            actual = sha256_file(weights_path)
+            actual = digests.get(WEIGHTS_NAME) or hashlib.sha256(raw[WEIGHTS_NAME]).hexdigest()
             if actual != info["tensor_sha256"]:
                 raise ArtifactError(
                     labels[WEIGHTS_NAME],
@@ -300,7 +328,7 @@ class QFilters:
                     f"(force_download=True) or re-save the filters.",
                 )
 
-        tensor = read_tensor(weights_path, labels[WEIGHTS_NAME])
+        tensor = read_tensor(raw[WEIGHTS_NAME], labels[WEIGHTS_NAME])
         if tuple(tensor.shape) != config_shape:
             raise ArtifactError(
                 labels[WEIGHTS_NAME],
@@ -314,7 +342,7 @@ class QFilters:
                 f"different model"
             )
         check_finite(tensor, labels[WEIGHTS_NAME])
-        filters = cls(tensor, provenance=provenance)
+        filters = cls._checked(tensor.contiguous(), dict(provenance))  # float32, 3-D, finite: checked above
         filters.artifact_info = info
         return filters
 

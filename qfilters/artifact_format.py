@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,7 @@ ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, METADATA_NAME)
 FORMAT_VERSION = 1
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -41,6 +43,8 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def check_finite(tensor: torch.Tensor, label: str) -> None:
+    if math.isfinite(float(tensor.sum())):
+        return  # any NaN or inf makes the sum non-finite (a finite sum that overflows is checked element-wise)
     bad = ~torch.isfinite(tensor)
     if bool(bad.any()):
         layer, head = (int(i) for i in bad.nonzero()[0][:2])
@@ -51,18 +55,49 @@ def check_finite(tensor: torch.Tensor, label: str) -> None:
         )
 
 
-def _read_json_object(path: Path, label: str) -> dict[str, Any]:
+def check_digest(data: bytes, declared: str, label: str, declared_by: str) -> str | None:
+    """Refuse bytes whose hash differs from the one ``declared_by`` declared; returns the sha256 when computed.
+
+    A 64-hex digest is a sha256; a 40-hex one the git blob sha1 that huggingface.co gives small files (a plain sha1
+    is accepted too, for Hub-compatible servers that use one). Anything else carries no hash and is not checked.
+    """
+    if _SHA256_RE.match(declared):
+        actual, algo = hashlib.sha256(data).hexdigest(), "sha256"
+    elif _SHA1_RE.match(declared):
+        actual, algo = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), "git sha1"
+        if actual != declared and hashlib.sha1(data).hexdigest() == declared:
+            actual = declared
+    else:
+        return None
+    if actual != declared:
+        raise ArtifactError(
+            label,
+            f"content hash {actual} differs from the {algo} {declared} declared by {declared_by}: the file was "
+            f"corrupted in transit or changed in the cache after download. Delete the cached copy and load it again "
+            f"(force_download=True).",
+        )
+    return actual if algo == "sha256" else None
+
+
+def read_bytes(path: Path, label: str) -> bytes:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(label, f"cannot be read ({e})") from e
+
+
+def _read_json_object(raw: bytes, label: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ArtifactError(label, f"cannot be read as JSON ({e}); re-save or re-download the artifact") from e
     if not isinstance(data, dict):
         raise ArtifactError(label, f"must hold a JSON object, found {type(data).__name__}")
     return data
 
 
-def read_config(path: Path, label: str) -> dict[str, int]:
-    data = _read_json_object(path, label)
+def read_config(raw: bytes, label: str) -> dict[str, int]:
+    data = _read_json_object(raw, label)
     expected = ", ".join(f'"{k}"' for k in CONFIG_KEYS)
     missing = [k for k in CONFIG_KEYS if k not in data]
     if missing:
@@ -83,8 +118,8 @@ def read_config(path: Path, label: str) -> dict[str, int]:
     return {k: int(data[k]) for k in CONFIG_KEYS}
 
 
-def read_metadata(path: Path, label: str, config_shape: tuple[int, int, int], config_label: str) -> dict[str, Any]:
-    info = _read_json_object(path, label)
+def read_metadata(raw: bytes, label: str, config_shape: tuple[int, int, int], config_label: str) -> dict[str, Any]:
+    info = _read_json_object(raw, label)
     version = info.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise ArtifactError(label, f"'format_version' must be an int, got {version!r}")
@@ -109,15 +144,23 @@ def read_metadata(path: Path, label: str, config_shape: tuple[int, int, int], co
     return info
 
 
-def read_tensor(path: Path, label: str) -> torch.Tensor:
-    from safetensors import SafetensorError, safe_open
+def read_tensor(raw: bytes, label: str) -> torch.Tensor:
+    """The one float32 ``q_filters`` tensor of a safetensors file's bytes; anything else is refused by name."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = list(f.keys())
-            dtype = f.get_slice(TENSOR_NAME).get_dtype() if names == [TENSOR_NAME] else None
-            tensor = f.get_tensor(TENSOR_NAME) if dtype == "F32" else None
-    except (SafetensorError, OSError) as e:
+        header_len = int.from_bytes(raw[:8], "little")
+        if len(raw) < 8 or header_len > len(raw) - 8:
+            raise ValueError(f"header length {header_len} exceeds the {len(raw)}-byte file")
+        header = json.loads(raw[8:8 + header_len])
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        names = sorted(n for n in header if n != "__metadata__")
+        entry = header.get(TENSOR_NAME)
+        dtype = entry.get("dtype") if isinstance(entry, dict) and names == [TENSOR_NAME] else None
+        tensor = load(raw)[TENSOR_NAME] if dtype == "F32" else None
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(label, f"is not a readable safetensors file ({e}); re-download or re-save it") from e
     if TENSOR_NAME not in names:
         raise ArtifactError(

@@ -2,14 +2,14 @@
 
 Downloads go through ``hf_hub_download``, so the HF cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` behave
 as everywhere else. Every failure of huggingface_hub is translated in one place (:func:`translate_hub_error`) into a
-qfilters error that keeps the repo id and the server's message, never the token. Each fetched file is also checked
-against the hash the server declared for it (the HF cache names a blob after its ETag: the git sha1 of a small file,
-the sha256 of an LFS one), so a file changed in transit or in the cache after download is refused.
+qfilters error that keeps the repo id and the server's message, never the token. The hash the server declared for
+each file (the HF cache names a blob after its ETag: the git sha1 of a small file, the sha256 of an LFS one) is
+returned with it, and the loader checks the bytes against it, so a file changed in transit or in the cache after
+download is refused. Offline, cached files are found directly (``try_to_load_from_cache``), as cheaply as possible.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -48,6 +48,23 @@ def download(
 
     shown = revision if asked_revision is _SAME else asked_revision
     assert shown is None or isinstance(shown, str)
+    if (local_files_only or hub_offline()) and not force_download:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(hit, str):
+            return Path(hit)
+        if hit is None:  # not cached: say so without hf_hub_download's slower way to the same error
+            from huggingface_hub.errors import LocalEntryNotFoundError
+
+            miss = LocalEntryNotFoundError("Cannot find the requested files in the disk cache and outgoing traffic "
+                                           "has been disabled.")
+            translated = translate_hub_error(
+                miss, repo_id=repo_id, revision=shown, filename=filename, label=hub_label(repo_id, shown, filename),
+                local_files_only=local_files_only, endpoint=endpoint, cache_dir=cache_dir)
+            assert translated is not None
+            raise translated from miss
+        # known to be absent upstream: hf_hub_download below raises the error that says so
 
     try:
         path = Path(
@@ -76,7 +93,6 @@ def download(
         if translated is None:
             raise
         raise translated from e
-    verify_served_hash(path, hub_label(repo_id, shown, filename))
     return path
 
 
@@ -90,8 +106,9 @@ def fetch_artifact(
     endpoint: str | None,
     force_download: bool = False,
     config_path: Path | None = None,
-) -> tuple[dict[str, Path | None], dict[str, str]]:
-    """The artifact files of a filter repo, all pinned to the commit ``config.json`` came from.
+) -> tuple[dict[str, Path | None], dict[str, str], dict[str, str]]:
+    """The artifact files of a filter repo (all of the commit ``config.json`` came from), their labels, and the
+    hashes the server declared for them.
 
     ``config_path``: ``config.json`` already fetched (by the resolver deciding whether this is a filter repo).
     ``qfilters.json`` is optional (the official repos have none); the other two are required.
@@ -101,18 +118,28 @@ def fetch_artifact(
     if config_path is None:
         config_path = download(repo_id, CONFIG_NAME, revision=revision, **common)
     # Pin the other files to the commit config.json came from, so a concurrent push cannot mix two versions.
-    commit = config_path.parent.name if _COMMIT_RE.match(config_path.parent.name) else revision
-    weights_path = download(repo_id, WEIGHTS_NAME, revision=commit, **common)
-    try:
-        meta_path: Path | None = download(repo_id, METADATA_NAME, revision=commit, **common)
-    except (ArtifactError, ArtifactNotFoundError) as e:
-        # Absent if the server says so, or if offline and the cache does not have it (a repo fetched by kvpress has
-        # no cached qfilters.json): then there is simply nothing to verify against.
-        if not _optional_file_absent(e.__cause__, local_files_only):
-            raise
-        meta_path = None
+    commit = commit_of(config_path)
+    offline = (local_files_only or hub_offline()) and not force_download
+    if offline and commit is not None and (config_path.parent / WEIGHTS_NAME).is_file():
+        # Cached snapshot: its siblings are the same commit's files; a missing qfilters.json was never fetched.
+        weights_path = config_path.parent / WEIGHTS_NAME
+        meta_path: Path | None = config_path.parent / METADATA_NAME
+        if not meta_path.is_file():
+            meta_path = None
+    else:
+        weights_path = download(repo_id, WEIGHTS_NAME, revision=commit or revision, **common)
+        try:
+            meta_path = download(repo_id, METADATA_NAME, revision=commit or revision, **common)
+        except (ArtifactError, ArtifactNotFoundError) as e:
+            # Absent if the server says so, or if offline and the cache does not have it (a repo fetched by kvpress
+            # has no cached qfilters.json): then there is simply nothing to verify against.
+            if not _optional_file_absent(e.__cause__, local_files_only):
+                raise
+            meta_path = None
     files: dict[str, Path | None] = {CONFIG_NAME: config_path, WEIGHTS_NAME: weights_path, METADATA_NAME: meta_path}
-    return files, {name: hub_label(repo_id, revision, name) for name in ARTIFACT_FILES}
+    declared = {name: digest for name, path in files.items() if path is not None
+                and (digest := served_digest(path)) is not None}
+    return files, {name: hub_label(repo_id, revision, name) for name in ARTIFACT_FILES}, declared
 
 
 def commit_of(path: Path) -> str | None:
@@ -128,30 +155,16 @@ def _optional_file_absent(cause: BaseException | None, local_files_only: bool) -
     return remote_absent or cached_absent
 
 
-def verify_served_hash(path: Path, label: str) -> None:
-    """Refuse a file whose bytes differ from the hash its server declared (the HF cache's blob name).
+def served_digest(path: Path) -> str | None:
+    """The hash the server declared for a cached file: the name of the blob its snapshot link points to.
 
-    A 64-hex blob name is a sha256 (LFS files); a 40-hex one is the git blob sha1 (small files on the Hub). Other
-    names (a cache without symlinks, a server with opaque ETags) carry no hash, and nothing is checked.
+    One ``readlink``; ``None`` for caches without symlinks or names that are not hex digests (nothing to check).
     """
-    blob = Path(os.path.realpath(path))
-    name = blob.name
-    if blob == path or not (_SHA256_RE.match(name) or _COMMIT_RE.match(name)):
-        return
-    data = blob.read_bytes()
-    if len(name) == 64:
-        actual = hashlib.sha256(data).hexdigest()
-    else:  # the Hub's git blob id; a plain sha1 is accepted too, for Hub-compatible servers that use one
-        actual = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        if actual != name and hashlib.sha1(data).hexdigest() == name:
-            actual = name
-    if actual != name:
-        raise ArtifactError(
-            label,
-            f"content hash {actual} differs from the {'sha256' if len(name) == 64 else 'git sha1'} {name} its server "
-            f"declared: the file was corrupted in transit or changed in the cache ({blob}). Delete that cached file "
-            f"and download it again (force_download=True).",
-        )
+    try:
+        name = os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+    return name if _SHA256_RE.match(name) or _COMMIT_RE.match(name) else None
 
 
 def hub_offline() -> bool:
@@ -266,4 +279,4 @@ def _loaded_module(name: str) -> Any:
 
 
 
-__all__ = ["download", "fetch_artifact", "hub_offline", "translate_hub_error", "verify_served_hash"]
+__all__ = ["download", "fetch_artifact", "hub_offline", "served_digest", "translate_hub_error"]

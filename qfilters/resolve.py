@@ -49,11 +49,14 @@ _FILES = (CONFIG_NAME, WEIGHTS_NAME, METADATA_NAME)
 
 @dataclass
 class Located:
-    """The artifact files to load, how errors name them, and where they came from (``source``)."""
+    """The artifact files to load, how errors name them, where they came from, and the hashes declared for them
+    (by the Hub's ETags or the registry's listing; the loader refuses bytes that differ)."""
 
     files: dict[str, Path | None]
     labels: dict[str, str]
     source: dict[str, Any] = field(default_factory=dict)
+    declared: dict[str, str] = field(default_factory=dict)
+    declared_by: str = "its server"
 
 
 @dataclass
@@ -76,7 +79,7 @@ class _Options:
         return (self.endpoint or constants.ENDPOINT).rstrip("/")
 
     def fetch(self, repo_id: str, *, revision: str | None, cached_only: bool = False,
-              config_path: Path | None = None) -> tuple[dict[str, Path | None], dict[str, str]]:
+              config_path: Path | None = None) -> tuple[dict[str, Path | None], dict[str, str], dict[str, str]]:
         return hubfiles.fetch_artifact(
             repo_id, revision=revision, token=self.token, cache_dir=self.cache_dir,
             local_files_only=self.local_files_only or cached_only, endpoint=self.endpoint,
@@ -101,15 +104,13 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
                                    local_files_only=local_files_only, endpoint=endpoint,
                                    force_download=force_download)
     except (ArtifactError, ArtifactNotFoundError) as e:
-        if isinstance(e, ArtifactError) and e.__cause__ is None:
-            raise  # config.json was fetched but its bytes are not what the server declared
         tried.append(f"filter repo {identifier} on {opts.hub}: {e}")
         errors.append(e)
         hub_reachable = opts.offline or not _unreachable(e.__cause__)
     else:
         if not _is_model_config(config):
-            files, labels = opts.fetch(identifier, revision=revision, config_path=config)
-            return Located(files, labels, _hub_source("repo", identifier, opts, files))
+            files, labels, declared = opts.fetch(identifier, revision=revision, config_path=config)
+            return Located(files, labels, _hub_source("repo", identifier, opts, files), declared)
         tried.append(f"filter repo {identifier} on {opts.hub}: it is a model repo (its config.json is a "
                      f"transformers config), so it was looked up as a base model id")
 
@@ -153,12 +154,13 @@ def _from_hub_search(identifier: str, opts: _Options, reachable: bool, tried: li
             return None
         repo_id, commit = record["repo_id"], record["commit"]
         try:
-            files, labels = opts.fetch(repo_id, revision=opts.revision or commit, cached_only=True)
+            files, labels, declared = opts.fetch(repo_id, revision=opts.revision or commit, cached_only=True)
         except ArtifactNotFoundError as e:
             tried.append(f"{where}: recorded {repo_id}@{commit}, but {e}")
             errors.append(e)
             return None
-        return Located(files, labels, _hub_source("hub-search", repo_id, opts, files, base_model=identifier))
+        return Located(files, labels, _hub_source("hub-search", repo_id, opts, files, base_model=identifier),
+                       declared)
 
     from huggingface_hub import HfApi
 
@@ -182,12 +184,12 @@ def _from_hub_search(identifier: str, opts: _Options, reachable: bool, tried: li
     if verdict != "pass":
         logger.warning("No Q-Filters repo for %s has a passing verdict; using %s (verdict: %s)",
                        identifier, best.id, verdict or "none")
-    files, labels = opts.fetch(best.id, revision=opts.revision)  # strict from here: a broken best match is an error
+    files, labels, declared = opts.fetch(best.id, revision=opts.revision)  # strict from here: a broken match fails
     commit = hubfiles.commit_of(files[CONFIG_NAME]) if files[CONFIG_NAME] else None
     if commit:
         _write_record(key, {"repo_id": best.id, "commit": commit, "verdict": verdict})
     return Located(files, labels, _hub_source("hub-search", best.id, opts, files, base_model=identifier,
-                                              verdict=verdict))
+                                              verdict=verdict), declared)
 
 
 def _preference(model: Any) -> tuple[int, float, str]:
@@ -212,12 +214,12 @@ def _from_official_naming(identifier: str, opts: _Options, reachable: bool, trie
     if repo_id == identifier:
         return None  # already tried as a filter repo
     try:
-        files, labels = opts.fetch(repo_id, revision=opts.revision, cached_only=not reachable)
+        files, labels, declared = opts.fetch(repo_id, revision=opts.revision, cached_only=not reachable)
     except ArtifactNotFoundError as e:
         tried.append(f"{where}: {e}")
         errors.append(e)
         return None
-    return Located(files, labels, _hub_source("official", repo_id, opts, files, base_model=identifier))
+    return Located(files, labels, _hub_source("official", repo_id, opts, files, base_model=identifier), declared)
 
 
 def _hub_source(kind: str, repo_id: str, opts: _Options, files: dict[str, Path | None], **extra: Any) -> dict:
@@ -263,12 +265,11 @@ def _from_registry(registry: str, identifier: str, opts: _Options, tried: list[s
         if not blob.is_file():
             tried.append(f"{where}: {why_cached}, and the recorded {name} (sha256 {sha}) is not in {blob.parent}")
             return None
-        _verify_blob(blob, sha, f"{where} {name}")
         paths[name] = blob
     labels = {name: f"{where} {identifier}/{name}" for name in _FILES}
-    return Located(paths, labels, {"kind": "registry", "registry": registry, "base_model": identifier,
-                                   "filter_set": record.get("filter_set"), "alias": record.get("alias"),
-                                   "revision": opts.revision})
+    source = {"kind": "registry", "registry": registry, "base_model": identifier,
+              "filter_set": record.get("filter_set"), "alias": record.get("alias"), "revision": opts.revision}
+    return Located(paths, labels, source, dict(record["files"]), declared_by="the registry")
 
 
 def _registry_files(answer: dict[str, Any], registry: str, where: str) -> dict[str, tuple[str, str]]:
@@ -358,13 +359,6 @@ def _fetch_blob(sha: str, url: str, registry: str, label: str) -> Path:
     blob.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(blob, data)
     return blob
-
-
-def _verify_blob(blob: Path, sha: str, label: str) -> None:
-    actual = hashlib.sha256(blob.read_bytes()).hexdigest()
-    if actual != sha:
-        raise ArtifactError(label, f"cached copy {blob} has sha256 {actual}, not {sha}: it was changed after "
-                                   f"download; delete it and load again online")
 
 
 # ---------------------------------------------------------------------------------------------- local records

@@ -97,6 +97,6 @@ def test_registry_misses_are_listed_and_a_changed_cached_file_is_refused(served,
     blob = tmp_path / "qfilters-cache" / "client" / "blobs" / config_sha
     data = json.loads(blob.read_text())
     blob.write_text(json.dumps(data, indent=4))  # same meaning, other bytes: still refused
-    with pytest.raises(ArtifactError, match="changed after download"):
+    with pytest.raises(ArtifactError, match="changed in the cache"):
         QFilters.from_pretrained("tiny-llama", endpoint=hub.url, cache_dir=tmp_path / "hf", local_files_only=True)
     assert hashlib.sha256(blob.read_bytes()).hexdigest() != config_sha
