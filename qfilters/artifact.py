@@ -309,7 +309,7 @@ class QFilters:
                WEIGHTS_NAME: read_bytes(weights_path, labels[WEIGHTS_NAME])}
         if meta_path is not None and meta_path.is_file():
             raw[METADATA_NAME] = read_bytes(meta_path, labels[METADATA_NAME])
-        digests = {name: check_digest(data, declared[name], labels[name], declared_by)
+        digests = {name: _checked_digest(data, files[name], declared[name], labels[name], declared_by)  # type: ignore[arg-type]
                    for name, data in raw.items() if name in declared}
         config = read_config(raw[CONFIG_NAME], labels[CONFIG_NAME])
         config_shape = (config["num_layers"], config["num_kv_heads"], config["kv_head_dim"])
@@ -345,6 +345,20 @@ class QFilters:
         filters = cls._checked(tensor.contiguous(), dict(provenance))  # float32, 3-D, finite: checked above
         filters.artifact_info = info
         return filters
+
+
+def _checked_digest(data: bytes, path: Path, declared: str, label: str, declared_by: str) -> str | None:
+    """``check_digest``, skipped for weights already hashed unchanged (see :mod:`qfilters.verified`)."""
+    if path.name != WEIGHTS_NAME or len(declared) != 64:
+        return check_digest(data, declared, label, declared_by)
+    from qfilters import verified
+
+    if verified.known_digest(path) == declared:
+        return declared
+    digest = check_digest(data, declared, label, declared_by)
+    if digest is not None:
+        verified.remember_digest(path, digest)
+    return digest
 
 
 # ---------------------------------------------------------------------- local paths

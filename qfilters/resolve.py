@@ -32,6 +32,7 @@ from typing import Any
 from qfilters import hubfiles
 from qfilters.artifact_format import CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME
 from qfilters.errors import ArtifactError, ArtifactNotFoundError, FiltersNotFoundError
+from qfilters.verified import client_dir
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,12 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
     opts = _Options(revision, token, cache_dir, local_files_only, endpoint, force_download)
     tried: list[str] = []
     errors: list[BaseException] = []
+    registry = os.environ.get(REGISTRY_URL_ENV, "").strip().rstrip("/")
+    if opts.offline and not registry:
+        # Offline, a base id that resolved before answers from its record straight away (it was no filter repo then).
+        found = _from_hub_search(identifier, opts, False, [], [])
+        if found is not None:
+            return found
 
     # 1. a filter repo
     hub_reachable = True
@@ -115,7 +122,6 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
                      f"transformers config), so it was looked up as a base model id")
 
     # 2a. the registry
-    registry = os.environ.get(REGISTRY_URL_ENV, "").strip().rstrip("/")
     if registry:
         found = _from_registry(registry, identifier, opts, tried, errors)
         if found is not None:
@@ -150,7 +156,7 @@ def _from_hub_search(identifier: str, opts: _Options, reachable: bool, tried: li
         record = _read_record(key)
         if record is None:
             why = "offline" if opts.offline else "the Hub is unreachable"
-            tried.append(f"{where}: {why}, and no earlier search result is recorded in {_client_dir()}")
+            tried.append(f"{where}: {why}, and no earlier search result is recorded in {client_dir()}")
             return None
         repo_id, commit = record["repo_id"], record["commit"]
         try:
@@ -257,7 +263,7 @@ def _from_registry(registry: str, identifier: str, opts: _Options, tried: list[s
     else:
         record = _read_record(key)
         if record is None:
-            tried.append(f"{where}: {why_cached}, and no earlier answer is recorded in {_client_dir()}")
+            tried.append(f"{where}: {why_cached}, and no earlier answer is recorded in {client_dir()}")
             return None
     paths: dict[str, Path | None] = {name: None for name in _FILES}
     for name, sha in record["files"].items():
@@ -364,19 +370,13 @@ def _fetch_blob(sha: str, url: str, registry: str, label: str) -> Path:
 # ---------------------------------------------------------------------------------------------- local records
 
 
-def _client_dir() -> Path:
-    """``$QFILTERS_CACHE/client`` (default ``~/.cache/qfilters/client``): resolution records and registry blobs."""
-    root = os.environ.get("QFILTERS_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "qfilters") / "client"
-
-
 def _blob_path(sha: str) -> Path:
-    return _client_dir() / "blobs" / sha
+    return client_dir() / "blobs" / sha
 
 
 def _record_path(key: tuple[str, ...]) -> Path:
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
-    return _client_dir() / "resolved" / f"{digest}.json"
+    return client_dir() / "resolved" / f"{digest}.json"
 
 
 def _read_record(key: tuple[str, ...]) -> dict[str, Any] | None:

@@ -294,3 +294,23 @@ def test_a_cached_file_changed_after_download_is_refused(sets: dict, hub: FakeHu
     blob.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="changed in the cache"):
         load("nthngdy/Llama-3.1-8B-Instruct_qfilt", hub, cache, local_files_only=True)
+
+
+def test_a_hash_remembered_for_a_warm_load_does_not_hide_a_later_change(hub: FakeHub, tmp_path: Path,
+                                                                       client_cache: Path) -> None:
+    import time
+
+    from qfilters import verified
+
+    cache = tmp_path / "hf"
+    load("team/base-7b-qfilters", hub, cache)
+    assert not (client_cache / "client" / "verified").exists()  # just written: too fresh to be remembered
+    time.sleep(verified.RACY_S + 0.2)
+    load("team/base-7b-qfilters", hub, cache, local_files_only=True)
+    assert len(list((client_cache / "client" / "verified").iterdir())) == 1  # the weights' hash is remembered
+    blob = Path(os.path.realpath(next(cache.rglob("snapshots/*/model.safetensors"))))
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x01
+    blob.write_bytes(bytes(data))  # same size, same inode: only the times change
+    with pytest.raises(ArtifactError, match="changed in the cache"):
+        load("team/base-7b-qfilters", hub, cache, local_files_only=True)
