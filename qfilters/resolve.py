@@ -98,6 +98,9 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
     tried: list[str] = []
     errors: list[BaseException] = []
     registry = os.environ.get(REGISTRY_URL_ENV, "").strip().rstrip("/")
+    if registry and urllib.parse.urlsplit(registry).scheme not in ("http", "https"):
+        raise ArtifactNotFoundError(f"{REGISTRY_URL_ENV}={registry!r} is not an http(s) URL; set it to the "
+                                    f"registry's base URL, such as http://127.0.0.1:8000")
     if opts.offline and not registry:
         # Offline, a base id that resolved before answers from its record straight away (it was no filter repo then).
         found = _from_hub_search(identifier, opts, False, [], [])
