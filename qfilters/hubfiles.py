@@ -142,6 +142,18 @@ def fetch_artifact(
     return files, {name: hub_label(repo_id, revision, name) for name in ARTIFACT_FILES}, declared
 
 
+def cached(repo_id: str, filename: str, *, revision: str | None,
+           cache_dir: str | os.PathLike[str] | None) -> Path | None:
+    """The cached file, or ``None``: the offline probe that raises nothing (``download`` says why it is missing)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    except ValueError:  # an id huggingface_hub rejects: download() gives the clear error
+        return None
+    return Path(hit) if isinstance(hit, str) else None
+
+
 def commit_of(path: Path) -> str | None:
     """The commit a file fetched by huggingface_hub belongs to (its snapshot folder), if the path shows it."""
     return path.parent.name if _COMMIT_RE.match(path.parent.name) else None

@@ -101,8 +101,9 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
     if registry and urllib.parse.urlsplit(registry).scheme not in ("http", "https"):
         raise ArtifactNotFoundError(f"{REGISTRY_URL_ENV}={registry!r} is not an http(s) URL; set it to the "
                                     f"registry's base URL, such as http://127.0.0.1:8000")
-    if opts.offline and not registry:
-        # Offline, a base id that resolved before answers from its record straight away (it was no filter repo then).
+    config = hubfiles.cached(identifier, CONFIG_NAME, revision=revision, cache_dir=cache_dir) if opts.offline else None
+    if opts.offline and config is None and not registry:
+        # Offline and not a cached repo: a base id that resolved before answers from its record straight away.
         found = _from_hub_search(identifier, opts, False, [], [])
         if found is not None:
             return found
@@ -110,9 +111,10 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
     # 1. a filter repo
     hub_reachable = True
     try:
-        config = hubfiles.download(identifier, CONFIG_NAME, revision=revision, token=token, cache_dir=cache_dir,
-                                   local_files_only=local_files_only, endpoint=endpoint,
-                                   force_download=force_download)
+        if config is None:
+            config = hubfiles.download(identifier, CONFIG_NAME, revision=revision, token=token, cache_dir=cache_dir,
+                                       local_files_only=local_files_only, endpoint=endpoint,
+                                       force_download=force_download)
     except (ArtifactError, ArtifactNotFoundError) as e:
         tried.append(f"filter repo {identifier} on {opts.hub}: {e}")
         errors.append(e)

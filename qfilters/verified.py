@@ -22,8 +22,8 @@ RACY_S = 2.0
 
 def client_dir() -> Path:
     """``$QFILTERS_CACHE/client`` (default ``~/.cache/qfilters/client``): resolution records, registry blobs, stamps."""
-    root = os.environ.get("QFILTERS_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "qfilters") / "client"
+    root = os.environ.get("QFILTERS_CACHE") or os.path.join("~", ".cache", "qfilters")
+    return Path(os.path.expanduser(os.path.join(root, "client")))
 
 
 def _fingerprint(path: Path) -> str | None:
