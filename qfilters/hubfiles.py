@@ -51,7 +51,10 @@ def download(
     if (local_files_only or hub_offline()) and not force_download:
         from huggingface_hub import try_to_load_from_cache
 
-        hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        try:
+            hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        except ValueError:  # an id huggingface_hub rejects: hf_hub_download below raises it, translated
+            hit = _SAME
         if isinstance(hit, str):
             return Path(hit)
         if hit is None:  # not cached: say so without hf_hub_download's slower way to the same error

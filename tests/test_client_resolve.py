@@ -195,6 +195,10 @@ def test_nothing_found_names_every_place_tried(hub: FakeHub, tmp_path: Path) -> 
         assert place in message, place
     assert len(error.tried) == 4 and "hf_secret_do_not_log" not in message
     assert error.__cause__ is not None
+    # an id the Hub's rules reject is a clear error too, online and offline
+    for offline in (False, True):
+        with pytest.raises(ArtifactNotFoundError, match="valid"):
+            load("bad--name/x", hub, tmp_path / "hf", local_files_only=offline)
     # a model repo that exists but has no filters anywhere says so
     hub.tags.clear()
     with pytest.raises(FiltersNotFoundError, match="it is a model repo"):
