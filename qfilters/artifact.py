@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -27,30 +26,28 @@ from typing import Any
 
 import torch
 
+from qfilters.artifact_format import (
+    ARTIFACT_FILES,
+    CONFIG_KEYS,
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    INT_DTYPES,
+    METADATA_NAME,
+    TENSOR_NAME,
+    WEIGHTS_NAME,
+    check_digest,
+    check_finite,
+    read_bytes,
+    read_config,
+    read_metadata,
+    read_tensor,
+    sha256_file,
+)
 from qfilters.errors import ArtifactError, ArtifactNotFoundError, ShapeMismatchError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-METADATA_NAME = "qfilters.json"
-TENSOR_NAME = "q_filters"
-CONFIG_KEYS = ("kv_head_dim", "num_kv_heads", "num_layers")
-ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, METADATA_NAME)
-FORMAT_VERSION = 1
-
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _IN_MEMORY = "<in-memory Q-Filters>"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks (artifacts and calibration caches can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class QFilters:
@@ -68,16 +65,28 @@ class QFilters:
                 f"Q-Filters must be a non-empty 3-D tensor [num_layers, num_kv_heads, head_dim], "
                 f"got shape {tuple(filters.shape)}"
             )
-        if not (filters.is_floating_point() or filters.dtype in _INT_DTYPES):
+        if not (filters.is_floating_point() or filters.dtype in INT_DTYPES):
             raise ArtifactError(_IN_MEMORY, f"filters must hold real numbers, got dtype {filters.dtype}")
         filters = filters.detach().to(torch.float32).contiguous()
-        _check_finite(filters, _IN_MEMORY)
+        check_finite(filters, _IN_MEMORY)
         if provenance is not None and not isinstance(provenance, dict):
             raise ArtifactError(_IN_MEMORY, f"provenance must be a dict, got {type(provenance).__name__}")
+        self._set(filters, dict(provenance or {}))
+
+    @classmethod
+    def _checked(cls, filters: torch.Tensor, provenance: dict[str, Any]) -> "QFilters":
+        """An instance from a tensor the loader already checked (float32, contiguous, 3-D, finite): no second pass."""
+        instance = cls.__new__(cls)
+        instance._set(filters, provenance)
+        return instance
+
+    def _set(self, filters: torch.Tensor, provenance: dict[str, Any]) -> None:
         self.filters: torch.Tensor = filters
-        self.provenance: dict[str, Any] = dict(provenance or {})
+        self.provenance: dict[str, Any] = provenance
         # Bookkeeping read from qfilters.json (format/library version, sha256); empty for in-memory or third-party.
         self.artifact_info: dict[str, Any] = {}
+        # Where from_pretrained found the files ({"kind": "local" | "repo" | "registry" | "hub-search" | "official"}).
+        self.source: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -245,21 +254,35 @@ class QFilters:
         force_download: bool = False,
         expected_shape: tuple[int, int, int] | None = None,
     ) -> "QFilters":
-        """Load filters from a local directory or a Hub repo id (ours, kvpress's or the official ``_qfilt`` repos).
+        """Load filters from a filter repo, a base model id, or a local directory.
 
-        Hub downloads go through huggingface_hub, so the HF cache, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and
-        ``HF_TOKEN`` behave as everywhere else. Loading is strict because kvpress's own loader is not (it loads with
-        ``strict=False`` and would keep random filters on a misnamed tensor): anything malformed raises
-        :class:`ArtifactError` naming the file; ``expected_shape`` disagreeing raises :class:`ShapeMismatchError`.
+        ``repo_or_dir`` is (c) a local directory; (a) a filter repo on the Hub endpoint (ours, kvpress's or an
+        official ``_qfilt`` repo): one whose ``config.json`` is a Q-Filters config; or (b) a base model id, resolved
+        through the registry at ``$QFILTERS_REGISTRY_URL``, else a Hub search for repos tagged ``q-filters`` and
+        ``base_model:<id>`` (a passing verdict first), else the official ``nthngdy/<name>_qfilt`` naming (see
+        :mod:`qfilters.resolve`). ``revision`` pins the filter repo (branch, tag such as ``v3``, or commit); through
+        the registry it is the base model's revision. Hub downloads go through huggingface_hub, so the HF cache,
+        ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` behave as everywhere else; offline, ids resolve from
+        what earlier calls cached. Nothing found raises :class:`FiltersNotFoundError` listing every place tried.
+
+        Loading is strict because kvpress's own loader is not (it loads with ``strict=False`` and would keep random
+        filters on a misnamed tensor): anything malformed raises :class:`ArtifactError` naming the file, a file whose
+        sha256 differs from the one recorded in ``qfilters.json`` (or declared by its server) is refused, and
+        ``expected_shape`` disagreeing raises :class:`ShapeMismatchError`. ``source`` on the result says where the
+        filters came from.
         """
         local = _as_local_dir(repo_or_dir)
         if local is not None:
-            files = {name: local / name for name in ARTIFACT_FILES}
+            files: dict[str, Path | None] = {name: local / name for name in ARTIFACT_FILES}
             labels = {name: str(local / name) for name in ARTIFACT_FILES}
+            source: dict[str, Any] = {"kind": "local", "path": str(local)}
+            declared: dict[str, str] = {}
+            declared_by = ""
         else:
-            repo_id = str(repo_or_dir)
-            files, labels = _fetch_from_hub(
-                repo_id,
+            from qfilters.resolve import locate
+
+            located = locate(
+                str(repo_or_dir),
                 revision=revision,
                 token=token,
                 cache_dir=cache_dir,
@@ -267,7 +290,12 @@ class QFilters:
                 endpoint=endpoint,
                 force_download=force_download,
             )
-        return cls._load_files(files, labels, expected_shape=expected_shape)
+            files, labels, source = located.files, located.labels, located.source
+            declared, declared_by = located.declared, located.declared_by
+        filters = cls._load_files(files, labels, expected_shape=expected_shape, declared=declared,
+                                  declared_by=declared_by)
+        filters.source = source
+        return filters
 
     @classmethod
     def _load_files(
@@ -276,7 +304,11 @@ class QFilters:
         labels: dict[str, str],
         *,
         expected_shape: tuple[int, int, int] | None,
+        declared: dict[str, str] | None = None,
+        declared_by: str = "its server",
     ) -> "QFilters":
+        """Strictly load the artifact files; ``declared``: hashes a server or registry gave for them (checked)."""
+        declared = declared or {}
         config_path, weights_path, meta_path = files[CONFIG_NAME], files[WEIGHTS_NAME], files[METADATA_NAME]
         for name, path in ((CONFIG_NAME, config_path), (WEIGHTS_NAME, weights_path)):
             if path is None or not path.is_file():
@@ -286,15 +318,22 @@ class QFilters:
                     f"(re-save it with QFilters.save_pretrained, or check the path / repo id)",
                 )
         assert config_path is not None and weights_path is not None
-        config = _read_config(config_path, labels[CONFIG_NAME])
+        # Each file is read once; every check below works on those bytes (no second read to race with).
+        raw = {CONFIG_NAME: read_bytes(config_path, labels[CONFIG_NAME]),
+               WEIGHTS_NAME: read_bytes(weights_path, labels[WEIGHTS_NAME])}
+        if meta_path is not None and meta_path.is_file():
+            raw[METADATA_NAME] = read_bytes(meta_path, labels[METADATA_NAME])
+        digests = {name: _checked_digest(data, files[name], declared[name], labels[name], declared_by)  # type: ignore[arg-type]
+                   for name, data in raw.items() if name in declared}
+        config = read_config(raw[CONFIG_NAME], labels[CONFIG_NAME])
         config_shape = (config["num_layers"], config["num_kv_heads"], config["kv_head_dim"])
 
         info: dict[str, Any] = {}
         provenance: dict[str, Any] = {}
-        if meta_path is not None and meta_path.is_file():
-            info = _read_metadata(meta_path, labels[METADATA_NAME], config_shape, labels[CONFIG_NAME])
+        if METADATA_NAME in raw:
+            info = read_metadata(raw[METADATA_NAME], labels[METADATA_NAME], config_shape, labels[CONFIG_NAME])
             provenance = info.pop("provenance", {})
-            actual = sha256_file(weights_path)
+            actual = digests.get(WEIGHTS_NAME) or hashlib.sha256(raw[WEIGHTS_NAME]).hexdigest()
             if actual != info["tensor_sha256"]:
                 raise ArtifactError(
                     labels[WEIGHTS_NAME],
@@ -303,7 +342,7 @@ class QFilters:
                     f"(force_download=True) or re-save the filters.",
                 )
 
-        tensor = _read_tensor(weights_path, labels[WEIGHTS_NAME])
+        tensor = read_tensor(raw[WEIGHTS_NAME], labels[WEIGHTS_NAME])
         if tuple(tensor.shape) != config_shape:
             raise ArtifactError(
                 labels[WEIGHTS_NAME],
@@ -316,123 +355,24 @@ class QFilters:
                 f"{list(config_shape)} but {list(expected_shape)} was expected; these filters were calibrated for a "
                 f"different model"
             )
-        _check_finite(tensor, labels[WEIGHTS_NAME])
-        filters = cls(tensor, provenance=provenance)
+        check_finite(tensor, labels[WEIGHTS_NAME])
+        filters = cls._checked(tensor.contiguous(), dict(provenance))  # float32, 3-D, finite: checked above
         filters.artifact_info = info
         return filters
 
 
-# ---------------------------------------------------------------------- validation helpers
+def _checked_digest(data: bytes, path: Path, declared: str, label: str, declared_by: str) -> str | None:
+    """``check_digest``, skipped for weights already hashed unchanged (see :mod:`qfilters.verified`)."""
+    if path.name != WEIGHTS_NAME or len(declared) != 64:
+        return check_digest(data, declared, label, declared_by)
+    from qfilters import verified
 
-_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
-def _check_finite(tensor: torch.Tensor, label: str) -> None:
-    bad = ~torch.isfinite(tensor)
-    if bool(bad.any()):
-        layer, head = (int(i) for i in bad.nonzero()[0][:2])
-        raise ArtifactError(
-            label,
-            f"contains {int(bad.sum())} non-finite value(s) (NaN/inf), first at layer {layer}, KV head {head}; "
-            f"the filters are corrupted: recalibrate or re-download them",
-        )
-
-
-def _read_json_object(path: Path, label: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(label, f"cannot be read as JSON ({e}); re-save or re-download the artifact") from e
-    if not isinstance(data, dict):
-        raise ArtifactError(label, f"must hold a JSON object, found {type(data).__name__}")
-    return data
-
-
-def _read_config(path: Path, label: str) -> dict[str, int]:
-    data = _read_json_object(path, label)
-    expected = ", ".join(f'"{k}"' for k in CONFIG_KEYS)
-    missing = [k for k in CONFIG_KEYS if k not in data]
-    if missing:
-        raise ArtifactError(
-            label, f"is missing key(s) {missing}; a Q-Filters config.json holds exactly {expected} (positive ints)"
-        )
-    extra = sorted(k for k in data if k not in CONFIG_KEYS)
-    if extra:
-        raise ArtifactError(
-            label,
-            f"has unexpected key(s) {extra}; a Q-Filters config.json holds exactly {expected}. Extra keys mean this "
-            f"is another kind of config (a model's?) or was edited by hand; remove them if the filters are right",
-        )
-    for key in CONFIG_KEYS:
-        value = data[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ArtifactError(label, f"'{key}' must be a positive int, got {value!r}")
-    return {k: int(data[k]) for k in CONFIG_KEYS}
-
-
-def _read_metadata(path: Path, label: str, config_shape: tuple[int, int, int], config_label: str) -> dict[str, Any]:
-    info = _read_json_object(path, label)
-    version = info.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ArtifactError(label, f"'format_version' must be an int, got {version!r}")
-    if version > FORMAT_VERSION:
-        raise ArtifactError(
-            label,
-            f"was written in format_version {version}, this qfilters reads up to {FORMAT_VERSION}; upgrade qfilters",
-        )
-    sha = info.get("tensor_sha256")
-    if not isinstance(sha, str) or not _SHA256_RE.match(sha):
-        raise ArtifactError(label, f"'tensor_sha256' must be a 64-character lowercase hex digest, got {sha!r}")
-    shape = info.get("tensor_shape")
-    if shape is not None and list(shape) != list(config_shape):
-        raise ArtifactError(
-            label,
-            f"records tensor_shape {shape} but {config_label} declares {list(config_shape)}; the files do not "
-            f"belong together",
-        )
-    provenance = info.get("provenance", {})
-    if not isinstance(provenance, dict):
-        raise ArtifactError(label, f"'provenance' must be a JSON object, got {type(provenance).__name__}")
-    return info
-
-
-def _read_tensor(path: Path, label: str) -> torch.Tensor:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = list(f.keys())
-            dtype = f.get_slice(TENSOR_NAME).get_dtype() if names == [TENSOR_NAME] else None
-            tensor = f.get_tensor(TENSOR_NAME) if dtype == "F32" else None
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(label, f"is not a readable safetensors file ({e}); re-download or re-save it") from e
-    if TENSOR_NAME not in names:
-        raise ArtifactError(
-            label,
-            f"has no tensor named '{TENSOR_NAME}' (found {names}); kvpress and the official Q-Filters repos store "
-            f"exactly one tensor '{TENSOR_NAME}'",
-        )
-    if names != [TENSOR_NAME]:
-        extra = [n for n in names if n != TENSOR_NAME]
-        raise ArtifactError(
-            label,
-            f"holds unexpected tensor(s) {extra} besides '{TENSOR_NAME}'; a Q-Filters artifact holds exactly one "
-            f"tensor, so this is probably another kind of checkpoint",
-        )
-    if dtype != "F32":
-        raise ArtifactError(
-            label,
-            f"tensor '{TENSOR_NAME}' is stored as {dtype}, the format requires F32 (float32); convert with "
-            f"QFilters(tensor.float()).save_pretrained(...)",
-        )
-    assert tensor is not None
-    if tensor.dim() != 3:
-        raise ArtifactError(
-            label,
-            f"tensor '{TENSOR_NAME}' has rank {tensor.dim()} (shape {list(tensor.shape)}); the format requires "
-            f"[num_layers, num_kv_heads, kv_head_dim]",
-        )
-    return tensor
+    if verified.known_digest(path) == declared:
+        return declared
+    digest = check_digest(data, declared, label, declared_by)
+    if digest is not None:
+        verified.remember_digest(path, digest)
+    return digest
 
 
 # ---------------------------------------------------------------------- local paths
@@ -512,176 +452,5 @@ def _swap_in(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------- Hub
-
-
-def _fetch_from_hub(
-    repo_id: str,
-    *,
-    revision: str | None,
-    token: str | bool | None,
-    cache_dir: str | os.PathLike[str] | None,
-    local_files_only: bool,
-    endpoint: str | None,
-    force_download: bool,
-) -> tuple[dict[str, Path | None], dict[str, str]]:
-    """Download (or find in the HF cache) the artifact files of ``repo_id``; all pinned to one commit."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    def label(filename: str) -> str:
-        return f"hf://{repo_id}{'@' + revision if revision else ''}/{filename}"
-
-    def download(filename: str, rev: str | None, *, optional: bool = False) -> Path | None:
-        try:
-            return Path(
-                hf_hub_download(
-                    repo_id,
-                    filename,
-                    revision=rev,
-                    token=token,
-                    cache_dir=cache_dir,
-                    local_files_only=local_files_only,
-                    endpoint=endpoint,
-                    force_download=force_download,
-                )
-            )
-        except Exception as e:
-            # An optional file is absent if the Hub says so, or if offline and the cache does not have it (a repo
-            # fetched by kvpress has no cached qfilters.json): then there is simply nothing to verify against.
-            remote_absent = isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError)
-            cached_absent = isinstance(e, LocalEntryNotFoundError) and (local_files_only or _hub_offline())
-            if optional and (remote_absent or cached_absent):
-                return None
-            translated = _translate_hub_error(
-                e,
-                repo_id=repo_id,
-                revision=revision,
-                filename=filename,
-                label=label(filename),
-                local_files_only=local_files_only,
-                endpoint=endpoint,
-                cache_dir=cache_dir,
-            )
-            if translated is None:
-                raise
-            raise translated from e
-
-    config_path = download(CONFIG_NAME, revision)
-    assert config_path is not None
-    # Pin the other files to the commit config.json came from, so a concurrent push cannot mix two versions.
-    commit = config_path.parent.name if _COMMIT_RE.match(config_path.parent.name) else revision
-    weights_path = download(WEIGHTS_NAME, commit)
-    meta_path = download(METADATA_NAME, commit, optional=True)
-    files: dict[str, Path | None] = {CONFIG_NAME: config_path, WEIGHTS_NAME: weights_path, METADATA_NAME: meta_path}
-    return files, {name: label(name) for name in ARTIFACT_FILES}
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    check = getattr(constants, "is_offline_mode", None)
-    return bool(check() if callable(check) else constants.HF_HUB_OFFLINE)
-
-
-def _translate_hub_error(
-    error: Exception,
-    *,
-    repo_id: str,
-    revision: str | None,
-    filename: str,
-    label: str,
-    local_files_only: bool,
-    endpoint: str | None,
-    cache_dir: str | os.PathLike[str] | None,
-) -> Exception | None:
-    """The one place huggingface_hub failures become qfilters errors (``None``: not a Hub failure, re-raise as is).
-
-    Keeps the repo id and the server's own message; never includes the token.
-    """
-    from huggingface_hub import constants
-    from huggingface_hub import errors as hf_errors
-
-    def cls(name: str) -> type[BaseException]:
-        return getattr(hf_errors, name, ())  # type: ignore[return-value]
-
-    where = f"{repo_id}" + (f" (revision {revision!r})" if revision else "")
-    server = " ".join(str(error).split())  # one line: the Hub's messages span several
-    hub = (endpoint or constants.ENDPOINT).rstrip("/")
-    cache = cache_dir or constants.HF_HUB_CACHE
-
-    if isinstance(error, cls("LocalEntryNotFoundError")):
-        if local_files_only or _hub_offline():
-            why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
-            return ArtifactNotFoundError(
-                f"Q-Filters repo {where}: {filename} is not in the local Hugging Face cache ({cache}) and downloads "
-                f"are disabled ({why}, offline mode). Download it once with network access, or pass a local "
-                f"directory. [huggingface_hub: {server}]"
-            )
-        cause = error.__cause__ or error.__context__
-        detail = f" Cause: {type(cause).__name__}: {cause}." if cause is not None else ""
-        return ArtifactNotFoundError(
-            f"Q-Filters repo {where}: could not fetch {filename} from the Hub at {hub} and it is not in the local "
-            f"cache ({cache}). Check the network, HF_ENDPOINT / endpoint=, or use a local directory.{detail} "
-            f"[huggingface_hub: {server}]"
-        )
-    if isinstance(error, cls("GatedRepoError")):
-        return ArtifactNotFoundError(
-            f"Q-Filters repo {where} is gated: accept its conditions on {hub}/{repo_id} and pass token= (or set "
-            f"HF_TOKEN / `hf auth login`). [server: {server}]"
-        )
-    if isinstance(error, cls("RepositoryNotFoundError")):
-        return ArtifactNotFoundError(
-            f"Q-Filters repo {where} not found on {hub}: check the repo id; if it is private, pass token= (or set "
-            f"HF_TOKEN). [server: {server}]"
-        )
-    if isinstance(error, cls("RevisionNotFoundError")):
-        return ArtifactNotFoundError(
-            f"Q-Filters repo {repo_id} has no revision {revision!r} on {hub}: check the branch, tag or commit. "
-            f"[server: {server}]"
-        )
-    if isinstance(error, cls("EntryNotFoundError")):
-        return ArtifactError(
-            label,
-            f"does not exist in repo {where}; a Q-Filters artifact needs {CONFIG_NAME} and {WEIGHTS_NAME}. "
-            f"[server: {server}]",
-        )
-    if isinstance(error, cls("HFValidationError")):
-        return ArtifactNotFoundError(
-            f"{repo_id!r} is neither an existing local directory nor a valid Hub repo id ('owner/name'): {server}"
-        )
-    if isinstance(error, cls("OfflineModeIsEnabled")):
-        return ArtifactNotFoundError(f"Q-Filters repo {where}: the Hub is unreachable in offline mode. [{server}]")
-    if isinstance(error, cls("HfHubHTTPError")):
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        hint = " The token was refused: check token= / HF_TOKEN." if status in (401, 403) else ""
-        return ArtifactNotFoundError(
-            f"Q-Filters repo {where}: the Hub at {hub} answered HTTP {status} for {filename}.{hint} [server: {server}]"
-        )
-    if _is_network_error(error):
-        return ArtifactNotFoundError(
-            f"Q-Filters repo {where}: could not reach the Hub at {hub} for {filename} "
-            f"({type(error).__name__}: {server}). Check the network and HF_ENDPOINT / endpoint=."
-        )
-    return None
-
-
-def _is_network_error(error: Exception) -> bool:
-    """Transport failures of whichever HTTP client this huggingface_hub release uses."""
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return True
-    for module_name, attr in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
-        module = _loaded_module(module_name)
-        base = getattr(module, attr, None) if module is not None else None
-        if isinstance(base, type) and isinstance(error, base):
-            return True
-    return False
-
-
-def _loaded_module(name: str) -> Any:
-    import sys
-
-    return sys.modules.get(name)
-
-
-__all__ = ["QFilters", "sha256_file", "CONFIG_NAME", "WEIGHTS_NAME", "METADATA_NAME", "TENSOR_NAME"]
+__all__ = ["QFilters", "sha256_file", "CONFIG_NAME", "WEIGHTS_NAME", "METADATA_NAME", "TENSOR_NAME", "CONFIG_KEYS",
+           "ARTIFACT_FILES", "FORMAT_VERSION"]

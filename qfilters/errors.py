@@ -24,6 +24,17 @@ class ArtifactNotFoundError(QFiltersError, FileNotFoundError):
     """No filter artifact at the given local path or Hub repository."""
 
 
+class FiltersNotFoundError(ArtifactNotFoundError, LookupError):
+    """No filters for an id after every place was tried (the filter repo, the registry, Hub search, official naming).
+
+    ``tried`` lists each place with what it answered, in order, so the message says where to look next.
+    """
+
+    def __init__(self, message: str, tried: list[str]) -> None:
+        self.tried = list(tried)
+        super().__init__(message)
+
+
 class DatasetSpecError(QFiltersError, ValueError):
     """A dataset spec string cannot be parsed or names an unknown source."""
 
