@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from huggingface_hub import HfApi
+from safetensors.torch import load_file
 from sqlalchemy import select
 
 from registry.models import FilterSet, Job, Publication
@@ -62,7 +63,7 @@ def _publications(live: LiveRegistry) -> list[Publication]:
         return list(session.scalars(select(Publication).order_by(Publication.id)).all())
 
 
-def test_job_publishes_and_a_fresh_process_loads_the_same_tensor(live: LiveRegistry, tiny_llama) -> None:
+def test_job_publishes_and_a_fresh_process_loads_the_same_tensor(live: LiveRegistry, tiny_llama, tmp_path: Path) -> None:
     status, error, _, weights_sha = _run_job(live, tiny_llama, publish_to=REPO, force_publish=True)
     assert status == "succeeded", error
     (pub,) = _publications(live)
@@ -75,13 +76,17 @@ def test_job_publishes_and_a_fresh_process_loads_the_same_tensor(live: LiveRegis
     (found,) = api.list_models(filter=["q-filters", f"base_model:{BASE}"])
     assert found.id == REPO and f"qfilters-verdict:{verdict}" in found.tags and "kv-cache-compression" in found.tags
 
-    script = ("import hashlib, sys; from huggingface_hub import hf_hub_download; from qfilters import QFilters; "
+    # a fresh process asks for the filters of the BASE model: found through the endpoint's tag search, same tensor
+    script = ("import hashlib, sys; from qfilters import QFilters; "
               "f = QFilters.from_pretrained(sys.argv[1], endpoint=sys.argv[2]); "
-              "p = hf_hub_download(sys.argv[1], 'model.safetensors', endpoint=sys.argv[2]); "
-              "print(hashlib.sha256(open(p, 'rb').read()).hexdigest(), tuple(f.shape))")
-    out = subprocess.run([sys.executable, "-c", script, REPO, live.url], capture_output=True, text=True, timeout=300,
+              "print(hashlib.sha256(f.filters.contiguous().numpy().tobytes()).hexdigest(), f.source)")
+    out = subprocess.run([sys.executable, "-c", script, BASE, live.url], capture_output=True, text=True, timeout=300,
                          check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
-    assert out.stdout.split()[0] == weights_sha
+    weights = api.hf_hub_download(REPO, "model.safetensors", revision=pub.commit_sha, cache_dir=tmp_path / "hub-cache")
+    published = load_file(weights)["q_filters"]
+    assert hashlib.sha256(published.contiguous().numpy().tobytes()).hexdigest() == out.stdout.split()[0]
+    assert "hub-search" in out.stdout and REPO in out.stdout  # found by the base model's id, not named
+    assert hashlib.sha256(Path(weights).read_bytes()).hexdigest() == weights_sha
 
     # asked over the API without a repo id: the organisation's default naming; the runner pushes it
     publisher = {"Authorization": f"Bearer {live.token('publish')}"}
