@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from platformdirs import user_data_dir
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_data_dir() -> Path:
@@ -38,7 +39,18 @@ class Settings(BaseSettings):
     runner_poll_seconds: float = 1.0
     max_attempts: int = 3
     device: str = "cpu"  # where the in-process runner puts models
+    # What jobs may name besides the embedded models and corpora, never a path on this server (see README, threat
+    # model): Hub ids or fnmatch patterns ("org/*") accepted without asking the Hub (offline servers list what their
+    # Hugging Face cache holds); anything else must be confirmed by the Hub at submit time, within hub_timeout.
+    allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_datasets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    hub_timeout: float = Field(5.0, gt=0, le=60)
     base_url: str = ""  # absolute URL prefix for download locations; default: the request's own
+
+    @field_validator("allowed_models", "allowed_datasets", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
     @field_validator("data_dir", "artifact_dir", mode="before")
     @classmethod

@@ -154,17 +154,20 @@ def _label(item: Any) -> str:
 
 
 def _load_corpora(items: Sequence[Any], role: str) -> list[Any]:
-    """Specs (strings, parsed all first, then fetched) or ready ``Corpus`` objects -> non-empty corpora."""
+    """Specs (strings or parsed ``Spec`` objects, all parsed first, then fetched) or ready ``Corpus`` objects ->
+    non-empty corpora. A service passes ``parse_spec(s, allow_local=False)`` results, so loading keeps that mode."""
     from qfilters.data import load_corpus, parse_spec
+    from qfilters.data.spec import Spec
 
     if not items:
         raise ValidationInputError(f"no {role} dataset given")
     labels = [_label(x) for x in items]
-    normalized = [str(parse_spec(x)) if isinstance(x, str) else lbl for x, lbl in zip(items, labels)]
+    parsed = [parse_spec(x) if isinstance(x, str) else x for x in items]
+    normalized = [str(x) if isinstance(x, Spec) else lbl for x, lbl in zip(parsed, labels)]
     dupes = sorted({n for n in normalized if normalized.count(n) > 1})
     if dupes:
         raise ValidationInputError(f"{role} dataset listed twice: {', '.join(dupes)}")
-    corpora = [load_corpus(x) if isinstance(x, str) else x for x in items]
+    corpora = [load_corpus(x) if isinstance(x, Spec) else x for x in parsed]
     for c in corpora:
         if len(c.documents) == 0 or not any(d.text.strip() for d in c.documents):
             raise ValidationInputError(f"{role} dataset {c.spec!r} is empty: it has no text to use")
@@ -413,13 +416,13 @@ class Sweep:
 
 
 def _evaluate(lm: Any, corpus: Any, filters: Any, budgets: list[int], window: int, s: ValidationSettings,
-              policies: Sequence[str]) -> Any:
+              policies: Sequence[str], on_step: Callable[[int, int], None]) -> Any:
     from qfilters.evaluate import evaluate_policies
 
     return evaluate_policies(lm.model, lm.tokenizer, corpus, filters, budgets=budgets, window=window,
                              seq_len=s.eval_seq_len, score_last=s.score_last, n_sinks_streaming=s.n_sinks,
                              policies=tuple(policies), max_docs=s.max_docs, progress=False,
-                             model_id=lm.info.model_id)
+                             model_id=lm.info.model_id, on_step=on_step)
 
 
 def _selected_chunks(lm: Any, corpus: Any, s: ValidationSettings) -> tuple[list[str], list[Any]]:
@@ -479,10 +482,11 @@ def _sweep(lm: Any, corpus: Any, filters: Any, budgets: list[int], s: Validation
     total = len(chunks) * (1 + len(policies) * n_budgets)
     done = len(chunks) * (1 + len(policies) * len(groups[base_window]))
     notify(Progress("evaluate", corpus.spec, 0, total, f"budgets {', '.join(map(str, groups[base_window]))}"))
-    base = _evaluate(lm, corpus, filters, groups[base_window], base_window, s, EVAL_POLICIES)
+    # one event per forward pass: a caller's callback is where it can stop a long sweep between two passes
+    base = _evaluate(lm, corpus, filters, groups[base_window], base_window, s, EVAL_POLICIES,
+                     on_step=lambda passes, _: notify(Progress("evaluate", corpus.spec, passes, total)))
     if base.titles != titles:  # pragma: no cover - would mean evaluate_policies changed its selection rule
         raise RuntimeError(f"selected documents {titles} differ from the evaluated ones {base.titles}")
-    notify(Progress("evaluate", corpus.spec, done, total))
     results = {b: base for b in groups[base_window]}
 
     def tick() -> None:
