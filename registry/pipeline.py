@@ -48,6 +48,7 @@ class ProgressReporter:
         self.eval_labels = list(body.eval_datasets)
         self.min_interval, self.cancel_interval = min_interval, cancel_interval
         self.last_check = 0.0
+        self.last_edge: tuple[str, str, int] | None = None
         self.calibrated: dict[str, int] = {}
         self.started = time.monotonic()
         self.phase_started: dict[str, float] = {}
@@ -87,7 +88,11 @@ class ProgressReporter:
             update = jobs.ProgressUpdate("validating", phase, self.tokens_done, self.tokens_total, p.completed,
                                          p.total, fraction, eta)
         self.fraction = update.fraction = max(self.fraction, min(update.fraction, 0.99))
-        self._write(update, force=p.completed == 0 or p.completed >= p.total)
+        # the first and last event of a phase are written at once; the library repeats its latest event between
+        # layers (a point to stop at), and those repeats only ever go through the throttle
+        edge = (p.phase, p.label, p.completed) if p.completed == 0 or p.completed >= p.total else None
+        self._write(update, force=edge is not None and edge != self.last_edge)
+        self.last_edge = edge or self.last_edge
 
     def _write(self, update: jobs.ProgressUpdate, force: bool) -> None:
         now = time.monotonic()
@@ -151,11 +156,18 @@ class ModelCache:
 def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, *,
                 device: str = "cpu", models: ModelCache | None = None) -> str:
     """Run a claimed job to its end; returns the final status (succeeded, failed or cancelled)."""
+    from pydantic import ValidationError
+
     with factory() as session:
         job = session.get(Job, job_id)
         if job is None:  # deleted meanwhile: nothing to do
             return "gone"
-        body = JobCreate.model_validate(job.request)
+        try:  # re-checked: a row written by an older version, or by hand, gets today's rules (no local paths...)
+            body = JobCreate.model_validate(job.request)
+        except ValidationError as e:
+            jobs.finish(session, job_id, runner_id, "failed", error=f"the job's request is no longer accepted: "
+                        f"{'; '.join(str(err['msg']) for err in e.errors()[:3])}")
+            return "failed"
     with Heartbeat(factory, job_id, runner_id):
         final, error = _run_steps(factory, store, job_id, runner_id, body, device, models or ModelCache())
     with factory() as session:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -250,9 +251,7 @@ def run_validation(
     ``filters`` (a ``QFilters``, a directory or a Hub id) validates an existing artifact instead of the combined
     filters: the per-dataset calibrations still run (they measure stability), the perplexity sweep uses ``filters``.
     """
-    import qfilters
     from qfilters.attention import attention_layers
-    from qfilters.calibrate import CalibrationConfig, calibrate, combine_results
 
     # ---- 1. everything that can be wrong is checked before the first forward pass
     thresholds = check_settings(settings)
@@ -268,7 +267,51 @@ def run_validation(
     _check_evaluation_text(lm, eval_corpora, settings)
     budgets = settings.resolved_budgets()
     reference = settings.resolved_reference_budget()
-    notify = on_progress or (lambda p: None)
+    notify, interrupt = _notifier(on_progress)
+    with interruptible(lm.model, interrupt):
+        return _run(lm, calib_corpora, eval_corpora, settings, given, thresholds, budgets, reference, notify,
+                    filters, created_at)
+
+
+def _notifier(on_progress: ProgressFn | None) -> tuple[ProgressFn, Callable[[], None] | None]:
+    """``notify`` (sends an event, remembering it) and ``interrupt`` (sends the latest event again): called between
+    two layers of every forward pass, it gives the caller a point to stop from within seconds even when one pass of
+    a large model takes long (raising in the callback stops the run)."""
+    if on_progress is None:
+        return (lambda p: None), None
+    latest: list[Progress] = []
+
+    def notify(p: Progress) -> None:
+        latest[:] = [p]
+        on_progress(p)
+
+    return notify, lambda: on_progress(latest[0]) if latest else None
+
+
+@contextmanager
+def interruptible(model: Any, interrupt: Callable[[], None] | None) -> Iterator[None]:
+    """Call ``interrupt`` before the forward of every attention layer of ``model`` inside the block."""
+    if interrupt is None:
+        yield
+        return
+    from qfilters.attention import attention_layers
+
+    def before_layer(*_: Any) -> None:  # returns None: a forward pre-hook that returns something replaces the input
+        interrupt()
+
+    handles = [layer.register_forward_pre_hook(before_layer) for layer in attention_layers(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _run(lm: Any, calib_corpora: list[Any], eval_corpora: list[Any], settings: ValidationSettings, given: Any,
+         thresholds: dict[str, float], budgets: list[int], reference: int, notify: ProgressFn, filters: Any,
+         created_at: str | None) -> ValidationRun:
+    import qfilters
+    from qfilters.calibrate import CalibrationConfig, calibrate, combine_results
 
     # ---- 2. calibration, one run per dataset, then their exact union
     config = CalibrationConfig(max_tokens=settings.tokens_per_dataset, seq_len=settings.calib_seq_len,
