@@ -16,9 +16,14 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern="^[0-9a-f]{32}$", description="job id (32 hex digits)")]
 ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem},
           422: {"model": Problem}}
+# OpenAPI links: what a client (or a stateful test) can do next with the job a submission returns.
+JOB_LINKS = {name: {"operationRef": f"#/paths/~1v1~1jobs~1{{job_id}}{suffix}",
+                    "parameters": {"job_id": "$response.body#/id"}}
+             for name, suffix in (("GetJob", "/get"), ("CancelJob", "~1cancel/post"), ("RetryJob", "~1retry/post"))}
 
 
-@router.post("", status_code=201, response_model=JobPublic, responses={200: {"model": JobPublic}, **ERRORS})
+@router.post("", status_code=201, response_model=JobPublic,
+             responses={201: {"links": JOB_LINKS}, 200: {"model": JobPublic, "links": JOB_LINKS}, **ERRORS})
 def submit_job(
     body: JobCreate, request: Request, response: Response, session: SessionDep, state: StateDep,
     principal: Submitter,
