@@ -264,7 +264,7 @@ class Lineage(BaseModel):
 class AliasMoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    filter_set_id: int = Field(ge=1)
+    filter_set_id: int = Field(ge=1, le=2**31 - 1)
     reason: str | None = Field(None, max_length=1000)
     force: bool = Field(False, description="point the alias at a version whose verdict failed")
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qfilters.validation.gates import GateInputs, ValidationInputError, decide, gap_ratio, parse_gate_overrides
+from qfilters.validation.progress import Progress, ProgressFn, interruptible, notifier
 from qfilters.validation.risk import assess
 from qfilters.validation.schema import (
     DatasetInfo,
@@ -82,18 +82,6 @@ class ValidationSettings:
         return min(self.window, budget // 2)
 
 
-@dataclass(frozen=True)
-class Progress:
-    """One progress event: ``phase`` (calibrate / evaluate / transfer), a label, and work done out of total."""
-
-    phase: str
-    label: str
-    completed: int
-    total: int
-    detail: str = ""
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 @dataclass
@@ -267,44 +255,10 @@ def run_validation(
     _check_evaluation_text(lm, eval_corpora, settings)
     budgets = settings.resolved_budgets()
     reference = settings.resolved_reference_budget()
-    notify, interrupt = _notifier(on_progress)
+    notify, interrupt = notifier(on_progress)
     with interruptible(lm.model, interrupt):
         return _run(lm, calib_corpora, eval_corpora, settings, given, thresholds, budgets, reference, notify,
                     filters, created_at)
-
-
-def _notifier(on_progress: ProgressFn | None) -> tuple[ProgressFn, Callable[[], None] | None]:
-    """``notify`` (sends an event, remembering it) and ``interrupt`` (sends the latest event again): called between
-    two layers of every forward pass, it gives the caller a point to stop from within seconds even when one pass of
-    a large model takes long (raising in the callback stops the run)."""
-    if on_progress is None:
-        return (lambda p: None), None
-    latest: list[Progress] = []
-
-    def notify(p: Progress) -> None:
-        latest[:] = [p]
-        on_progress(p)
-
-    return notify, lambda: on_progress(latest[0]) if latest else None
-
-
-@contextmanager
-def interruptible(model: Any, interrupt: Callable[[], None] | None) -> Iterator[None]:
-    """Call ``interrupt`` before the forward of every attention layer of ``model`` inside the block."""
-    if interrupt is None:
-        yield
-        return
-    from qfilters.attention import attention_layers
-
-    def before_layer(*_: Any) -> None:  # returns None: a forward pre-hook that returns something replaces the input
-        interrupt()
-
-    handles = [layer.register_forward_pre_hook(before_layer) for layer in attention_layers(model)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _run(lm: Any, calib_corpora: list[Any], eval_corpora: list[Any], settings: ValidationSettings, given: Any,
