@@ -251,9 +251,9 @@ def load_model(
         location, model_id = str(converted_dir(alias)), spec.hub_id
         source = f"embedded: {_distribution_versions(spec.packages)}, {spec.quantization}"
         revision = None
-    elif not allow_local:
-        location, model_id, source = hub_snapshot(name_or_path, revision, local_files_only), name_or_path, \
-            "huggingface hub"
+    elif not allow_local:  # a Hub id, from the Hub cache, whatever exists on this machine under that name
+        location = hub_snapshot(name_or_path, revision, local_files_only)
+        model_id, source = name_or_path, "huggingface hub"
     else:
         location, model_id = name_or_path, name_or_path
         local = Path(name_or_path).expanduser()

@@ -223,8 +223,8 @@ def _request_publication(factory: sessionmaker[Session], job_id: str, runner_id:
 
 def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, body: JobCreate,
                            lm: Any, reporter: ProgressReporter) -> int:
-    from qfilters.validation.render import render_html, render_markdown, report_json
     from qfilters.data.spec import parse_spec
+    from qfilters.validation.render import render_html, render_markdown, report_json
     from qfilters.validation.run import run_validation
 
     calibration = [parse_spec(spec, allow_local=False) for spec in body.datasets]  # Hub-only, re-checked here

@@ -297,7 +297,7 @@ def check_hub_dataset_name(name: str, spec: str | None = None) -> None:
     """Refuse an ``hf:`` name that ``datasets`` would not take from the Hub: a file-format builder, or a name that
     exists as a path relative to the current directory (``datasets.load_dataset`` reads those from the disk)."""
     where = f"dataset spec {spec!r}" if spec else f"Hub dataset {name!r}"
-    if name.lower() in FILE_BUILDERS or name.split("/")[0].lower() in FILE_BUILDERS:
+    if name.lower() in FILE_BUILDERS:
         raise DatasetSpecError(f"{where}: {name!r} is a datasets file-format builder, not a Hub dataset; name a Hub "
                                "dataset (owner/name) instead.")
     if os.path.lexists(name):

@@ -77,9 +77,9 @@ def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: 
     """
     missing = required_scopes(body) - effective_scopes(token.scopes)
     if missing:
-        raise Forbidden(f"token {token.name!r} lacks the {', '.join(sorted(missing))!r} scope this job needs "
-                        "(publish_to and force_publish publish the result); drop those fields or use a token with "
-                        "the publish scope")
+        why = ("; publish_to and force_publish publish the result: drop them or use a token with the publish scope"
+               if "publish" in missing else "")
+        raise Forbidden(f"token {token.name!r} lacks the {' and '.join(sorted(missing))} scope this job needs{why}")
     request = canonical_request(body)
     digest = request_hash(request)
     if idempotency_key is not None:

@@ -284,12 +284,14 @@ def test_the_successful_write_flows_conform_too(seeded: Seeded) -> None:
 
 @schema.parametrize()
 def test_every_response_conforms_to_the_openapi_spec(case, caller: Caller) -> None:
+    if caller.scope in ("read", "submit", "publish") and case.method.upper() == "GET":
+        pytest.skip("reads are public: anonymous and admin callers cover them")  # keeps the suite's time bounded
     assert "authorization" not in {k.lower() for k in case.headers or {}}, "only the test sets credentials"
     caller.validate(case)
 
 
-STATEFUL_SCENARIOS = 12  # Hypothesis examples per scope, each a sequence of up to STATEFUL_STEPS linked calls
-STATEFUL_STEPS = 6
+STATEFUL_SCENARIOS = 8  # Hypothesis examples per scope, each a sequence of up to STATEFUL_STEPS linked calls
+STATEFUL_STEPS = 5
 
 
 @pytest.mark.parametrize("scope", list(SCOPES))

@@ -7,7 +7,8 @@
 5. model ids are never looked up on the server's disk, unknown ones are refused at submit, never listed;
 6. 413 for oversized chunked bodies, problem+json for bad framing (real uvicorn on loopback, raw sockets);
 7. anonymous readers see no install paths; the SQLite file and data directory are private;
-8. a refused publication answers 409 like an alias move; the README says a job needs two calibration datasets.
+8. a refused publication answers 409 like an alias move (in the publication test); the README says a job needs two
+   calibration datasets.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import os
 import socket
 import stat
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -170,8 +170,16 @@ def test_a_job_publication_is_the_runner_acting_for_the_token_that_asked(sqlite_
     requested = client.get("/v1/audit", params={"action": "publication.request"}, headers=admin).json()["items"]
     assert len(requested) == 1 and requested[0]["actor"].startswith("runner:")
     assert requested[0]["detail"]["on_behalf_of"] == "releaser" and requested[0]["detail"]["job"] == passing["id"]
-    failed_fs = client.get(f"/v1/jobs/{failing['id']}").json()["filter_set_id"]
-    assert client.get(f"/v1/filter-sets/{failed_fs}").json()["publications"] == []  # failing verdict, not forced
+    failed_id = client.get(f"/v1/jobs/{failing['id']}").json()["filter_set_id"]
+    failed_fs = client.get(f"/v1/filter-sets/{failed_id}").json()
+    assert failed_fs["verdict"] == "fail" and failed_fs["publications"] == []  # failing verdict, not forced
+    # 8. the API says the same: a refused publication answers 409, like moving an alias onto that version
+    publication = client.post(f"/v1/filter-sets/{failed_fs['id']}/publications", json={"repo_id": "org/x"},
+                              headers=releaser)
+    alias = client.put(f"/v1/models/{failed_fs['model_id']}/aliases/stable", json={"filter_set_id": failed_fs["id"]},
+                       headers=releaser)
+    assert "force" in _problem(publication, 409)["detail"] and "force" in _problem(alias, 409)["detail"]
+    assert client.get(f"/v1/filter-sets/{failed_fs['id']}").json()["publications"] == []
     finished = client.get("/v1/audit", params={"action": "job.succeeded"}, headers=admin).json()["items"]
     assert {e["detail"]["on_behalf_of"] for e in finished} == {"releaser"}
 
@@ -326,25 +334,36 @@ def test_models_that_never_loaded_are_not_listed(sqlite_registry, tiny_llama) ->
 
 
 @pytest.fixture
-def http_server(sqlite_registry):
-    """The app behind real uvicorn on loopback, with the protocol ``qfilters serve`` uses."""
-    import uvicorn
+def http_server(sqlite_registry, tmp_path):
+    """The production command of the README, on loopback: ``uvicorn registry.main:app --http
+    registry.api.wire:ProblemH11Protocol``, on the test registry's database (which makes its tokens)."""
+    import subprocess
 
-    from registry.api.wire import ProblemH11Protocol
-
-    config = uvicorn.Config(sqlite_registry.app, host="127.0.0.1", port=0, http=ProblemH11Protocol, lifespan="off",
-                            log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield ("127.0.0.1", port), sqlite_registry
-    server.should_exit = True
-    thread.join(10)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "QFILTERS_DATABASE_URL": sqlite_registry.settings.database_url,
+           "QFILTERS_DATA_DIR": str(tmp_path / "served"), "QFILTERS_ALLOWED_MODELS": "tiny-llama",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    log = open(tmp_path / "uvicorn.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "registry.main:app", "--port", str(port),
+                             "--http", "registry.api.wire:ProblemH11Protocol", "--log-level", "warning"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "uvicorn.log").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn did not start in 60 s"
+                time.sleep(0.2)
+        yield ("127.0.0.1", port), sqlite_registry
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 def _raw(address: tuple[str, int], head: bytes, body_chunks: list[bytes] = ()) -> tuple[int, dict, bytes]:
@@ -424,21 +443,6 @@ def test_anonymous_readers_see_no_install_paths_and_the_database_is_private(tmp_
 
 
 # --------------------------------------------------------------------------------------- 8. consistent answers
-
-
-def test_a_refused_publication_answers_409_like_an_alias_move(sqlite_registry, tiny_llama) -> None:
-    reg = sqlite_registry
-    reg.client.post("/v1/jobs", json=_job(gates=FAILING_GATES), headers=reg.auth(reg.token("submit")))
-    assert run_queued_jobs(reg, tiny_llama) == ["succeeded"]
-    fs = reg.client.get("/v1/filter-sets/1").json()
-    assert fs["verdict"] == "fail"
-    publisher = reg.auth(reg.token("publish"))
-    publication = reg.client.post(f"/v1/filter-sets/{fs['id']}/publications", json={"repo_id": "org/x"},
-                                  headers=publisher)
-    alias = reg.client.put(f"/v1/models/{fs['model_id']}/aliases/stable", json={"filter_set_id": fs["id"]},
-                           headers=publisher)
-    assert "force" in _problem(publication, 409)["detail"] and "force" in _problem(alias, 409)["detail"]
-    assert reg.client.get(f"/v1/filter-sets/{fs['id']}").json()["publications"] == []
 
 
 def test_the_readme_says_a_job_needs_two_calibration_datasets() -> None:
