@@ -38,10 +38,9 @@ def stdlib_dir() -> Path:
 
 
 def stdlib_description() -> str:
-    """What ``python-code`` reads, for ``Corpus.source``: a neutral description, no install path (sources end up in
-    reports and public listings, where a path would tell readers how the host is laid out)."""
-    major, minor, _ = platform.python_version_tuple()
-    return f"{platform.python_implementation()} {major}.{minor} standard library"
+    """What ``python-code`` reads, for ``Corpus.source``: the interpreter and its version (the text depends on it),
+    no install path (sources end up in reports and public listings, where a path tells how the host is laid out)."""
+    return f"{platform.python_implementation()} {platform.python_version()} standard library"
 
 
 def is_stdlib_source(relative: Path) -> bool:

@@ -25,8 +25,8 @@ MAX_EXAMPLES = 150
 SECRET = "private notes of the server"
 CALLERS = {"anonymous": (), "read": ("read",), "submit": ("submit",), "publish": ("publish",),
            "submit+publish": ("submit", "publish"), "admin": ("admin",)}
-IMPLIED = {"read": {"read"}, "submit": {"submit", "read"}, "publish": {"publish", "read"}, "admin": {"read", "submit",
-                                                                                                       "publish", "admin"}}
+IMPLIED = {"read": {"read"}, "submit": {"submit", "read"}, "publish": {"publish", "read"},
+           "admin": {"read", "submit", "publish", "admin"}}
 GOOD_SPECS = ["python-code", "handbook:en", "austen", "fortunes:en", "python-docs"]
 LOCAL_SPECS = ["hf:notes:train", "hf:notes::train:text", "hf:json:train", "notes", "./notes", "notes/a.jsonl",
                "notes#text", "file:notes", "file:/etc/hosts", "/etc/hosts", "~", "~/notes", "../notes", "..", "*",
@@ -111,5 +111,6 @@ def test_no_job_body_escalates_a_scope_or_reaches_the_server_disk(world, drawn, 
         if caller == "anonymous":
             assert response.status_code in (401, 422)  # body validation may come first: either way, nothing written
     with reg.state.session_factory() as session:
-        dump = "\n".join(str(r) for t in ("jobs", "datasets", "models") for r in session.execute(text(f"SELECT * FROM {t}")))
+        dump = "\n".join(str(row) for table in ("jobs", "datasets", "models")
+                         for row in session.execute(text(f"SELECT * FROM {table}")))
     assert SECRET not in dump and str(Path.cwd()) not in dump

@@ -129,7 +129,8 @@ def no_escalation(scope: str, token_name: str | None, case: Any, response: Any) 
     body = case.body if isinstance(case.body, dict) else {}
     needed = set()
     if (method, path) == ("POST", "/v1/jobs"):
-        needed = {"submit"} | ({"publish"} if body.get("publish_to") is not None or body.get("force_publish") else set())
+        publishes = body.get("publish_to") is not None or body.get("force_publish")
+        needed = {"submit"} | ({"publish"} if publishes else set())
     elif path.startswith("/v1/jobs/{job_id}/"):
         needed = {"submit"}
         assert "admin" in scopes or response.json()["created_by"] == token_name, f"{scope} changed a foreign job"
