@@ -320,9 +320,13 @@ class _validation_progress:  # noqa: N801 - used as a context manager like rich'
         self.start = time.perf_counter()
         self.progress.__enter__()
         self.tasks: dict[tuple[str, str], Any] = {}
+        self.last = None
         return self.update
 
     def update(self, p) -> None:
+        if p == self.last:  # the run repeats its latest event between layers (a point to stop at): nothing new
+            return
+        self.last = p
         key = (p.phase, p.label)
         first = key not in self.tasks
         if first:

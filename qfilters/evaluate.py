@@ -14,7 +14,7 @@ first token when ``None``), each predicted from everything before it under the e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -380,13 +380,15 @@ def evaluate_policies(
     progress: bool = True,
     uncompressed_layers: Sequence[int] = (),
     model_id: str | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Perplexity of each policy at each budget on the first ``seq_len`` tokens of each document (one-pass, exact).
 
     Documents shorter than ``seq_len`` tokens are skipped (listed in the result). ``filters`` (tensor or QFilters)
     is only needed for the ``qfilters`` policy. Full cache is computed once and is the reference of every gap.
     ``model_id`` names the model in the result (default: the config's ``_name_or_path``, a cache path for embedded
-    models, so pass ``LoadedModel.info.model_id``).
+    models, so pass ``LoadedModel.info.model_id``). ``on_step(done, total)`` is called after every forward pass, so
+    a caller can report progress and stop a long evaluation between two passes (by raising).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -424,13 +426,22 @@ def evaluate_policies(
                          f"({len(skipped)} documents skipped)")
 
     nll: dict[tuple[str, int], list[float]] = {}
+    passes, total = 0, len(chunks) * (1 + len(scorers) * len(budgets))
+
+    def step(bar: Any, task: Any) -> None:
+        nonlocal passes
+        passes += 1
+        bar.advance(task)
+        if on_step is not None:
+            on_step(passes, total)
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("full cache", total=len(chunks))
         full_nll = []
         for ids in chunks:
             full_nll.append(perplexity(model, ids, None, max(budgets), window, score_last=score_last).nll_sum)
-            bar.advance(task)
+            step(bar, task)
         for p, scorer in scorers.items():
             for b in budgets:
                 task = bar.add_task(f"{p} @ {b}", total=len(chunks))
@@ -439,7 +450,7 @@ def evaluate_policies(
                     res = perplexity(model, ids, scorer, b, window, score_last=score_last,
                                      uncompressed_layers=uncompressed_layers)
                     nll[p, b].append(res.nll_sum)
-                    bar.advance(task)
+                    step(bar, task)
 
     config = {
         "model": model_id or str(getattr(model.config, "_name_or_path", "")),

@@ -231,10 +231,13 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     local_files_only: bool | None = None,
+    allow_local: bool = True,
 ) -> LoadedModel:
     """Load a causal LM for calibration or evaluation.
 
     ``name_or_path`` is an embedded alias (``smollm2``, ``gemma3``), a local directory, or a Hub id.
+    ``allow_local=False`` (services): never a local directory; a Hub id is fetched into (or found in) the Hub cache
+    and loaded from there, so a name that happens to match a path on this machine is never read.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -248,6 +251,9 @@ def load_model(
         location, model_id = str(converted_dir(alias)), spec.hub_id
         source = f"embedded: {_distribution_versions(spec.packages)}, {spec.quantization}"
         revision = None
+    elif not allow_local:  # a Hub id, from the Hub cache, whatever exists on this machine under that name
+        location = hub_snapshot(name_or_path, revision, local_files_only)
+        model_id, source = name_or_path, "huggingface hub"
     else:
         location, model_id = name_or_path, name_or_path
         local = Path(name_or_path).expanduser()
@@ -273,6 +279,25 @@ def load_model(
     if revision is None and alias is None:
         revision = getattr(model.config, "_commit_hash", None)
     return LoadedModel(model=model, tokenizer=tokenizer, info=describe(model, model_id, revision, source))
+
+
+#: What a causal LM needs from its repo: config, weights, tokenizer files (not other formats' weights).
+_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+
+
+def hub_snapshot(repo_id: str, revision: str | None, local_files_only: bool | None = None) -> str:
+    """The Hub cache directory of ``repo_id`` at ``revision`` (downloaded if needed); never a local path lookup."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=_MODEL_FILES,
+                                 local_files_only=bool(local_files_only))
+    except LocalEntryNotFoundError as e:
+        raise ModelError(f"model {repo_id!r} is not in the Hugging Face cache and the Hub cannot be reached (offline "
+                         "mode or no network); download it once on a connected machine") from e
+    except (HfHubHTTPError, ValueError, OSError) as e:  # not found, gated, bad revision, network
+        raise ModelError(f"could not fetch model {repo_id!r} from the Hugging Face Hub: {e}") from e
 
 
 def _local_model_id(path: Path) -> str:

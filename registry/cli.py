@@ -35,7 +35,10 @@ def serve(
     err.print(f"database: [bold]{_redact(settings.database_url)}[/]  artifacts: [bold]{settings.artifact_dir}[/]")
     err.print("create a token to submit jobs: [bold]qfilters token create NAME --scope submit[/]")
     app = create_app(settings, run_jobs=run_jobs, migrate=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    from registry.api.wire import ProblemH11Protocol
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http=ProblemH11Protocol)  # problem+json even for
+    # requests uvicorn refuses before the app (malformed framing)
 
 
 def _redact(url: str) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from platformdirs import user_data_dir
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def default_data_dir() -> Path:
@@ -38,6 +39,12 @@ class Settings(BaseSettings):
     runner_poll_seconds: float = 1.0
     max_attempts: int = 3
     device: str = "cpu"  # where the in-process runner puts models
+    # What jobs may name besides the embedded models and corpora, never a path on this server (see README, threat
+    # model): Hub ids or fnmatch patterns ("org/*") accepted without asking the Hub (offline servers list what their
+    # Hugging Face cache holds); anything else must be confirmed by the Hub at submit time, within hub_timeout.
+    allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_datasets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    hub_timeout: float = Field(5.0, gt=0, le=60)
     base_url: str = ""  # absolute URL prefix for download locations; default: the request's own
     # Publishing: where publications are pushed ("self": this registry's own Hub-compatible endpoint, reached at
     # base_url), the token for it (a secret file, never the database or a job payload), the default organisation of
@@ -47,6 +54,11 @@ class Settings(BaseSettings):
     hub_organization: str = Field("qfilters", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
     hub_max_commit_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     hub_retries: int = Field(4, ge=0, le=10)
+
+    @field_validator("allowed_models", "allowed_datasets", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
     @field_validator("data_dir", "artifact_dir", "hub_token_file", mode="before")
     @classmethod

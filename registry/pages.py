@@ -8,11 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import select
 
-from registry.api.deps import PublicRead, SessionDep, StateDep
+from registry.api.deps import JobViewer, PublicRead, SessionDep, StateDep
 from registry.api.present import job_progress
-from registry.models import Job
 from registry.services import catalog, jobs
 
 router = APIRouter(include_in_schema=False)
@@ -21,15 +19,15 @@ Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request, session: SessionDep, _: PublicRead) -> Response:
-    return models_page(request, session, _)
+def home(request: Request, session: SessionDep, viewer: JobViewer) -> Response:
+    return models_page(request, session, viewer)
 
 
 @router.get("/models", response_class=HTMLResponse)
-def models_page(request: Request, session: SessionDep, _: PublicRead) -> Response:
+def models_page(request: Request, session: SessionDep, viewer: JobViewer) -> Response:
     rows, _total = catalog.list_models(session, limit=500)
     items = [(m, catalog.version_count(session, m.id)) for m in rows]
-    recent = session.scalars(select(Job).order_by(Job.created_at.desc()).limit(10)).all()
+    recent, _total = jobs.list_jobs(session, limit=10, viewer=viewer)
     return templates.TemplateResponse(request, "models.html", {"models": items, "jobs": recent})
 
 
@@ -44,8 +42,8 @@ def model_page(model_id: Id, request: Request, session: SessionDep, _: PublicRea
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(job_id: Annotated[str, Path(pattern="^[0-9a-f]{32}$")], request: Request, session: SessionDep,
-             _: PublicRead) -> Response:
-    job = jobs.get(session, job_id)
+             viewer: JobViewer) -> Response:
+    job = jobs.get(session, job_id, viewer)
     return templates.TemplateResponse(request, "job.html", {"job": job, "progress": job_progress(job)})
 
 

@@ -1,8 +1,10 @@
 """The job code path: calibrate -> validate -> register (-> publish request), through qfilters' public API.
 
 The in-process runner of ``qfilters serve`` calls :func:`execute_job`; the Celery workers will call the same function.
-It re-reads the job row, reports progress (with the heartbeat) at most twice a second, stops when asked to cancel, and
-leaves nothing half-written: files reach the content-addressed store before the SQL rows that reference them.
+It re-reads the job row, reports progress (with the heartbeat), notices a cancel request within about a second of
+the library's next progress event (one per calibration batch and per evaluation forward pass), and leaves nothing
+half-written: files reach the content-addressed store before the SQL rows that reference them. What the job reads
+comes from the Hub or the embedded corpora only, never from paths on this machine (``allow_local=False``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from registry.models import Job, Publication
 from registry.schemas import JobCreate
-from registry.services import catalog, jobs
+from registry.security import effective_scopes
+from registry.services import audit, catalog, jobs
 from registry.services.publish import HubTarget, publish_publication
 from registry.store import ArtifactStore
 
@@ -35,15 +38,18 @@ class ProgressReporter:
     """Turns the library's progress events into throttled job-row updates, and notices cancellation.
 
     The job's ``fraction`` never goes back: calibration fills the first 60 %, the evaluation sweep of each evaluation
-    dataset an equal share of the next 30 %, the transfer matrix the last 10 %.
+    dataset an equal share of the next 30 %, the transfer matrix the last 10 %. Progress rows are written at most
+    every ``min_interval`` seconds, but whether to stop is asked at least every ``cancel_interval`` seconds.
     """
 
     def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, body: JobCreate,
-                 min_interval: float = 0.5) -> None:
+                 min_interval: float = 2.0, cancel_interval: float = 1.0) -> None:
         self.factory, self.job_id, self.runner_id = factory, job_id, runner_id
         self.tokens_total = body.tokens * len(body.datasets)
         self.eval_labels = list(body.eval_datasets)
-        self.min_interval = min_interval
+        self.min_interval, self.cancel_interval = min_interval, cancel_interval
+        self.last_check = 0.0
+        self.last_edge: tuple[str, str, int] | None = None
         self.calibrated: dict[str, int] = {}
         self.started = time.monotonic()
         self.phase_started: dict[str, float] = {}
@@ -83,16 +89,24 @@ class ProgressReporter:
             update = jobs.ProgressUpdate("validating", phase, self.tokens_done, self.tokens_total, p.completed,
                                          p.total, fraction, eta)
         self.fraction = update.fraction = max(self.fraction, min(update.fraction, 0.99))
-        self._write(update, force=p.completed == 0 or p.completed >= p.total)
+        # the first and last event of a phase are written at once; the library repeats its latest event between
+        # layers (a point to stop at), and those repeats only ever go through the throttle
+        edge = (p.phase, p.label, p.completed) if p.completed == 0 or p.completed >= p.total else None
+        self._write(update, force=edge is not None and edge != self.last_edge)
+        self.last_edge = edge or self.last_edge
 
     def _write(self, update: jobs.ProgressUpdate, force: bool) -> None:
         now = time.monotonic()
-        if not force and now - self.last_write < self.min_interval:
-            return
-        self.last_write = now
-        with self.factory() as session:
-            if not jobs.write_progress(session, self.job_id, self.runner_id, update):
-                raise JobCancelled(self.job_id)
+        if force or now - self.last_write >= self.min_interval:
+            self.last_write = self.last_check = now
+            with self.factory() as session:
+                if not jobs.write_progress(session, self.job_id, self.runner_id, update):
+                    raise JobCancelled(self.job_id)
+        elif now - self.last_check >= self.cancel_interval:
+            self.last_check = now
+            with self.factory() as session:
+                if not jobs.still_wanted(session, self.job_id, self.runner_id):
+                    raise JobCancelled(self.job_id)
 
 
 class Heartbeat:
@@ -135,7 +149,7 @@ class ModelCache:
         if self.key != key:
             self.model = None  # free the previous one first
             embedded = resolve_alias(name) is not None
-            self.model = load_model(name, revision=None if embedded else revision, device=device)
+            self.model = load_model(name, revision=None if embedded else revision, device=device, allow_local=False)
             self.key = key
         return self.model
 
@@ -146,11 +160,18 @@ def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: st
 
     With ``hub``, a requested publication is pushed as the job's last step (its failure fails the job); without,
     it stays ``pending`` for a publisher to pick up."""
+    from pydantic import ValidationError
+
     with factory() as session:
         job = session.get(Job, job_id)
         if job is None:  # deleted meanwhile: nothing to do
             return "gone"
-        body = JobCreate.model_validate(job.request)
+        try:  # re-checked: a row written by an older version, or by hand, gets today's rules (no local paths...)
+            body = JobCreate.model_validate(job.request)
+        except ValidationError as e:
+            jobs.finish(session, job_id, runner_id, "failed", error=f"the job's request is no longer accepted: "
+                        f"{'; '.join(str(err['msg']) for err in e.errors()[:3])}")
+            return "failed"
     with Heartbeat(factory, job_id, runner_id):
         final, error = _run_steps(factory, store, job_id, runner_id, body, device, models or ModelCache(), hub)
     with factory() as session:
@@ -173,12 +194,8 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
         filter_set_id = _validate_and_register(factory, store, job_id, body, lm, reporter)
         if body.publish_to:
             reporter.status("publishing", f"requesting publication to {body.publish_to}")
-            with factory.begin() as session:
-                fs = catalog.get_filter_set(session, filter_set_id)
-                pub = catalog.request_publication(session, fs, body.publish_to, actor="runner:" + runner_id,
-                                                  force=body.force_publish)
-                pub_id, pub_status = pub.id, pub.status
-            if hub is not None and pub_status == "pending":
+            pub_id = _request_publication(factory, job_id, runner_id, filter_set_id, body)
+            if hub is not None and pub_id is not None:
                 reporter.status("publishing", f"publishing to {body.publish_to} on {hub.endpoint}")
                 if publish_publication(factory, store, hub, pub_id, worker="runner:" + runner_id) == "failed":
                     with factory() as session:
@@ -194,12 +211,36 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
         return "failed", f"internal error ({type(e).__name__}): {e}"
 
 
+def _request_publication(factory: sessionmaker[Session], job_id: str, runner_id: str, filter_set_id: int,
+                         body: JobCreate) -> int | None:
+    """Ask for the publication the job body names, with the privileges of the token that submitted the job now (a
+    token revoked or stripped of its publish scope since submission publishes nothing); audited as the runner
+    acting on that token's behalf. A failing verdict without ``force_publish`` publishes nothing, as for the API."""
+    with factory.begin() as session:
+        job = session.get(Job, job_id)
+        token, fs = job.token, catalog.get_filter_set(session, filter_set_id)
+        detail = dict(on_behalf_of=token.name, job=job_id)
+        if token.revoked_at is not None or not jobs.required_scopes(body) <= effective_scopes(token.scopes):
+            audit.record(session, "runner:" + runner_id, "publication.skip", "filter_set", fs.id,
+                         reason="the submitting token no longer has the publish scope", **detail)
+        elif fs.verdict != "pass" and not body.force_publish:
+            audit.record(session, "runner:" + runner_id, "publication.skip", "filter_set", fs.id,
+                         reason="the filter set failed validation and force_publish is false", **detail)
+        else:
+            return catalog.request_publication(session, fs, body.publish_to, actor="runner:" + runner_id,
+                                               force=body.force_publish, **detail).id
+    return None  # nothing to publish (audited above)
+
+
 def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, body: JobCreate,
                            lm: Any, reporter: ProgressReporter) -> int:
+    from qfilters.data.spec import parse_spec
     from qfilters.validation.render import render_html, render_markdown, report_json
     from qfilters.validation.run import run_validation
 
-    run = run_validation(lm, body.datasets, body.eval_datasets, body.validation_settings(), on_progress=reporter)
+    calibration = [parse_spec(spec, allow_local=False) for spec in body.datasets]  # Hub-only, re-checked here
+    evaluation = [parse_spec(spec, allow_local=False) for spec in body.eval_datasets]
+    run = run_validation(lm, calibration, evaluation, body.validation_settings(), on_progress=reporter)
     reporter.status("validating", "storing filters and report")
     report = run.report
     report_files = {"json": report_json(report).encode(), "html": render_html(report).encode(),

@@ -15,6 +15,7 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,99}$")
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 # Spec kinds that read data the service is allowed to fetch; local paths would let a client read server files.
+# (services/sources.py then checks hf: names against the operator's allow-list or the Hub.)
 SERVICE_SPEC_KINDS = ("handbook", "austen", "python-docs", "python-code", "fortunes", "hf")
 
 
@@ -49,8 +50,8 @@ def _check_dataset_spec(value: str) -> str:
             f"dataset spec {value!r} is not available on the service: use one of "
             f"{', '.join(SERVICE_SPEC_KINDS)} (e.g. handbook:en, python-code, hf:NAME:SPLIT); local paths are refused"
         )
-    try:
-        return str(parse_spec(value))
+    try:  # Hub-only: never a path on the server, whatever the syntax (hf:NAME that exists locally included)
+        return str(parse_spec(value, allow_local=False))
     except DatasetSpecError as e:
         raise ValueError(str(e).splitlines()[0]) from None
 
@@ -84,7 +85,9 @@ class JobCreate(BaseModel):
 
     model: RepoId = Field(description="Hub model id (org/name) or an embedded alias such as smollm2")
     revision: Revision | None = Field(None, description="branch, tag or commit; default main")
-    datasets: list[DatasetSpec] = Field(min_length=2, max_length=16, description="calibration dataset specs")
+    datasets: list[DatasetSpec] = Field(min_length=2, max_length=16,
+                                        description="calibration dataset specs: at least two, stability is measured "
+                                                    "across them")
     eval_datasets: list[DatasetSpec] = Field(min_length=1, max_length=8, description="evaluation dataset specs")
     tokens: int = Field(8192, ge=64, le=50_000_000, description="calibration tokens per dataset")
     seq_len: int = Field(1024, ge=16, le=131_072, description="calibration sequence length")
@@ -96,8 +99,9 @@ class JobCreate(BaseModel):
     window: int = Field(64, ge=0, le=131_072)
     max_docs: int | None = Field(6, ge=1, le=10_000)
     gates: dict[str, float] = Field(default_factory=dict, description="gate threshold overrides")
-    publish_to: RepoId | None = Field(None, description="Hub repo to publish to when the verdict passes")
-    force_publish: bool = Field(False, description="publish even if the verdict fails")
+    publish_to: RepoId | None = Field(None, description="Hub repo to publish to when the verdict passes (needs "
+                                                        "the publish scope)")
+    force_publish: bool = Field(False, description="publish even if the verdict fails (needs the publish scope)")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobCreate:
@@ -262,7 +266,7 @@ class Lineage(BaseModel):
 class AliasMoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    filter_set_id: int = Field(ge=1)
+    filter_set_id: int = Field(ge=1, le=2**31 - 1)
     reason: str | None = Field(None, max_length=1000)
     force: bool = Field(False, description="point the alias at a version whose verdict failed")
 

@@ -42,6 +42,7 @@ class ArtifactStore:
         return self.path_for(sha256).is_file()
 
     def _write_atomic(self, target: Path, data: bytes) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner only, like the database next to it
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:

@@ -10,9 +10,11 @@ import os
 from typing import Any
 
 from qfilters.data.corpus import Document
-from qfilters.data.spec import HFSpec
+from qfilters.data.spec import HFSpec, check_hub_dataset_name
 from qfilters.errors import DatasetSpecError, DatasetUnavailableError
 
+#: ``datasets`` takes a path with this prefix from the Hub only (``remote_only``), even if a local directory matches.
+HUB_PREFIX = "hf://datasets/"
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -30,8 +32,12 @@ def load_hf(spec: HFSpec) -> tuple[list[Document], str]:
             f"dataset spec {spec.normalized!r} needs the optional 'datasets' package: pip install 'qfilters[hf]'"
         ) from None
     label = spec.name + (f" ({spec.config})" if spec.config else "")
+    path = spec.name
+    if spec.hub_only:  # re-checked here: the loading process may not be the one that parsed the spec
+        check_hub_dataset_name(spec.name, spec.normalized)
+        path = HUB_PREFIX + spec.name  # datasets then resolves the name on the Hub only, never as a local directory
     try:
-        table: Any = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+        table: Any = datasets.load_dataset(path, spec.config, split=spec.split)
     except ConnectionError as err:  # datasets raises this both offline and when the Hub is unreachable
         if hub_offline():
             reason = ("Hugging Face offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and this dataset is "
@@ -46,6 +52,8 @@ def load_hf(spec: HFSpec) -> tuple[list[Document], str]:
                                       f"locally ({err}). Check the name and configuration.") from None
     except ValueError as err:  # unknown split / config
         raise DatasetSpecError(f"dataset spec {spec.normalized!r}: {err}") from None
+    except RuntimeError as err:  # e.g. a dataset script, which datasets no longer runs
+        raise DatasetUnavailableError(f"cannot load {spec.normalized!r}: {err}") from None
     columns = list(getattr(table, "column_names", []) or [])
     if spec.column not in columns:
         raise DatasetSpecError(f"dataset spec {spec.normalized!r}: no column {spec.column!r} in {label} split "

@@ -38,8 +38,9 @@ def stdlib_dir() -> Path:
 
 
 def stdlib_description() -> str:
-    """What ``python-code`` reads, for ``Corpus.source``."""
-    return f"{platform.python_implementation()} {platform.python_version()} standard library ({stdlib_dir()})"
+    """What ``python-code`` reads, for ``Corpus.source``: the interpreter and its version (the text depends on it),
+    no install path (sources end up in reports and public listings, where a path tells how the host is laid out)."""
+    return f"{platform.python_implementation()} {platform.python_version()} standard library"
 
 
 def is_stdlib_source(relative: Path) -> bool:

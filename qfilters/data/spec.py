@@ -5,6 +5,11 @@ Precedence, so that ``handbook:en`` can never be taken for a file name: a known 
 otherwise the string must be an existing file or directory, or a glob that matches something. Anything else is a
 :class:`DatasetSpecError` that lists the valid kinds.
 
+``parse_spec(spec, allow_local=False)`` is the form for services that take specs from other people: local paths in
+any syntax are refused without looking at the disk, and ``hf:`` names are marked Hub-only (:attr:`HFSpec.hub_only`):
+a name that exists as a local path or names one of ``datasets``' file-format builders (``json``, ``csv``...) is
+refused, and the loader fetches it from the Hub only, never from a local directory.
+
 Local JSONL files take their text from the field named after ``#`` (``data/train.jsonl#content``); the default field
 is ``text``. The ``#FIELD`` suffix is only split off when the whole string is not itself an existing path.
 
@@ -20,7 +25,7 @@ import difflib
 import glob
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qfilters.errors import DatasetSpecError
@@ -104,6 +109,7 @@ class HFSpec(Spec):
     config: str | None
     split: str
     column: str = "text"
+    hub_only: bool = field(default=False, compare=False)  # never resolve ``name`` as a local path (services)
 
     @property
     def kind(self) -> str:
@@ -170,15 +176,28 @@ def available_specs() -> list[tuple[str, str]]:
     return list(_KINDS)
 
 
-def parse_spec(spec: str) -> Spec:
-    """Parse and validate ``spec`` without fetching anything; raise :class:`DatasetSpecError` if it is not valid."""
+def parse_spec(spec: str, *, allow_local: bool = True) -> Spec:
+    """Parse and validate ``spec`` without fetching anything; raise :class:`DatasetSpecError` if it is not valid.
+
+    ``allow_local=False`` (services): local paths are refused whatever their syntax, without touching the disk, and
+    ``hf:`` specs come back Hub-only (see :func:`check_hub_dataset_name`).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise DatasetSpecError(f"empty dataset spec {spec!r}.\n{_kinds_help()}")
     text = spec.strip()
     head, has_arg, arg = text.partition(":")
     key = head.lower()
     if key in _PREFIXES:
-        return _PREFIXES[key](text, arg if has_arg else None)
+        parsed = _PREFIXES[key](text, arg if has_arg else None)
+        if isinstance(parsed, HFSpec) and not allow_local:
+            check_hub_dataset_name(parsed.name, text)
+            parsed = replace(parsed, hub_only=True)
+        return parsed
+    if not allow_local:
+        raise DatasetSpecError(
+            f"dataset spec {spec!r} is not available here: local paths are refused; use one of "
+            f"{', '.join(p for p in _PREFIXES if p != 'hf')} or hf:NAME:SPLIT (a Hugging Face Hub dataset)."
+        )
     if key == "file" and has_arg:
         forced = _parse_local(text, arg, forced=True)
         assert forced is not None  # forced=True raises instead of returning None
@@ -263,6 +282,27 @@ def _parse_hf(spec: str, arg: str | None) -> HFSpec:
     if not column:
         raise DatasetSpecError(f"dataset spec {spec!r}: empty COLUMN; {usage}.")
     return HFSpec(name, config, split, column)
+
+
+#: ``datasets``' packaged builders read local (or explicitly listed) files, not a Hub repository of that name.
+FILE_BUILDERS = frozenset({
+    "arrow", "audiofolder", "cache", "conll", "csv", "eval", "fasta", "fastq", "folder_based_builder", "genbank",
+    "generator", "harbor", "hdf5", "iceberg", "imagefolder", "json", "lance", "meshfolder", "mmcif", "niftifolder",
+    "pandas", "parquet", "pdb", "pdffolder", "spark", "sql", "text", "tsfile", "videofolder", "vortex", "webdataset",
+    "xml",
+})  # fmt: skip
+
+
+def check_hub_dataset_name(name: str, spec: str | None = None) -> None:
+    """Refuse an ``hf:`` name that ``datasets`` would not take from the Hub: a file-format builder, or a name that
+    exists as a path relative to the current directory (``datasets.load_dataset`` reads those from the disk)."""
+    where = f"dataset spec {spec!r}" if spec else f"Hub dataset {name!r}"
+    if name.lower() in FILE_BUILDERS:
+        raise DatasetSpecError(f"{where}: {name!r} is a datasets file-format builder, not a Hub dataset; name a Hub "
+                               "dataset (owner/name) instead.")
+    if os.path.lexists(name):
+        raise DatasetSpecError(f"{where}: {name!r} is not taken as a Hub dataset here (it names a local path); "
+                               "use the full owner/name of the Hub dataset.")
 
 
 def _looks_like_split(part: str) -> bool:

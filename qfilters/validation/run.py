@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qfilters.validation.gates import GateInputs, ValidationInputError, decide, gap_ratio, parse_gate_overrides
+from qfilters.validation.progress import Progress, ProgressFn, interruptible, notifier
 from qfilters.validation.risk import assess
 from qfilters.validation.schema import (
     DatasetInfo,
@@ -81,18 +82,6 @@ class ValidationSettings:
         return min(self.window, budget // 2)
 
 
-@dataclass(frozen=True)
-class Progress:
-    """One progress event: ``phase`` (calibrate / evaluate / transfer), a label, and work done out of total."""
-
-    phase: str
-    label: str
-    completed: int
-    total: int
-    detail: str = ""
-
-
-ProgressFn = Callable[[Progress], None]
 
 
 @dataclass
@@ -154,17 +143,20 @@ def _label(item: Any) -> str:
 
 
 def _load_corpora(items: Sequence[Any], role: str) -> list[Any]:
-    """Specs (strings, parsed all first, then fetched) or ready ``Corpus`` objects -> non-empty corpora."""
+    """Specs (strings or parsed ``Spec`` objects, all parsed first, then fetched) or ready ``Corpus`` objects ->
+    non-empty corpora. A service passes ``parse_spec(s, allow_local=False)`` results, so loading keeps that mode."""
     from qfilters.data import load_corpus, parse_spec
+    from qfilters.data.spec import Spec
 
     if not items:
         raise ValidationInputError(f"no {role} dataset given")
     labels = [_label(x) for x in items]
-    normalized = [str(parse_spec(x)) if isinstance(x, str) else lbl for x, lbl in zip(items, labels)]
+    parsed = [parse_spec(x) if isinstance(x, str) else x for x in items]
+    normalized = [str(x) if isinstance(x, Spec) else lbl for x, lbl in zip(parsed, labels)]
     dupes = sorted({n for n in normalized if normalized.count(n) > 1})
     if dupes:
         raise ValidationInputError(f"{role} dataset listed twice: {', '.join(dupes)}")
-    corpora = [load_corpus(x) if isinstance(x, str) else x for x in items]
+    corpora = [load_corpus(x) if isinstance(x, Spec) else x for x in parsed]
     for c in corpora:
         if len(c.documents) == 0 or not any(d.text.strip() for d in c.documents):
             raise ValidationInputError(f"{role} dataset {c.spec!r} is empty: it has no text to use")
@@ -247,9 +239,7 @@ def run_validation(
     ``filters`` (a ``QFilters``, a directory or a Hub id) validates an existing artifact instead of the combined
     filters: the per-dataset calibrations still run (they measure stability), the perplexity sweep uses ``filters``.
     """
-    import qfilters
     from qfilters.attention import attention_layers
-    from qfilters.calibrate import CalibrationConfig, calibrate, combine_results
 
     # ---- 1. everything that can be wrong is checked before the first forward pass
     thresholds = check_settings(settings)
@@ -265,7 +255,17 @@ def run_validation(
     _check_evaluation_text(lm, eval_corpora, settings)
     budgets = settings.resolved_budgets()
     reference = settings.resolved_reference_budget()
-    notify = on_progress or (lambda p: None)
+    notify, interrupt = notifier(on_progress)
+    with interruptible(lm.model, interrupt):
+        return _run(lm, calib_corpora, eval_corpora, settings, given, thresholds, budgets, reference, notify,
+                    filters, created_at)
+
+
+def _run(lm: Any, calib_corpora: list[Any], eval_corpora: list[Any], settings: ValidationSettings, given: Any,
+         thresholds: dict[str, float], budgets: list[int], reference: int, notify: ProgressFn, filters: Any,
+         created_at: str | None) -> ValidationRun:
+    import qfilters
+    from qfilters.calibrate import CalibrationConfig, calibrate, combine_results
 
     # ---- 2. calibration, one run per dataset, then their exact union
     config = CalibrationConfig(max_tokens=settings.tokens_per_dataset, seq_len=settings.calib_seq_len,
@@ -413,13 +413,13 @@ class Sweep:
 
 
 def _evaluate(lm: Any, corpus: Any, filters: Any, budgets: list[int], window: int, s: ValidationSettings,
-              policies: Sequence[str]) -> Any:
+              policies: Sequence[str], on_step: Callable[[int, int], None]) -> Any:
     from qfilters.evaluate import evaluate_policies
 
     return evaluate_policies(lm.model, lm.tokenizer, corpus, filters, budgets=budgets, window=window,
                              seq_len=s.eval_seq_len, score_last=s.score_last, n_sinks_streaming=s.n_sinks,
                              policies=tuple(policies), max_docs=s.max_docs, progress=False,
-                             model_id=lm.info.model_id)
+                             model_id=lm.info.model_id, on_step=on_step)
 
 
 def _selected_chunks(lm: Any, corpus: Any, s: ValidationSettings) -> tuple[list[str], list[Any]]:
@@ -479,10 +479,11 @@ def _sweep(lm: Any, corpus: Any, filters: Any, budgets: list[int], s: Validation
     total = len(chunks) * (1 + len(policies) * n_budgets)
     done = len(chunks) * (1 + len(policies) * len(groups[base_window]))
     notify(Progress("evaluate", corpus.spec, 0, total, f"budgets {', '.join(map(str, groups[base_window]))}"))
-    base = _evaluate(lm, corpus, filters, groups[base_window], base_window, s, EVAL_POLICIES)
+    # one event per forward pass: a caller's callback is where it can stop a long sweep between two passes
+    base = _evaluate(lm, corpus, filters, groups[base_window], base_window, s, EVAL_POLICIES,
+                     on_step=lambda passes, _: notify(Progress("evaluate", corpus.spec, passes, total)))
     if base.titles != titles:  # pragma: no cover - would mean evaluate_policies changed its selection rule
         raise RuntimeError(f"selected documents {titles} differ from the evaluated ones {base.titles}")
-    notify(Progress("evaluate", corpus.spec, done, total))
     results = {b: base for b in groups[base_window]}
 
     def tick() -> None:

@@ -15,6 +15,7 @@ from registry.db import session_scope
 from registry.errors import Forbidden, Unauthorized
 from registry.security import effective_scopes
 from registry.services import tokens
+from registry.services.jobs import Viewer as JobViewer_
 from registry.state import RegistryState
 
 bearer = HTTPBearer(auto_error=False, description="API token created with `qfilters token create`")
@@ -80,3 +81,11 @@ Reader = Annotated[Principal, Depends(require("read"))]
 Submitter = Annotated[Principal, Depends(require("submit"))]
 Publisher = Annotated[Principal, Depends(require("publish"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+
+
+def job_viewer(request: Request, principal: PublicRead) -> JobViewer_:
+    """Whose jobs the caller may see and change (see :class:`registry.services.jobs.Viewer`)."""
+    return JobViewer_(principal.token_id, "admin" in principal.scopes, get_state(request).settings.public_reads)
+
+
+JobViewer = Annotated[JobViewer_, Depends(job_viewer)]

@@ -106,7 +106,12 @@ def _document_problems(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length and while streaming."""
+    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length and while streaming (chunked bodies).
+
+    The body is read here, before the app runs, and replayed to it: FastAPI turns any error raised while it reads a
+    body into a 400, so an oversized chunked body has to be caught before FastAPI starts reading. At most
+    ``max_bytes`` are held in memory.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -121,30 +126,35 @@ class BodySizeLimit:
             return
         max_bytes = self.limit_for(scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        if declared is not None and not declared.isdigit():
+            await problem(400, "Bad request", "Content-Length must be a decimal number of bytes",
+                          scope.get("path"))(scope, receive, send)
+            return
+        if declared is not None and int(declared) > max_bytes:
             await self._refuse(scope, receive, send, max_bytes)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        body, more = bytearray(), True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > max_bytes:
-                    raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away: nobody to answer
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > max_bytes:
+                await self._refuse(scope, receive, send, max_bytes)
+                return
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send, max_bytes)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnect notices, for streaming responses
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
         response = problem(413, "Request too large", f"request bodies are limited to {max_bytes} bytes",
                            scope.get("path"))
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass

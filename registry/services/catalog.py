@@ -36,16 +36,22 @@ DEFAULT_RESOLVE_ALIASES = ("stable", "latest")
 # ----------------------------------------------------------------------------------------------------------- models
 
 
+# A model row is made when a job names it, but the catalogue shows a model only once a runner has loaded it (and
+# recorded its architecture): ids that were submitted but never loaded stay out of every listing.
+_LOADED = BaseModel_.model_type.is_not(None)
+
+
 def get_model(session: Session, model_id: int) -> BaseModel_:
     model = session.get(BaseModel_, model_id)
-    if model is None:
+    if model is None or model.model_type is None:
         raise NotFound(f"no model with id {model_id}")
     return model
 
 
 def list_models(session: Session, *, hf_id: str | None = None, model_type: str | None = None,
                 limit: int = 50, offset: int = 0) -> tuple[list[BaseModel_], int]:
-    query = where_equal(select(BaseModel_), (BaseModel_.hf_id, hf_id), (BaseModel_.model_type, model_type))
+    query = where_equal(select(BaseModel_).where(_LOADED), (BaseModel_.hf_id, hf_id),
+                        (BaseModel_.model_type, model_type))
     return page(session, query, BaseModel_.hf_id, BaseModel_.revision, limit=limit, offset=offset,
                 options=(selectinload(BaseModel_.aliases),))
 
@@ -67,7 +73,9 @@ def record_architecture(model: BaseModel_, info: dict[str, Any], commit: str | N
 
 
 def list_datasets(session: Session, *, limit: int = 50, offset: int = 0) -> tuple[list[Dataset], int]:
-    return page(session, select(Dataset), Dataset.spec, limit=limit, offset=offset)
+    """Datasets some job has read (content hash known); specs only ever submitted stay out, like models."""
+    return page(session, select(Dataset).where(Dataset.sha256.is_not(None)), Dataset.spec, limit=limit,
+                offset=offset)
 
 
 def record_dataset(session: Session, spec: str, *, sha256: str, source: str, documents: int | None = None,
@@ -220,22 +228,22 @@ def explain_unresolved(session: Session, hf_id: str, revision: str | None, alias
 # ----------------------------------------------------------------------------------------------------- publications
 
 
-def request_publication(session: Session, fs: FilterSet, repo_id: str, *, actor: str, force: bool) -> Publication:
-    """Record a publication request; a failing verdict is refused unless forced.
+def request_publication(session: Session, fs: FilterSet, repo_id: str, *, actor: str, force: bool,
+                        **audit_detail: Any) -> Publication:
+    """Record a publication request; a failing verdict is a :class:`Conflict` unless forced (as for alias moves).
 
     The push to the Hub itself is done by the publishing step, which picks up ``pending`` publications.
+    ``audit_detail`` adds to the audit entry (a runner acting for a job names the token that asked).
     """
     if fs.verdict != "pass" and not force:
-        pub = Publication(filter_set_id=fs.id, repo_id=repo_id, status="refused", forced=False,
-                          detail="the filter set failed validation: " + "; ".join(fs.verdict_detail.get("reasons", []))
-                          + " (set force to publish anyway)", created_at=utcnow())
-    else:
-        pub = Publication(filter_set_id=fs.id, repo_id=repo_id, status="pending", forced=force and fs.verdict != "pass",
-                          detail="waiting for the publishing step", created_at=utcnow())
+        raise Conflict(f"filter set {fs.id} failed validation ("
+                       + "; ".join(fs.verdict_detail.get("reasons", [])) + "); set force=true to publish it anyway")
+    pub = Publication(filter_set_id=fs.id, repo_id=repo_id, status="pending", forced=force and fs.verdict != "pass",
+                      detail="waiting for the publishing step", created_at=utcnow())
     session.add(pub)
     session.flush()
     audit.record(session, actor, "publication.request", "filter_set", fs.id, repo_id=repo_id, status=pub.status,
-                 forced=pub.forced)
+                 forced=pub.forced, **audit_detail)
     return pub
 
 

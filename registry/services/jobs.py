@@ -10,14 +10,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from registry.errors import Conflict, NotFound
+from registry.errors import Conflict, Forbidden, NotFound
 from registry.models import ACTIVE_STATUSES, ApiToken, BaseModel_, Dataset, Job, JobDataset, new_id, utcnow
 from registry.schemas import JobCreate
+from registry.security import effective_scopes
 from registry.services import audit
 from registry.services.query import page, where_equal
 from registry.services.upsert import get_or_create, insert_ignore
@@ -43,18 +45,49 @@ def hub_id_for(model: str) -> str:
     return EMBEDDED[alias].hub_id if alias else model
 
 
+@dataclass(frozen=True)
+class Viewer:
+    """Who asks about jobs. Jobs belong to the token that submitted them: only it and admins act on a job. Reading
+    follows the service's reads: with public reads on, every job is readable (like the catalogue they feed);
+    with them off, a non-admin token sees only its own jobs, and others' answer 404 as if they did not exist."""
+
+    token_id: int | None
+    admin: bool = False
+    public_reads: bool = True
+
+    def sees(self, job: Job) -> bool:
+        return self.public_reads or self.owns(job)
+
+    def owns(self, job: Job) -> bool:
+        return self.admin or (self.token_id is not None and job.token_id == self.token_id)
+
+
+def required_scopes(body: JobCreate) -> set[str]:
+    """The scopes a job body asks for: submitting, plus publishing when it names a repo or forces a publication."""
+    return {"submit"} | ({"publish"} if body.publish_to is not None or body.force_publish else set())
+
+
 def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: str | None,
-           max_attempts: int = 3) -> tuple[Job, bool]:
+           max_attempts: int = 3, *, admit: Callable[[JobCreate], None] | None = None) -> tuple[Job, bool]:
     """Create a job, or return the one this token already created with the same ``Idempotency-Key``.
 
-    Returns ``(job, created)``. The same key with a different body is a :class:`Conflict`.
+    Returns ``(job, created)``. The same key with a different body is a :class:`Conflict`; a body that asks for a
+    privilege the token lacks (``publish_to``, ``force_publish``) is :class:`Forbidden`. ``admit`` checks a new job's
+    sources (models, datasets) before anything is written; it raises to refuse.
     """
+    missing = required_scopes(body) - effective_scopes(token.scopes)
+    if missing:
+        why = ("; publish_to and force_publish publish the result: drop them or use a token with the publish scope"
+               if "publish" in missing else "")
+        raise Forbidden(f"token {token.name!r} lacks the {' and '.join(sorted(missing))} scope this job needs{why}")
     request = canonical_request(body)
     digest = request_hash(request)
     if idempotency_key is not None:
         existing = _by_key(session, token.id, idempotency_key)
         if existing is not None:
             return _same_request(existing, digest), False
+    if admit is not None:
+        admit(body)
 
     model = get_or_create(session, BaseModel_, {"hf_id": hub_id_for(body.model), "revision": request["revision"]})
     job_id = new_id()
@@ -83,6 +116,11 @@ def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: 
     return job, True
 
 
+def owner_name(session: Session, job_id: str) -> str | None:
+    """The name of the token that submitted the job (audit entries of runners name it as ``on_behalf_of``)."""
+    return session.scalar(select(ApiToken.name).join(Job, Job.token_id == ApiToken.id).where(Job.id == job_id))
+
+
 def _by_key(session: Session, token_id: int, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.token_id == token_id, Job.idempotency_key == key))
 
@@ -96,16 +134,27 @@ def _same_request(job: Job, digest: str) -> Job:
     return job
 
 
-def get(session: Session, job_id: str) -> Job:
+def get(session: Session, job_id: str, viewer: Viewer | None = None) -> Job:
+    """The job, if ``viewer`` (default: the system) may see it."""
     job = session.get(Job, job_id) if len(job_id) <= 32 else None
-    if job is None:
+    if job is None or (viewer is not None and not viewer.sees(job)):
         raise NotFound(f"no job with id {job_id!r}")
     return job
 
 
+def get_owned(session: Session, job_id: str, viewer: Viewer) -> Job:
+    """The job, for a write: 404 if ``viewer`` cannot see it, 403 if it can but the job is another token's."""
+    job = get(session, job_id, viewer)
+    if not viewer.owns(job):
+        raise Forbidden(f"job {job.id} belongs to token {job.token.name!r}; only it or an admin can change it")
+    return job
+
+
 def list_jobs(session: Session, *, status: str | None = None, model_id: int | None = None, limit: int = 50,
-              offset: int = 0) -> tuple[list[Job], int]:
+              offset: int = 0, viewer: Viewer | None = None) -> tuple[list[Job], int]:
     query = where_equal(select(Job), (Job.status, status), (Job.model_id, model_id))
+    if viewer is not None and not (viewer.public_reads or viewer.admin):
+        query = query.where(Job.token_id == (viewer.token_id if viewer.token_id is not None else -1))
     return page(session, query, Job.created_at.desc(), Job.id, limit=limit, offset=offset)
 
 
@@ -186,6 +235,14 @@ def write_progress(session: Session, job_id: str, runner_id: str, p: ProgressUpd
     return result.rowcount == 1 and not cancel
 
 
+def still_wanted(session: Session, job_id: str, runner_id: str) -> bool:
+    """Whether the runner should go on: it still owns the job, the job is active, and nobody asked to cancel it."""
+    row = session.execute(select(Job.claimed_by, Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
+    session.rollback()  # end the read transaction at once
+    return row is not None and row.claimed_by == runner_id and row.status in ACTIVE_STATUSES \
+        and not row.cancel_requested
+
+
 def finish(session: Session, job_id: str, runner_id: str, status: str, *, error: str | None = None) -> bool:
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.claimed_by == runner_id, Job.status.in_(ACTIVE_STATUSES))
@@ -194,7 +251,8 @@ def finish(session: Session, job_id: str, runner_id: str, status: str, *, error:
                 phase=None if status == "succeeded" else Job.phase)
     )
     if result.rowcount == 1:
-        audit.record(session, "runner:" + runner_id, f"job.{status}", "job", job_id, error=error)
+        audit.record(session, "runner:" + runner_id, f"job.{status}", "job", job_id, error=error,
+                     on_behalf_of=owner_name(session, job_id))
     session.commit()
     return result.rowcount == 1
 

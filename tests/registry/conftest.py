@@ -78,6 +78,9 @@ def database_url(request, tmp_path: Path) -> Iterator[str]:
 def make_settings(database_url: str, data_dir: Path, **overrides):
     from registry.config import Settings
 
+    # tiny-llama is served by TinyModels, not the Hub: allow-list it (and the tests' own made-up ids), as an operator
+    # would the models of an offline server's Hugging Face cache
+    overrides.setdefault("allowed_models", ["tiny-llama", "qfilters-test/*"])
     return Settings(database_url=database_url, data_dir=data_dir, run_jobs=False, **overrides)
 
 

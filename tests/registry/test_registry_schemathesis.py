@@ -1,6 +1,8 @@
-"""Schemathesis over the registry's own OpenAPI spec, without a token and with an admin token, on SQLite and on real
-PostgreSQL: no server errors, and every response conforms to the spec (a documented status code, a documented content
-type, a body valid against the declared schema).
+"""Schemathesis over the registry's own OpenAPI spec, with no token and with a token of every scope (read, submit,
+publish, admin; the scopes in between on SQLite, anonymous and admin on real PostgreSQL too): no server errors, every
+response conforms to the spec (a documented status code, a documented content type, a body valid against the declared
+schema), and no success a caller's scope does not allow (privilege escalation). Stateless (every operation alone) and
+stateful (sequences that follow the spec's links: submit -> read / cancel / retry the job it created).
 
 Each database is seeded once (module scope) by a real job run on the tiny random Llama, so a model, a filter set with
 its files and reports, aliases, datasets, a job and audit events exist. Hooks send half of the generated path and query
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 import schemathesis
 from hypothesis import strategies as st
@@ -100,6 +103,44 @@ def flatmap_query(context, query):
     return st.sampled_from([query, {**query, **real}]) if real else st.just(query)
 
 
+# Jobs the service accepts (generated bodies almost never name valid datasets), with and without the fields that ask
+# for the publish scope: so that submit, and the cancel / retry links that follow it, are exercised for real.
+VALID_JOBS = [{**TINY_JOB, "seed": 11}, {**TINY_JOB, "seed": 12, "publish_to": "org/tiny-qf"},
+              {**TINY_JOB, "seed": 13, "force_publish": True}]
+
+
+@schema.hook
+def flatmap_body(context, body):
+    if context.operation.path == "/v1/jobs" and context.operation.method.upper() == "POST":
+        return st.sampled_from([body, *(copy.deepcopy(job) for job in VALID_JOBS)])
+    return st.just(body)
+
+
+SCOPES = {"anonymous": set(), "read": {"read"}, "submit": {"submit", "read"}, "publish": {"publish", "read"},
+          "admin": {"read", "submit", "publish", "admin"}}
+
+
+def no_escalation(scope: str, token_name: str | None, case: Any, response: Any) -> None:
+    """A success must be one the caller's scope allows: writes need their scope, publishing fields in a job body need
+    publish, a job is cancelled or retried only by its submitter or an admin, the audit trail is admin-only."""
+    if not 200 <= response.status_code < 300:
+        return
+    scopes, method, path = SCOPES[scope], case.operation.method.upper(), case.operation.path
+    body = case.body if isinstance(case.body, dict) else {}
+    needed = set()
+    if (method, path) == ("POST", "/v1/jobs"):
+        publishes = body.get("publish_to") is not None or body.get("force_publish")
+        needed = {"submit"} | ({"publish"} if publishes else set())
+    elif path.startswith("/v1/jobs/{job_id}/"):
+        needed = {"submit"}
+        assert "admin" in scopes or response.json()["created_by"] == token_name, f"{scope} changed a foreign job"
+    elif method in ("PUT", "POST"):
+        needed = {"publish"}
+    elif path == "/v1/audit":
+        needed = {"admin"}
+    assert needed <= scopes, f"{method} {path} answered {response.status_code} to a {scope!r} caller"
+
+
 def _seed(reg: Registry, lm) -> Seeded:
     """Run one passing job through the real pipeline: a model, a filter set, aliases, datasets, audit events."""
     admin = reg.token("admin", name="schemathesis-admin")
@@ -149,8 +190,13 @@ def seeded_registries(request, tiny_llama, tmp_path_factory) -> Iterator[Callabl
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def seeded(request, seeded_registries) -> Seeded:
-    return seeded_registries(request.param)
+def seeded_backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def seeded(seeded_backend: str, seeded_registries) -> Seeded:
+    return seeded_registries(seeded_backend)
 
 
 @dataclass
@@ -159,22 +205,41 @@ class Caller:
     headers: dict[str, str]
     session: asgi.ASGIClient
 
+    scope: str = "admin"
+    token_name: str | None = None
+
     def validate(self, case: schemathesis.Case) -> Any:
-        """Send ``case`` to the app in-process with this caller's credentials; fail on any check."""
+        """Send ``case`` to the app in-process with this caller's credentials; fail on any check or escalation."""
         load_all_checks()
-        return case.call_and_validate(session=self.session, headers=self.headers, app=self.seeded.registry.app,
-                                      checks=CHECKS.get_by_names(CHECK_NAMES))
+        response = case.call_and_validate(session=self.session, headers=self.headers, app=self.seeded.registry.app,
+                                          checks=CHECKS.get_by_names(CHECK_NAMES))
+        no_escalation(self.scope, self.token_name, case, response)
+        return response
 
 
-@pytest.fixture(scope="module", params=["anonymous", "admin"])
-def caller(request, seeded: Seeded) -> Iterator[Caller]:
-    """Who calls: nobody, or an admin token (module scope: Hypothesis reruns the test body, never its fixtures)."""
+def _token_for(seeded: Seeded, scope: str) -> tuple[dict[str, str], str | None]:
+    if scope == "anonymous":
+        return {}, None
+    if scope == "admin":
+        return seeded.registry.auth(seeded.admin_token), "schemathesis-admin"
+    name = f"schemathesis-{scope}"
+    if name not in seeded.rows:
+        seeded.rows[name] = seeded.registry.token(scope, name=name)
+    return seeded.registry.auth(seeded.rows[name]), name
+
+
+@pytest.fixture(scope="module", params=list(SCOPES))
+def caller(request, seeded: Seeded, seeded_backend: str) -> Iterator[Caller]:
+    """Who calls: nobody, or a token of one scope (module scope: Hypothesis reruns the test body, never its
+    fixtures). The scopes between anonymous and admin run on SQLite only, to keep the suite's time bounded."""
+    if seeded_backend == "postgresql" and request.param not in ("anonymous", "admin"):
+        pytest.skip("read / submit / publish callers run on SQLite; PostgreSQL runs anonymous and admin")
     CURRENT.clear()
-    CURRENT.update(seeded.rows)
-    headers = seeded.registry.auth(seeded.admin_token) if request.param == "admin" else {}
+    CURRENT.update({k: v for k, v in seeded.rows.items() if not k.startswith("schemathesis-")})
+    headers, name = _token_for(seeded, request.param)
     # In-process transport to the app, not entered: the registry's test client already runs the app's lifespan.
     session = asgi.get_client(seeded.registry.app)
-    yield Caller(seeded, headers, session)
+    yield Caller(seeded, headers, session, request.param, name)
     session.close()
 
 
@@ -220,5 +285,44 @@ def test_the_successful_write_flows_conform_too(seeded: Seeded) -> None:
 
 @schema.parametrize()
 def test_every_response_conforms_to_the_openapi_spec(case, caller: Caller) -> None:
+    if caller.scope in ("read", "submit", "publish") and case.method.upper() == "GET":
+        pytest.skip("reads are public: anonymous and admin callers cover them")  # keeps the suite's time bounded
     assert "authorization" not in {k.lower() for k in case.headers or {}}, "only the test sets credentials"
     caller.validate(case)
+
+
+STATEFUL_SCENARIOS = 8  # Hypothesis examples per scope, each a sequence of up to STATEFUL_STEPS linked calls
+STATEFUL_STEPS = 5
+
+
+@pytest.mark.parametrize("scope", list(SCOPES))
+def test_stateful_sequences_conform_and_never_escalate(seeded_registries, scope: str) -> None:
+    """Sequences that follow the spec's links (submit, then read / cancel / retry that job, and what the seeded rows
+    lead to), for a caller of each scope, on SQLite: the same conformance checks, and no escalation at any step."""
+    seeded = seeded_registries("sqlite")
+    CURRENT.clear()
+    CURRENT.update({k: v for k, v in seeded.rows.items() if not k.startswith("schemathesis-")})
+    headers, name = _token_for(seeded, scope)
+    session = asgi.get_client(seeded.registry.app)
+    load_all_checks()
+    checks = CHECKS.get_by_names(CHECK_NAMES)
+
+    class Sequences(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"session": session, "headers": headers, "app": seeded.registry.app}
+
+        def validate_response(self, response: Any, case: schemathesis.Case, additional_checks: Any = None,
+                              **kwargs: Any) -> None:
+            case.validate_response(response, checks=checks, transport_kwargs=kwargs)
+            no_escalation(scope, name, case, response)
+            calls.append((case.operation.method.upper(), case.operation.path, response.status_code))
+
+    calls: list[tuple[str, str, int]] = []
+    try:
+        Sequences.run(settings=hypothesis.settings(
+            max_examples=STATEFUL_SCENARIOS, stateful_step_count=STATEFUL_STEPS, deadline=None, derandomize=True,
+            database=None, suppress_health_check=list(hypothesis.HealthCheck)))
+    finally:
+        session.close()
+    created = ("POST", "/v1/jobs", 201) in calls
+    assert created == ("submit" in SCOPES[scope]), sorted(set(calls))  # sequences did start from real jobs

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from registry.api.deps import Admin, PublicRead, Publisher, SessionDep, StateDep
+from registry.api.deps import Admin, JobViewer, PublicRead, Publisher, SessionDep, StateDep
 from registry.api.present import base_url, filter_set_public, job_public, model_public, resolved
 from registry.schemas import (
     AliasMovePublic,
@@ -123,14 +123,15 @@ def get_filter_set(filter_set_id: Id, request: Request, session: SessionDep, _: 
 
 
 @router.get("/filter-sets/{filter_set_id}/lineage", response_model=Lineage, tags=["filter sets"], responses=ERRORS)
-def get_lineage(filter_set_id: Id, request: Request, session: SessionDep, _: PublicRead) -> Lineage:
-    """Job -> datasets -> filter set -> publications."""
+def get_lineage(filter_set_id: Id, request: Request, session: SessionDep, viewer: JobViewer) -> Lineage:
+    """Job -> datasets -> filter set -> publications (the job only for those who may read it)."""
     fs = catalog.get_filter_set(session, filter_set_id)
     base = base_url(request)
     parts = catalog.lineage(session, fs)
+    job = parts["job"]
     return Lineage(
         filter_set=filter_set_public(session, fs, base),
-        job=job_public(parts["job"], base) if parts["job"] is not None else None,
+        job=job_public(job, base) if job is not None and viewer.sees(job) else None,
         calibration_datasets=[DatasetPublic.model_validate(d) for d in parts["calibration"]],
         evaluation_datasets=[DatasetPublic.model_validate(d) for d in parts["evaluation"]],
         publications=[PublicationPublic.model_validate(p) for p in parts["publications"]],
@@ -184,7 +185,7 @@ def report_markdown(filter_set_id: Id, request: Request, session: SessionDep, st
 def request_publication(filter_set_id: Id, body: PublicationCreate, session: SessionDep, state: StateDep,
                         principal: Publisher) -> PublicationPublic:
     """Ask for a filter set to be published to a Hub repo (pushed by the runner or a worker, to
-    ``QFILTERS_HUB_ENDPOINT``); a failing verdict is refused unless ``force``."""
+    ``QFILTERS_HUB_ENDPOINT``); a failing verdict answers 409 unless ``force``."""
     from qfilters.hub import default_repo_id
 
     fs = catalog.get_filter_set(session, filter_set_id)

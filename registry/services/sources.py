@@ -1,0 +1,66 @@
+"""What a job may read, checked before it is queued: embedded models and corpora always; Hub models and datasets
+that the operator allow-lists (``QFILTERS_ALLOWED_MODELS`` / ``QFILTERS_ALLOWED_DATASETS``) or that the Hub confirms.
+
+Nothing a client names is ever looked up on the server's disk: dataset specs are parsed Hub-only
+(``parse_spec(..., allow_local=False)``, in the schema and again by the runner) and models load through the Hub
+cache (``load_model(..., allow_local=False)``). This module adds the existence check, so a typo or an unknown id is
+a 422 at submit time, after at most ``hub_timeout`` seconds, instead of a job that fails minutes later.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+from registry.config import Settings
+from registry.errors import Unprocessable
+from registry.schemas import JobCreate
+
+
+def allowed(name: str, patterns: list[str]) -> bool:
+    """Whether ``name`` matches one of the operator's entries (exact ids or fnmatch patterns such as ``org/*``)."""
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def check_job(settings: Settings, body: JobCreate) -> None:
+    """Raise :class:`Unprocessable` unless every model and dataset the job names may be read by this service."""
+    from qfilters.data.spec import HFSpec, parse_spec
+    from qfilters.models import resolve_alias
+
+    if resolve_alias(body.model) is None and not allowed(body.model, settings.allowed_models):
+        _confirm_on_hub("model", body.model, body.revision, settings, "QFILTERS_ALLOWED_MODELS")
+    for spec in [*body.datasets, *body.eval_datasets]:
+        parsed = parse_spec(spec, allow_local=False)  # the schema has parsed it the same way: this cannot fail
+        if isinstance(parsed, HFSpec) and not allowed(parsed.name, settings.allowed_datasets):
+            _confirm_on_hub("dataset", parsed.name, None, settings, "QFILTERS_ALLOWED_DATASETS")
+
+
+def _confirm_on_hub(kind: str, repo_id: str, revision: str | None, settings: Settings, variable: str) -> None:
+    reason = hub_problem(kind, repo_id, revision, settings.hub_timeout)
+    if reason is not None:
+        raise Unprocessable(f"{kind} {repo_id!r} is not available on this service: {reason}. It is neither embedded "
+                            f"nor in the operator's {variable}.")
+
+
+def hub_problem(kind: str, repo_id: str, revision: str | None, timeout: float) -> str | None:
+    """Why the Hub does not confirm ``repo_id`` (a model or dataset repo) at ``revision``; None when it does.
+
+    One request, bounded by ``timeout``, no retries; offline mode (``HF_HUB_OFFLINE``) answers at once.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    from qfilters.data.hf import hub_offline
+
+    if hub_offline():
+        return "the Hugging Face Hub is not consulted (offline mode)"
+    try:
+        HfApi().repo_info(repo_id, repo_type=kind, revision=revision, timeout=timeout)
+    except GatedRepoError:
+        return "it is gated on the Hugging Face Hub (this service holds no access to it)"
+    except RevisionNotFoundError:
+        return f"the Hugging Face Hub has no revision {revision!r} of it"
+    except RepositoryNotFoundError:
+        return f"the Hugging Face Hub has no {kind} of that name"
+    except Exception as e:  # noqa: BLE001 - network errors of any HTTP stack: the Hub could not confirm it
+        return f"the Hugging Face Hub could not be reached to confirm it ({type(e).__name__})"
+    return None
