@@ -44,7 +44,8 @@ def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveRegist
 
 def _run_job(live: LiveRegistry, lm, **fields) -> tuple[str, str | None, int | None, str | None]:  # noqa: ANN001
     """Submit over HTTP, run with the real runner (tiny model); (status, error, filter set id, weights sha256)."""
-    submit = live.token("submit")
+    publishing = "publish_to" in fields or "force_publish" in fields  # a job that publishes needs the publish scope
+    submit = live.token("submit", *(["publish"] if publishing else []))
     answer = httpx.post(f"{live.url}/v1/jobs", json={**TINY_JOB, "model": BASE, **fields},
                         headers={"Authorization": f"Bearer {submit}"})
     assert answer.status_code == 201, answer.text
