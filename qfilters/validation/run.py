@@ -241,15 +241,18 @@ def run_validation(
     filters: Any = None,
     on_progress: ProgressFn | None = None,
     created_at: str | None = None,
+    calibrated: Sequence[Any] | None = None,
 ) -> ValidationRun:
     """Calibrate on each of ``calibration`` (specs or ``Corpus``), evaluate on ``evaluation``, decide.
 
     ``filters`` (a ``QFilters``, a directory or a Hub id) validates an existing artifact instead of the combined
     filters: the per-dataset calibrations still run (they measure stability), the perplexity sweep uses ``filters``.
+    ``calibrated`` gives the per-dataset runs already made (by :func:`calibrate_dataset`, elsewhere: a worker pool
+    calibrates datasets on different devices), one per calibration dataset in order; they are not run again.
     """
     import qfilters
     from qfilters.attention import attention_layers
-    from qfilters.calibrate import CalibrationConfig, calibrate, combine_results
+    from qfilters.calibrate import combine_results
 
     # ---- 1. everything that can be wrong is checked before the first forward pass
     thresholds = check_settings(settings)
@@ -268,17 +271,10 @@ def run_validation(
     notify = on_progress or (lambda p: None)
 
     # ---- 2. calibration, one run per dataset, then their exact union
-    config = CalibrationConfig(max_tokens=settings.tokens_per_dataset, seq_len=settings.calib_seq_len,
-                               batch_size=settings.calib_batch_size, seed=settings.seed,
-                               checkpoint_every=settings.resolved_checkpoint_every())
-    results = []
-    for corpus in calib_corpora:
-        def cal_progress(p: Any, spec: str = corpus.spec) -> None:
-            notify(Progress("calibrate", spec, min(p.tokens, p.total_tokens), p.total_tokens,
-                            f"{p.tokens_per_s:.0f} tok/s"))
-
-        notify(Progress("calibrate", corpus.spec, 0, settings.tokens_per_dataset))
-        results.append(calibrate(lm, [corpus], config, on_progress=cal_progress))
+    if calibrated is not None:
+        results = _check_calibrated(calibrated, calib_corpora, lm)
+    else:
+        results = [_calibrate_one(lm, corpus, settings, notify) for corpus in calib_corpora]
     combined = combine_results(lm, results)
     published = given if given is not None else combined
     calib_specs = [c.spec for c in calib_corpora]
@@ -342,6 +338,57 @@ def run_validation(
         artifact_sha256=safetensors_sha256(published),
     )
     return ValidationRun(report=report, filters=published, combined=combined, per_dataset=results)
+
+
+def calibration_config(settings: ValidationSettings) -> Any:
+    """The ``CalibrationConfig`` of one per-dataset run of a validation with ``settings``."""
+    from qfilters.calibrate import CalibrationConfig
+
+    return CalibrationConfig(max_tokens=settings.tokens_per_dataset, seq_len=settings.calib_seq_len,
+                             batch_size=settings.calib_batch_size, seed=settings.seed,
+                             checkpoint_every=settings.resolved_checkpoint_every())
+
+
+def _calibrate_one(lm: Any, corpus: Any, settings: ValidationSettings, notify: ProgressFn) -> Any:
+    from qfilters.calibrate import calibrate
+
+    def cal_progress(p: Any) -> None:
+        notify(Progress("calibrate", corpus.spec, min(p.tokens, p.total_tokens), p.total_tokens,
+                        f"{p.tokens_per_s:.0f} tok/s"))
+
+    notify(Progress("calibrate", corpus.spec, 0, settings.tokens_per_dataset))
+    return calibrate(lm, [corpus], calibration_config(settings), on_progress=cal_progress)
+
+
+def calibrate_dataset(lm: Any, dataset: Any, settings: ValidationSettings = ValidationSettings(), *,
+                      on_progress: ProgressFn | None = None) -> Any:
+    """One per-dataset calibration run of a validation (checked first, as :func:`run_validation` checks it).
+
+    Its result, handed back through ``run_validation(calibrated=...)``, gives the same report as a run that calibrated
+    in-process: a worker pool uses this to calibrate the datasets of one job on different devices at once.
+    """
+    from qfilters.attention import attention_layers
+
+    check_settings(settings)
+    attention_layers(lm.model)
+    (corpus,) = _load_corpora([dataset], "calibration")
+    _check_calibration_text(lm, [corpus], settings)
+    return _calibrate_one(lm, corpus, settings, on_progress or (lambda p: None))
+
+
+def _check_calibrated(calibrated: Sequence[Any], corpora: Sequence[Any], lm: Any) -> list[Any]:
+    """Precomputed runs must be of these datasets, in this order, for this model's shape, with their statistics."""
+    if len(calibrated) != len(corpora):
+        raise ValidationInputError(f"{len(calibrated)} calibration results given for {len(corpora)} datasets")
+    for result, corpus in zip(calibrated, corpora):
+        spec = _calibration_info(result).spec
+        if spec != corpus.spec or result.statistics is None:
+            raise ValidationInputError(f"calibration result of {spec!r} given for dataset {corpus.spec!r}, or it "
+                                       "carries no statistics: calibrate it with calibrate_dataset")
+        if result.filters.shape != lm.info.filter_shape:
+            raise ValidationInputError(f"calibration result of {spec!r} has shape {list(result.filters.shape)}, "
+                                       f"the model needs {list(lm.info.filter_shape)}")
+    return list(calibrated)
 
 
 def _now() -> str:
