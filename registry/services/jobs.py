@@ -135,21 +135,31 @@ def retry(session: Session, job: Job, actor: str) -> Job:
 # ------------------------------------------------------------------------------------------------ runner protocol
 
 
+def claim(session: Session, job_id: str, runner_id: str, *, commit: bool = True) -> Job | None:
+    """Own a queued job with a conditional update: of two runners (or two deliveries of one message) one wins.
+
+    Returns the job, or ``None`` if it was not queued (taken, cancelled, gone). The attempt is counted here.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "queued")
+        .values(status="running", claimed_by=runner_id, attempts=Job.attempts + 1, started_at=now,
+                heartbeat_at=now, phase="starting", error=None)
+    )
+    if commit:
+        session.commit()
+    return session.get(Job, job_id, populate_existing=True) if result.rowcount == 1 else None
+
+
 def claim_next(session: Session, runner_id: str) -> Job | None:
-    """Take the oldest queued job with a conditional update; ``None`` if there is none (or others took them all)."""
+    """Take the oldest queued job; ``None`` if there is none (or others took them all)."""
     for _ in range(5):
         job_id = session.scalar(select(Job.id).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(1))
         if job_id is None:
             return None
-        now = utcnow()
-        result = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", claimed_by=runner_id, attempts=Job.attempts + 1, started_at=now,
-                    heartbeat_at=now, phase="starting", error=None)
-        )
-        session.commit()
-        if result.rowcount == 1:
-            return session.get(Job, job_id)
+        job = claim(session, job_id, runner_id)
+        if job is not None:
+            return job
     return None
 
 

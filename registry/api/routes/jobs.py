@@ -28,7 +28,11 @@ def submit_job(
     token = session.get(ApiToken, principal.token_id)
     assert token is not None
     job, created = jobs.submit(session, token, body, idempotency_key, max_attempts=state.settings.max_attempts)
+    if created:
+        state.dispatcher.route(session, job)
     session.commit()
+    if created:
+        state.dispatcher.submitted(job.id)  # after the commit: a worker must find the row it is sent for
     base = base_url(request)
     if not created:
         response.status_code = 200
@@ -55,16 +59,20 @@ def get_job(job_id: JobId, request: Request, session: SessionDep, _: PublicRead)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS)
-def cancel_job(job_id: JobId, request: Request, session: SessionDep, principal: Submitter) -> JobPublic:
+def cancel_job(job_id: JobId, request: Request, session: SessionDep, state: StateDep,
+               principal: Submitter) -> JobPublic:
     """Cancel a queued job at once, or ask a running one to stop at its next progress update."""
     job = jobs.cancel(session, jobs.get(session, job_id), principal.name)
     session.commit()
+    state.dispatcher.cancelled(job.id)
     return job_public(job, base_url(request))
 
 
 @router.post("/{job_id}/retry", response_model=JobPublic, responses=ERRORS)
-def retry_job(job_id: JobId, request: Request, session: SessionDep, principal: Submitter) -> JobPublic:
+def retry_job(job_id: JobId, request: Request, session: SessionDep, state: StateDep,
+              principal: Submitter) -> JobPublic:
     """Queue a failed or cancelled job again, from the start."""
     job = jobs.retry(session, jobs.get(session, job_id), principal.name)
     session.commit()
+    state.dispatcher.submitted(job.id)
     return job_public(job, base_url(request))
