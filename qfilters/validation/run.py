@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from qfilters.validation.gates import GateInputs, ValidationInputError, decide, gap_ratio, parse_gate_overrides
-from qfilters.validation.risk import assess
 from qfilters.validation.schema import (
     DatasetInfo,
     PerplexityReport,
@@ -32,9 +31,11 @@ from qfilters.validation.schema import (
     Settings,
     TransferMatrix,
     ValidationReport,
+    rnd,
 )
-from qfilters.validation.stability import cross_dataset_stability, rnd, summarize, tokens_to_stable
 
+# stability and risk need torch: they load with the first validation, so that checking a request (check_settings,
+# in a service's API process) never imports torch.
 STABLE_THRESHOLD = 0.999  # checkpoint agreement that counts as "stable" (tokens_to_stable)
 COMBINED = "combined"  # label of the published (union) filter set in the transfer matrix
 EVAL_POLICIES = ("full", "qfilters", "knorm", "streamingllm")
@@ -253,6 +254,8 @@ def run_validation(
     import qfilters
     from qfilters.attention import attention_layers
     from qfilters.calibrate import combine_results
+    from qfilters.validation.risk import assess
+    from qfilters.validation.stability import cross_dataset_stability
 
     # ---- 1. everything that can be wrong is checked before the first forward pass
     thresholds = check_settings(settings)
@@ -419,6 +422,8 @@ def _calibration_info(result: Any) -> DatasetInfo:
 
 def _sampling(spec: str, result: Any, threshold: float) -> SamplingStability:
     import torch
+
+    from qfilters.validation.stability import summarize, tokens_to_stable
 
     split = torch.tensor(result.filters.provenance["statistics"]["split_half_cosine"], dtype=torch.float64)
     checkpoints = [{k: (rnd(v) if isinstance(v, float) else v) for k, v in asdict(cp).items()}
