@@ -129,7 +129,8 @@ def _run_step(task: Any, job_id: str, kind: str, position: int, body: Any) -> st
         _quietly(lambda s: _cancel_if_asked(s, step))
         return outcome
     except (QFiltersError, SpecError) as e:
-        _quietly(lambda s: steps.fail(s, step, w.worker_id, f"{type(e).__name__}: {e}"))
+        reason = f"{type(e).__name__}: {e}"
+        _quietly(lambda s: steps.fail(s, step, w.worker_id, reason))
         return outcome
     except _transient() as e:
         outcome = "retry"
