@@ -99,12 +99,39 @@ class Sender:
         return sent
 
 
+def messages_in_broker(broker_url: str, queues: list[str]) -> set[str] | None:
+    """Ids of the task messages a Redis broker still holds (queued, or delivered and not yet acknowledged).
+
+    ``None`` if the broker is not Redis or cannot be read: the sweeper then decides by age alone.
+    """
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import json
+
+    import redis
+
+    try:
+        client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=3)
+        try:
+            raw = [m for q in queues for m in client.lrange(q, 0, -1)]
+            unacked = [json.loads(v)[0] for v in client.hvals("unacked")]
+        finally:
+            client.close()
+        ids = {json.loads(m)["headers"]["id"] for m in raw}
+        return ids | {m["headers"]["id"] for m in unacked}
+    except Exception as e:  # noqa: BLE001 - broker down or an unexpected message: fall back to age
+        log.info("broker contents unreadable (%s: %s)", type(e).__name__, e)
+        return None
+
+
 def sweep_once(factory: sessionmaker[Session], sender: Sender, settings: Settings) -> int:
     """One sweep: send again what is lost; returns how many messages went out."""
+    queues = list(settings.queue_capacities)
+    in_broker = messages_in_broker(settings.broker_url, queues)
     with factory() as session:
         messages = steps.sweep(session, requeue_after=dt.timedelta(seconds=settings.requeue_after_seconds),
                                stale_after=dt.timedelta(seconds=settings.stale_after_seconds),
-                               default_queue=next(iter(settings.queue_capacities)))
+                               default_queue=queues[0], in_broker=in_broker)
     return len(sender.send(messages))
 
 

@@ -40,7 +40,9 @@ def _task_id(job_id: str, kind: str, position: int) -> str:
 
 
 def start_message(job: Job, default_queue: str) -> Message:
-    return Message(TASK_NAMES["start"], (job.id,), job.queue or default_queue, _task_id(job.id, "start", 0))
+    # One id per job: the sweeper finds it in the broker, and it is never revoked (a cancelled queued job simply
+    # has nothing left to claim), so a retried job can reuse it.
+    return Message(TASK_NAMES["start"], (job.id,), job.queue or default_queue, f"{job.id}-start")
 
 
 def mark_enqueued(session: Session, job_ids: list[str]) -> None:
@@ -206,12 +208,14 @@ def queued_task_ids(session: Session, job_id: str) -> list[str]:
                                                                      JobTask.status == "queued")) if t]
 
 
-def sweep(session: Session, *, requeue_after: dt.timedelta, stale_after: dt.timedelta,
-          default_queue: str) -> list[Message]:
+def sweep(session: Session, *, requeue_after: dt.timedelta, stale_after: dt.timedelta, default_queue: str,
+          in_broker: set[str] | None = None) -> list[Message]:
     """What a lost broker or a dead worker left behind, to send again; never touches a step whose worker is alive.
 
-    * jobs still ``queued`` whose start message went out long ago (or never): start again;
-    * steps ``queued`` whose message went out long ago: send again (a duplicate only costs a skipped claim);
+    * jobs still ``queued`` whose start message went out long ago (or never) and is not in the broker: start again;
+    * steps ``queued`` whose message went out long ago and is not in the broker: send again. ``in_broker`` holds the
+      ids of the messages the broker still has (waiting or delivered, not acknowledged); ``None`` when it cannot be
+      read, and then age alone decides (a duplicate only costs a skipped claim);
     * steps ``running`` without heartbeat: their worker died (kill, OOM, host lost): queued again, attempt counted at
       the next claim, or the job fails once ``max_attempts`` attempts died;
     * a next step ``waiting`` although everything before it is done (its releaser died): released.
@@ -220,6 +224,7 @@ def sweep(session: Session, *, requeue_after: dt.timedelta, stale_after: dt.time
     messages: list[Message] = []
     lost_jobs = session.scalars(select(Job).where(Job.status == "queued", or_(
         Job.enqueued_at.is_(None), Job.enqueued_at < now - requeue_after))).all()
+    lost_jobs = [j for j in lost_jobs if in_broker is None or f"{j.id}-start" not in in_broker]
     for job in lost_jobs:
         messages.append(start_message(job, default_queue))
     mark_enqueued(session, [j.id for j in lost_jobs])
@@ -230,6 +235,8 @@ def sweep(session: Session, *, requeue_after: dt.timedelta, stale_after: dt.time
     for step, job in stale:
         if job.status not in ACTIVE_STATUSES:
             continue
+        if step.status == "queued" and in_broker is not None and step.task_id in in_broker:
+            continue  # waiting its turn behind a busy pool, not lost
         if step.status == "running":
             if step.attempts >= job.max_attempts:
                 fail(session, step, "sweeper", f"its worker died during attempt {step.attempts} of {job.max_attempts}"
