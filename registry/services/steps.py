@@ -94,6 +94,8 @@ def claim(session: Session, job_id: str, kind: str, position: int, worker_id: st
     if job is None:
         return None
     if job.status not in ACTIVE_STATUSES or job.cancel_requested:
+        session.execute(update(JobTask).where(_key(job_id, kind, position), JobTask.status.in_(("done", "failed")))
+                        .values(duplicates=JobTask.duplicates + 1))  # a late copy of a message already served
         session.execute(update(JobTask).where(_key(job_id, kind, position), JobTask.status.in_(("queued", "waiting")))
                         .values(status="cancelled", finished_at=utcnow()))
         if job.cancel_requested and job.status in ACTIVE_STATUSES:
@@ -222,8 +224,9 @@ def sweep(session: Session, *, requeue_after: dt.timedelta, stale_after: dt.time
     """
     now = utcnow()
     messages: list[Message] = []
-    lost_jobs = session.scalars(select(Job).where(Job.status == "queued", or_(
-        Job.enqueued_at.is_(None), Job.enqueued_at < now - requeue_after))).all()
+    # a job just committed has no enqueued_at yet: its request is sending it now, so its age counts from creation
+    lost_jobs = session.scalars(select(Job).where(
+        Job.status == "queued", func.coalesce(Job.enqueued_at, Job.created_at) < now - requeue_after)).all()
     lost_jobs = [j for j in lost_jobs if in_broker is None or f"{j.id}-start" not in in_broker]
     for job in lost_jobs:
         messages.append(start_message(job, default_queue))
