@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import time
 from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -124,14 +125,28 @@ def messages_in_broker(broker_url: str, queues: list[str]) -> set[str] | None:
         return None
 
 
+class _SweepClock:
+    """When this process last swept successfully: after a gap (the database was away, or this process stalled),
+    heartbeats missed meanwhile say nothing about the workers, so dead-worker recovery waits one stale period."""
+
+    last_ok: float | None = None
+    grace_until = 0.0
+
+
 def sweep_once(factory: sessionmaker[Session], sender: Sender, settings: Settings) -> int:
     """One sweep: send again what is lost; returns how many messages went out."""
+    now = time.monotonic()
+    if _SweepClock.last_ok is not None and now - _SweepClock.last_ok > 2 * settings.sweep_seconds + 5:
+        _SweepClock.grace_until = now + settings.stale_after_seconds
+        log.warning("sweeper was away %.0f s: no dead-worker recovery for %.0f s while workers heartbeat again",
+                    now - _SweepClock.last_ok, settings.stale_after_seconds)
     queues = list(settings.queue_capacities)
     in_broker = messages_in_broker(settings.broker_url, queues)
+    stale_after = dt.timedelta(seconds=settings.stale_after_seconds if now >= _SweepClock.grace_until else 1e9)
     with factory() as session:
         messages = steps.sweep(session, requeue_after=dt.timedelta(seconds=settings.requeue_after_seconds),
-                               stale_after=dt.timedelta(seconds=settings.stale_after_seconds),
-                               default_queue=queues[0], in_broker=in_broker)
+                               stale_after=stale_after, default_queue=queues[0], in_broker=in_broker)
+    _SweepClock.last_ok = time.monotonic()
     return len(sender.send(messages))
 
 
