@@ -53,6 +53,13 @@ def test_a_job_runs_through_the_pool(stack: Stack) -> None:
     steps = stack.sql("SELECT kind, position, status, attempts, duplicates FROM job_tasks ORDER BY kind, position")
     assert steps == [("calibrate", 0, "done", 1, 0), ("calibrate", 1, "done", 1, 0), ("publish", 0, "done", 1, 0),
                      ("validate", 0, "done", 1, 0)]
+    # torch (and with it CUDA) lives only in the pool child that computes, never in the parent that forks it
+    parent = stack.workers["w1"].pid
+    (claimed_by,) = {r[0] for r in stack.sql("SELECT claimed_by FROM job_tasks")}
+    child = int(claimed_by.rsplit(":", 1)[1])
+    assert child != parent
+    assert "libtorch" in Path(f"/proc/{child}/maps").read_text()
+    assert "libtorch" not in Path(f"/proc/{parent}/maps").read_text()
 
 
 def _worker_of(stack: Stack, claimed_by: str) -> str | None:
