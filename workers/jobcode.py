@@ -187,9 +187,11 @@ def validate(w: WorkerContext, step: JobTask, beat: StepHeartbeat) -> list[steps
     results = [load_result(w.ctx.store.read_bytes(r.result_sha256), device) for r in runs]
     reporter = ProgressReporter(w.factory, job.id, steps.POOL, spec)
     reporter.calibrated = {s: spec.tokens for s in spec.datasets}
+    started = time.perf_counter()
     try:
         run = run_validation(lm, spec.datasets, spec.eval_datasets, spec.validation_settings(), calibrated=results,
                              on_progress=reporter)
+        seconds = time.perf_counter() - started  # compute only: what the pipeline adds is measured against it
     except JobCancelled:
         raise StepStopped(job.id) from None
     report = run.report
@@ -205,7 +207,7 @@ def validate(w: WorkerContext, step: JobTask, beat: StepHeartbeat) -> list[steps
             for info in (p.dataset for p in report.perplexity):
                 catalog.record_dataset(session, info.spec, sha256=info.sha256, source=info.source)
             catalog.create_filter_set(session, w.ctx.store, row, Path(artifact_dir), report_files, report)
-            if not steps.done(session, step, w.worker_id):  # the filter set commits with the step, or not at all
+            if not steps.done(session, step, w.worker_id, seconds=seconds):  # commits with the filter set, or not
                 session.rollback()
                 raise StepStopped(job.id)
             session.commit()
