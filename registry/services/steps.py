@@ -13,12 +13,13 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import and_, case, delete, exists, func, or_, select, update
+from sqlalchemy import Float, and_, case, cast, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from registry.models import ACTIVE_STATUSES, Job, JobTask, utcnow
 from registry.services import audit, jobs
 
+CALIBRATION_WEIGHT = 0.6  # calibration's share of a job's progress bar (as in registry.pipeline)
 POOL = "pool"  # Job.claimed_by of jobs run by the worker pool (their steps carry the real worker ids)
 KINDS = ("calibrate", "validate", "publish")
 TASK_NAMES = {"start": "qfilters.job.start", "calibrate": "qfilters.job.calibrate",
@@ -139,10 +140,11 @@ def progress(session: Session, step: JobTask, worker_id: str, *, tokens_done: in
                                                   JobTask.claimed_by == worker_id, JobTask.status == "running")
                             .values(**values)).rowcount == 1
     job_values: dict = {"heartbeat_at": now}
-    if tokens_done is not None:
+    if tokens_done is not None:  # the job's totals are the sum over its calibrations, whichever worker runs them
         done = select(func.coalesce(func.sum(JobTask.tokens_done), 0)).where(
             JobTask.job_id == step.job_id, JobTask.kind == "calibrate").scalar_subquery()
-        job_values.update(tokens_done=done)
+        share = CALIBRATION_WEIGHT * cast(done, Float) / func.coalesce(func.nullif(Job.tokens_total, 0), 1)
+        job_values.update(tokens_done=done, fraction=case((Job.fraction < share, share), else_=Job.fraction))
     if phase is not None:
         job_values.update(phase=phase[:200], steps_done=steps_done, steps_total=steps_total, eta_seconds=eta_seconds)
     if fraction is not None:  # the job's progress bar never goes back, whichever step reports

@@ -164,3 +164,22 @@ def test_a_poison_step_fails_after_bounded_attempts_and_bad_input_is_never_retri
     assert stack.sql("SELECT status, attempts FROM jobs WHERE id = :j", j=bad) == [("failed", 1)]
     assert stack.sql("SELECT max(attempts) FROM job_tasks WHERE job_id = :j", j=bad) == [(1,)]
     assert stack.sql("SELECT status FROM jobs WHERE id = :j", j=poison) == [("failed",)]
+
+
+def test_cancel_stops_a_running_job_at_its_next_batch(stack: Stack) -> None:
+    import httpx
+
+    stack.start_api()
+    stack.start_worker("w0")
+    job_id = stack.submit(TINY_JOB)["id"]
+    wait_until(lambda: _running_calibration(stack), 120, "a calibration in progress", interval=0.1)
+    progress = stack.job(job_id)["progress"]
+    assert 0 < progress["tokens_done"] < progress["tokens_total"] and progress["fraction"] > 0
+    answer = httpx.post(f"{stack.base}/v1/jobs/{job_id}/cancel", headers={"Authorization": f"Bearer {stack.token}"},
+                        timeout=30)
+    assert answer.status_code == 200 and answer.json()["cancel_requested"]
+    assert stack.wait_final([job_id], 60)[job_id]["status"] == "cancelled"
+    statuses = {r[0] for r in stack.sql("SELECT status FROM job_tasks")}
+    assert "running" not in statuses and "done" not in {r[0] for r in stack.sql(
+        "SELECT status FROM job_tasks WHERE kind <> 'calibrate'")}
+    assert stack.sql("SELECT count(*) FROM filter_sets") == [(0,)]
