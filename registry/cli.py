@@ -1,4 +1,4 @@
-"""``qfilters serve``, ``qfilters token ...``, ``qfilters db ...`` and ``qfilters worker``: a plugin of the qfilters CLI."""
+"""``qfilters serve``, ``token ...``, ``db ...`` and ``worker``: commands added to the qfilters CLI as a plugin."""
 
 from __future__ import annotations
 

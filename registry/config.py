@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     # Queues by the memory a job's model needs, "name=GiB" comma-separated: a job goes to the smallest that fits.
     queues: str = "cpu=16"
-    artifact_url: str = ""  # fsspec URL of the artifact store for many hosts (s3://bucket/qfilters); default: artifact_dir
+    artifact_url: str = ""  # fsspec URL of a store shared by many hosts (s3://bucket/qfilters); default: artifact_dir
     sweep_seconds: float = Field(15.0, gt=0)  # how often the sweeper looks for lost messages and dead workers
     requeue_after_seconds: float = Field(300.0, gt=0)  # a queued job or step not started after this is sent again
     stale_after_seconds: float = Field(120.0, gt=0)  # a running step without heartbeat for this long lost its worker

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.workers.conftest import TINY_JOB, Stack, wait_until
+from tests.workers.conftest import TINY_JOB, Stack, free_port, wait_until
 
 
 @pytest.fixture
@@ -43,7 +43,10 @@ def _assert_each_job_once(stack: Stack, job_ids: list[str]) -> None:
     assert sorted(j for (j,) in publications) == sorted(job_ids)
 
 
+@pytest.mark.parametrize("stack", [{"metrics_port": free_port()}], indirect=True)
 def test_a_job_runs_through_the_pool(stack: Stack) -> None:
+    import httpx
+
     stack.start_api()
     stack.start_worker("w1")
     job = stack.submit(TINY_JOB)
@@ -60,6 +63,12 @@ def test_a_job_runs_through_the_pool(stack: Stack) -> None:
     assert child != parent
     assert "libtorch" in Path(f"/proc/{child}/maps").read_text()
     assert "libtorch" not in Path(f"/proc/{parent}/maps").read_text()
+    # Prometheus: jobs by state and queue depth from the API, step durations and tokens/s from the worker
+    api_metrics = httpx.get(f"{stack.base}/metrics", timeout=30).text
+    assert 'qfilters_jobs{state="succeeded"} 1.0' in api_metrics and 'qfilters_queue_depth{queue="cpu"}' in api_metrics
+    worker_metrics = httpx.get(f"http://127.0.0.1:{stack.env['QFILTERS_METRICS_PORT']}/metrics", timeout=30).text
+    assert 'qfilters_task_seconds_count{kind="calibrate",outcome="done"} 2.0' in worker_metrics
+    assert "qfilters_calibration_tokens_per_second" in worker_metrics
 
 
 def _worker_of(stack: Stack, claimed_by: str) -> str | None:
