@@ -102,3 +102,20 @@ def test_the_api_in_celery_mode_imports_neither_torch_nor_task_code(tmp_path: Pa
     result = json.loads(out.stdout.strip().splitlines()[-1])
     # the broker is unreachable: the job is still accepted (the sweeper sends it later), and nothing heavy loaded
     assert result == {"status": 201, "queue_metric": True, "loaded": []}
+
+
+def test_an_fsspec_url_gives_the_same_content_addressed_store() -> None:
+    import hashlib
+
+    from registry.store import ArtifactStore, RemoteArtifactStore, open_store
+
+    store = open_store(f"memory://qfilters-test-{id(object())}/artifacts")
+    assert isinstance(store, RemoteArtifactStore)
+    sha, size = store.put_bytes(b"per-dataset calibration")
+    assert (sha, size) == (hashlib.sha256(b"per-dataset calibration").hexdigest(), 23)
+    assert store.put_bytes(b"per-dataset calibration") == (sha, size)  # the same bytes are stored once
+    assert store.exists(sha) and store.read_bytes(sha) == b"per-dataset calibration"
+    assert not store.exists("0" * 64)
+    with pytest.raises(ValueError, match="sha256"):
+        store.read_bytes("../../etc/passwd")
+    assert type(open_store("/tmp/x")) is ArtifactStore and type(open_store("file:///tmp/x")) is ArtifactStore
