@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.models import Job
-from registry.schemas import JobCreate
+from registry.jobspec import JobSpec
 from registry.services import catalog, jobs
 from registry.store import ArtifactStore
 
@@ -37,7 +37,7 @@ class ProgressReporter:
     dataset an equal share of the next 30 %, the transfer matrix the last 10 %.
     """
 
-    def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, body: JobCreate,
+    def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, body: JobSpec,
                  min_interval: float = 0.5) -> None:
         self.factory, self.job_id, self.runner_id = factory, job_id, runner_id
         self.tokens_total = body.tokens * len(body.datasets)
@@ -146,7 +146,7 @@ def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: st
         job = session.get(Job, job_id)
         if job is None:  # deleted meanwhile: nothing to do
             return "gone"
-        body = JobCreate.model_validate(job.request)
+        body = JobSpec.of(job)  # the stored, versioned spec: not re-validated by today's request schema
     with Heartbeat(factory, job_id, runner_id):
         final, error = _run_steps(factory, store, job_id, runner_id, body, device, models or ModelCache())
     with factory() as session:
@@ -154,7 +154,7 @@ def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: st
     return final
 
 
-def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, body: JobCreate,
+def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, body: JobSpec,
                device: str, models: ModelCache) -> tuple[str, str | None]:
     """Load, validate, register, request publication; returns (final status, error)."""
     from qfilters.errors import QFiltersError
@@ -183,7 +183,7 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
         return "failed", f"internal error ({type(e).__name__}): {e}"
 
 
-def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, body: JobCreate,
+def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, body: JobSpec,
                            lm: Any, reporter: ProgressReporter) -> int:
     from qfilters.validation.render import render_html, render_markdown, report_json
     from qfilters.validation.run import run_validation
