@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -31,6 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 QFILTERS = str(Path(sys.executable).parent / "qfilters")
 PG_ADMIN_URL = os.environ.get("QFILTERS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TINY_REPO = "qfilters-test/tiny-llama"
+BIG_REPO = "qfilters-test/llama-70b"  # a Llama-3-70B config.json, no weights
+LLAMA_70B_CONFIG = {"model_type": "llama", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+                    "num_key_value_heads": 8, "intermediate_size": 28672, "vocab_size": 128256,
+                    "tie_word_embeddings": False}
 FINAL = ("succeeded", "failed", "cancelled")
 
 # A tiny-model job whose calibrations last long enough to be caught in the middle (a few seconds each).
@@ -145,12 +150,23 @@ class PostgresCluster:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def _redis_process() -> Iterator[RedisServer]:
     workdir = Path(tempfile.mkdtemp(prefix="qfilters-redis-"))
     server = RedisServer(workdir)
     yield server
     server.stop()
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_server(_redis_process: RedisServer) -> RedisServer:
+    """Our redis-server, empty for each test (a previous test's late messages never reach the next one)."""
+    import redis
+
+    if _redis_process.proc is None:
+        _redis_process.start()
+    redis.Redis(port=_redis_process.port).flushall()
+    return _redis_process
 
 
 @pytest.fixture
@@ -187,6 +203,11 @@ def tiny_hub() -> Iterator[Path]:
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
     LlamaForCausalLM(config).save_pretrained(snapshot)
     tokenizer.save_pretrained(snapshot)
+    big = home / "hub" / f"models--{BIG_REPO.replace('/', '--')}"  # only a config: what routing reads
+    (big / "snapshots" / commit).mkdir(parents=True)
+    (big / "refs").mkdir()
+    (big / "refs" / "main").write_text(commit)
+    (big / "snapshots" / commit / "config.json").write_text(json.dumps(LLAMA_70B_CONFIG))
     yield home
     shutil.rmtree(home, ignore_errors=True)
 

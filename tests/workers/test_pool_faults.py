@@ -192,3 +192,22 @@ def test_cancel_stops_a_running_job_at_its_next_batch(stack: Stack) -> None:
     assert "running" not in statuses and "done" not in {r[0] for r in stack.sql(
         "SELECT status FROM job_tasks WHERE kind <> 'calibrate'")}
     assert stack.sql("SELECT count(*) FROM filter_sets") == [(0,)]
+
+
+@pytest.mark.parametrize("stack", [{"queues": "cpu=16,gpu=80,gpu-x4=320"}], indirect=True)
+def test_jobs_are_queued_by_the_memory_their_model_needs(stack: Stack, redis_server) -> None:
+    import httpx
+
+    from tests.workers.conftest import BIG_REPO
+
+    stack.start_api()
+    small = stack.submit(TINY_JOB)["id"]
+    big = stack.submit({**TINY_JOB, "model": BIG_REPO})["id"]  # 70B: config read from the Hub cache, no weights
+    assert dict(stack.sql("SELECT id, queue FROM jobs")) == {small: "cpu", big: "gpu-x4"}
+    wait_until(lambda: redis_server.llen("gpu-x4") == 1 and redis_server.llen("cpu") == 1, 30, "both start messages")
+    too_big = httpx.post(f"{stack.base}/v1/jobs", json={**TINY_JOB, "model": BIG_REPO, "batch_size": 256,
+                                                        "seq_len": 65536, "tokens": 65536},
+                         headers={"Authorization": f"Bearer {stack.token}"}, timeout=60)
+    assert too_big.status_code == 422 and too_big.headers["content-type"] == "application/problem+json"
+    assert "gpu-x4" in too_big.json()["detail"]
+    assert stack.sql("SELECT count(*) FROM jobs") == [(2,)]  # nothing half-written
