@@ -285,3 +285,58 @@ def _statistics(stats: QueryStatistics, directions, num_kv_heads: int) -> dict[s
         "positive_share": _rounded(stats.positive_share()),  # [L][H_q]
         "group_coherence": _rounded(kv_now.norm(dim=-1)),  # [L][H_kv] norm of the GQA mean (1 = heads agree)
     }
+
+
+# ------------------------------------------------------------------------------------------ durable per-dataset runs
+
+_RESULT_FORMAT = 1
+_STAT_TENSORS = ("second_moment", "query_sum", "count", "_positive", "_probed")
+
+
+def dump_result(result: CalibrationResult) -> bytes:
+    """A calibration result as safetensors bytes (no pickle), so another process or host can validate over it.
+
+    Holds the filters, their provenance, the checkpoints and the raw statistics that :func:`combine_results` merges.
+    """
+    import json
+
+    import safetensors.torch
+
+    if result.statistics is None:
+        raise CalibrationError("only results that carry their statistics can be stored (see combine_results)")
+    stats = result.statistics
+    tensors = {f"stats.{name}": getattr(stats, name).detach().cpu().contiguous() for name in _STAT_TENSORS}
+    if stats._probe is not None:
+        tensors["stats._probe"] = stats._probe.detach().cpu().contiguous()
+    tensors["filters"] = result.filters.filters.detach().cpu().contiguous()
+    meta = {"format": _RESULT_FORMAT, "provenance": result.filters.provenance,
+            "checkpoints": [asdict(cp) for cp in result.checkpoints], "stopped_early": result.stopped_early,
+            "tokens": result.tokens, "seconds": result.seconds}
+    return safetensors.torch.save(tensors, metadata={"qfilters_calibration": json.dumps(meta)})
+
+
+def load_result(data: bytes, device: torch.device | str = "cpu") -> CalibrationResult:
+    """Inverse of :func:`dump_result`; statistics land on ``device`` (where the model that merges them lives)."""
+    import json
+
+    import safetensors.torch
+
+    from qfilters.artifact import QFilters
+
+    try:
+        tensors = safetensors.torch.load(data)
+        header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then the JSON header
+        meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["qfilters_calibration"])
+    except Exception as e:  # noqa: BLE001 - any decoding failure means the stored bytes are not a result
+        raise CalibrationError(f"stored calibration result cannot be read ({type(e).__name__}: {e})") from e
+    if meta.get("format") != _RESULT_FORMAT:
+        raise CalibrationError(f"stored calibration result has format {meta.get('format')}, expected {_RESULT_FORMAT}")
+    moment = tensors["stats.second_moment"]
+    stats = QueryStatistics(moment.shape[1], moment.shape[2], moment.shape[-1], device=device)
+    for name in _STAT_TENSORS:
+        setattr(stats, name, tensors[f"stats.{name}"].to(device))
+    if "stats._probe" in tensors:
+        stats._probe = tensors["stats._probe"].to(device)
+    filters = QFilters(tensors["filters"], meta["provenance"])
+    checkpoints = [Checkpoint(**cp) for cp in meta["checkpoints"]]
+    return CalibrationResult(filters, checkpoints, meta["stopped_early"], meta["tokens"], meta["seconds"], stats)

@@ -237,7 +237,8 @@ def load_model(
 
     ``name_or_path`` is an embedded alias (``smollm2``, ``gemma3``), a local directory, or a Hub id.
     ``allow_local=False`` (services): never a local directory; a Hub id is fetched into (or found in) the Hub cache
-    and loaded from there, so a name that happens to match a path on this machine is never read.
+    and loaded from there, so a name that happens to match a path on this machine is never read. ``device="auto"``
+    shards a model larger than one GPU over all visible GPUs (accelerate's ``device_map``).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -246,6 +247,8 @@ def load_model(
         raise ModelError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
     alias = resolve_alias(name_or_path)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
     if alias is not None:
         spec = EMBEDDED[alias]
         location, model_id = str(converted_dir(alias)), spec.hub_id
@@ -273,7 +276,9 @@ def load_model(
         if attn_implementation != "sdpa":
             hint = f"; attn_implementation={attn_implementation!r} may not be installed, try 'sdpa'"
         raise ModelError(f"could not load model {name_or_path!r}: {e}{hint}") from e
-    model.to(device).eval()
+    if device != "auto":
+        model.to(device)
+    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if revision is None and alias is None:

@@ -1,4 +1,4 @@
-"""``qfilters serve``, ``qfilters token ...`` and ``qfilters db ...``: added to the qfilters CLI as a plugin."""
+"""``qfilters serve``, ``token ...``, ``db ...`` and ``worker``: commands added to the qfilters CLI as a plugin."""
 
 from __future__ import annotations
 
@@ -18,12 +18,17 @@ def register(app: typer.Typer) -> None:
     app.command(help="Run the registry service (embedded default: SQLite + local artifact store, no services).")(serve)
     app.add_typer(token_app, name="token")
     app.add_typer(db_app, name="db")
+    from workers.cli import worker  # typer only: celery and torch load in the worker processes it starts
+
+    app.command(help="Run Celery workers for registry jobs (QFILTERS_EXECUTOR=celery).")(worker)
 
 
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    run_jobs: Annotated[bool, typer.Option(help="Run queued jobs in this process, one at a time.")] = True,
+    run_jobs: Annotated[bool, typer.Option(
+        help="Run queued jobs in this process one at a time (executor inline), or sweep for the worker pool (celery)."
+    )] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     import uvicorn

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from platformdirs import user_data_dir
 from pydantic import Field, field_validator, model_validator
@@ -35,16 +35,30 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, ge=1)
     db_max_overflow: int = Field(5, ge=0)
     db_pool_timeout: float = Field(30.0, gt=0)
-    run_jobs: bool = True  # start the in-process runner with the app (qfilters serve)
+    # Who runs jobs: ``inline`` (the embedded default: one at a time inside the API process) or ``celery`` (the
+    # worker pool of ``workers/``: the API only enqueues, by task name, and sweeps).
+    executor: Literal["inline", "celery"] = "inline"
+    run_jobs: bool = True  # start the executor's in-process part with the app: the inline runner, or the sweeper
     runner_poll_seconds: float = 1.0
     max_attempts: int = 3
-    device: str = "cpu"  # where the in-process runner puts models
+    device: str = "cpu"  # where the in-process runner (or a CPU worker) puts models
     # What jobs may name besides the embedded models and corpora, never a path on this server (see README, threat
     # model): Hub ids or fnmatch patterns ("org/*") accepted without asking the Hub (offline servers list what their
     # Hugging Face cache holds); anything else must be confirmed by the Hub at submit time, within hub_timeout.
     allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_datasets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     hub_timeout: float = Field(5.0, gt=0, le=60)
+    # ---- worker pool (executor=celery)
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # Queues by the memory a job's model needs, "name=GiB" comma-separated: a job goes to the smallest that fits.
+    queues: str = "cpu=16"
+    artifact_url: str = ""  # fsspec URL of a store shared by many hosts (s3://bucket/qfilters); default: artifact_dir
+    sweep_seconds: float = Field(15.0, gt=0)  # how often the sweeper looks for lost messages and dead workers
+    requeue_after_seconds: float = Field(300.0, gt=0)  # a queued job or step not started after this is sent again
+    stale_after_seconds: float = Field(120.0, gt=0)  # a running step without heartbeat for this long lost its worker
+    heartbeat_seconds: float = Field(20.0, gt=0)
+    task_soft_time_limit: float = Field(6 * 3600.0, gt=0)  # per step; the hard limit adds a grace minute
+    metrics_port: int = Field(0, ge=0, le=65535)  # a worker's Prometheus endpoint (0: none)
     base_url: str = ""  # absolute URL prefix for download locations; default: the request's own
     # Publishing: where publications are pushed ("self": this registry's own Hub-compatible endpoint, reached at
     # base_url), the token for it (a secret file, never the database or a job payload), the default organisation of
@@ -78,9 +92,36 @@ class Settings(BaseSettings):
             raise ValueError("QFILTERS_DATABASE_URL must point at PostgreSQL in production (SQLite is the embedded default)")
         return self
 
+    @field_validator("queues")
+    @classmethod
+    def _check_queues(cls, value: str) -> str:
+        parse_queues(value)
+        return value
+
+    @property
+    def queue_capacities(self) -> dict[str, float]:
+        return parse_queues(self.queues)
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
+
+
+def parse_queues(value: str) -> dict[str, float]:
+    """``"cpu=16,gpu=80,gpu-x4=320"`` -> ``{name: GiB}``; a clear error on anything else."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        name, sep, gib = part.partition("=")
+        try:
+            capacity = float(gib)
+        except ValueError:
+            capacity = -1.0
+        if not sep or not name.replace("-", "").replace("_", "").isalnum() or capacity <= 0:
+            raise ValueError(f"QFILTERS_QUEUES entry {part!r} is not NAME=GiB, e.g. gpu=80")
+        out[name] = capacity
+    if not out:
+        raise ValueError("QFILTERS_QUEUES names no queue; e.g. cpu=16 or gpu=80,gpu-x4=320")
+    return out
 
 
 @lru_cache

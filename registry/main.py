@@ -13,16 +13,19 @@ from registry.api import problems
 from registry.api.admission import ConcurrencyLimit, ensure_worker_threads
 from registry.api.routes import catalog, hub, jobs
 from registry.config import Settings, get_settings
-from registry import pages
+from registry.dispatch import make_dispatcher
+from registry import metrics, pages
 from registry.state import RegistryState
 
 log = logging.getLogger("qfilters.registry")
 
 
 def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None, migrate: bool = False) -> FastAPI:
-    """Build the app. ``run_jobs`` starts the in-process runner; ``migrate`` upgrades the database schema first."""
+    """Build the app. ``run_jobs`` starts the executor's in-process part (the inline runner, or the worker pool's
+    sweeper); ``migrate`` upgrades the database schema first."""
     settings = settings or get_settings()
     state = RegistryState.from_settings(settings)
+    state.dispatcher = make_dispatcher(state)
     admitted = settings.db_pool_size + settings.db_max_overflow  # one connection per request inside the app
 
     @asynccontextmanager
@@ -32,18 +35,12 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
             from registry.migrate import upgrade
 
             upgrade(settings.database_url)
-        if run_jobs if run_jobs is not None else settings.run_jobs:
-            from registry.runner import JobRunner
-
-            from registry.services.publish import HubTarget
-
-            state.runner = JobRunner(state.session_factory, state.store, device=settings.device,
-                                     poll_seconds=settings.runner_poll_seconds,
-                                     hub=HubTarget.from_settings(settings))
-            state.runner.start()
+        started = run_jobs if run_jobs is not None else settings.run_jobs
+        if started:  # the inline runner's thread, or the worker pool's sweeper
+            state.dispatcher.start()
         yield
-        if state.runner is not None:
-            state.runner.stop()
+        if started:
+            state.dispatcher.stop()
         state.engine.dispose()
 
     app = FastAPI(
@@ -64,6 +61,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
     app.include_router(jobs.router)
     app.include_router(catalog.router)
     app.include_router(pages.router)
+    app.include_router(metrics.router)
     hub.install(app)  # the Hub-compatible endpoint (/api/..., /{repo}/resolve/...)
     _mount_api_docs(app)
     return app

@@ -16,6 +16,8 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 from registry.db import Base
 
 JOB_STATUSES = ("queued", "running", "validating", "publishing", "succeeded", "failed", "cancelled")
+# Steps of a job run by the worker pool: waiting (for earlier steps), queued (a message is out), running, then final.
+TASK_STATUSES = ("waiting", "queued", "running", "done", "failed", "cancelled")
 ACTIVE_STATUSES = ("running", "validating", "publishing")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
@@ -125,6 +127,10 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # Worker pool only: the job spec's format, the queue chosen from the model's memory needs, the last enqueue.
+    spec_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    queue: Mapped[str | None] = mapped_column(String(64))
+    enqueued_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
     model: Mapped[BaseModel_] = relationship()
     token: Mapped[ApiToken] = relationship()
@@ -143,6 +149,35 @@ class JobDataset(Base):
 
     job: Mapped[Job] = relationship(back_populates="datasets")
     dataset: Mapped[Dataset] = relationship()
+
+
+class JobTask(Base):
+    """One step of a job in the worker pool (calibrate one dataset, validate, publish), claimed like a job.
+
+    Its attempts count redeliveries in SQL, so a poison step ends after ``max_attempts``; ``duplicates`` counts
+    messages that arrived for a step already claimed or done (they compute nothing).
+    """
+
+    __tablename__ = "job_tasks"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # calibrate | validate | publish
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # dataset index for calibrate, else 0
+    spec: Mapped[str | None] = mapped_column(String(300))  # the calibration dataset
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    duplicates: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    task_id: Mapped[str | None] = mapped_column(String(100))  # id of the last message sent, to revoke it on cancel
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    tokens_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[float | None] = mapped_column()  # compute time of the successful attempt
+    result_sha256: Mapped[str | None] = mapped_column(String(64))  # stored calibration result (artifact store)
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class Blob(Base):

@@ -18,11 +18,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry.jobspec import JobSpec, SpecError
 from registry.models import Job, Publication
-from registry.schemas import JobCreate
-from registry.security import effective_scopes
-from registry.services import audit, catalog, jobs
-from registry.services.publish import HubTarget, publish_publication
+from registry.services import catalog, jobs
+from registry.services.publish import HubTarget, publish_publication, request_for_job
 from registry.store import ArtifactStore
 
 log = logging.getLogger("qfilters.registry.pipeline")
@@ -42,7 +41,7 @@ class ProgressReporter:
     every ``min_interval`` seconds, but whether to stop is asked at least every ``cancel_interval`` seconds.
     """
 
-    def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, body: JobCreate,
+    def __init__(self, factory: sessionmaker[Session], job_id: str, runner_id: str, body: JobSpec,
                  min_interval: float = 2.0, cancel_interval: float = 1.0) -> None:
         self.factory, self.job_id, self.runner_id = factory, job_id, runner_id
         self.tokens_total = body.tokens * len(body.datasets)
@@ -160,17 +159,14 @@ def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: st
 
     With ``hub``, a requested publication is pushed as the job's last step (its failure fails the job); without,
     it stays ``pending`` for a publisher to pick up."""
-    from pydantic import ValidationError
-
     with factory() as session:
         job = session.get(Job, job_id)
         if job is None:  # deleted meanwhile: nothing to do
             return "gone"
-        try:  # re-checked: a row written by an older version, or by hand, gets today's rules (no local paths...)
-            body = JobCreate.model_validate(job.request)
-        except ValidationError as e:
-            jobs.finish(session, job_id, runner_id, "failed", error=f"the job's request is no longer accepted: "
-                        f"{'; '.join(str(err['msg']) for err in e.errors()[:3])}")
+        try:  # the stored, versioned spec, not today's request schema; its paths are re-checked when they are read
+            body = JobSpec.of(job)
+        except SpecError as e:
+            jobs.finish(session, job_id, runner_id, "failed", error=str(e))
             return "failed"
     with Heartbeat(factory, job_id, runner_id):
         final, error = _run_steps(factory, store, job_id, runner_id, body, device, models or ModelCache(), hub)
@@ -179,7 +175,7 @@ def execute_job(factory: sessionmaker[Session], store: ArtifactStore, job_id: st
     return final
 
 
-def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, body: JobCreate,
+def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, runner_id: str, body: JobSpec,
                device: str, models: ModelCache, hub: HubTarget | None = None) -> tuple[str, str | None]:
     """Load, validate, register, request publication; returns (final status, error)."""
     from qfilters.errors import QFiltersError
@@ -212,27 +208,15 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
 
 
 def _request_publication(factory: sessionmaker[Session], job_id: str, runner_id: str, filter_set_id: int,
-                         body: JobCreate) -> int | None:
-    """Ask for the publication the job body names, with the privileges of the token that submitted the job now (a
-    token revoked or stripped of its publish scope since submission publishes nothing); audited as the runner
-    acting on that token's behalf. A failing verdict without ``force_publish`` publishes nothing, as for the API."""
+                         body: JobSpec) -> int | None:
     with factory.begin() as session:
         job = session.get(Job, job_id)
-        token, fs = job.token, catalog.get_filter_set(session, filter_set_id)
-        detail = dict(on_behalf_of=token.name, job=job_id)
-        if token.revoked_at is not None or not jobs.required_scopes(body) <= effective_scopes(token.scopes):
-            audit.record(session, "runner:" + runner_id, "publication.skip", "filter_set", fs.id,
-                         reason="the submitting token no longer has the publish scope", **detail)
-        elif fs.verdict != "pass" and not body.force_publish:
-            audit.record(session, "runner:" + runner_id, "publication.skip", "filter_set", fs.id,
-                         reason="the filter set failed validation and force_publish is false", **detail)
-        else:
-            return catalog.request_publication(session, fs, body.publish_to, actor="runner:" + runner_id,
-                                               force=body.force_publish, **detail).id
-    return None  # nothing to publish (audited above)
+        assert job is not None
+        fs = catalog.get_filter_set(session, filter_set_id)
+        return request_for_job(session, job, fs, body, actor="runner:" + runner_id)
 
 
-def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, body: JobCreate,
+def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore, job_id: str, body: JobSpec,
                            lm: Any, reporter: ProgressReporter) -> int:
     from qfilters.data.spec import parse_spec
     from qfilters.validation.render import render_html, render_markdown, report_json

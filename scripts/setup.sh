@@ -33,6 +33,15 @@ fi
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
+# The worker-pool tests run their own redis-server and PostgreSQL cluster (never the shared ones); docker-compose
+# (client only: Docker need not run) validates docker-compose.yml.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    for pkg in redis-server docker-compose; do
+        if ! command -v "$pkg" >/dev/null 2>&1; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg" >/dev/null
+        fi
+    done
+fi
 # Embedded corpora come from Debian packages fetched with `apt-get download`, which needs package lists.
 if command -v apt-get >/dev/null 2>&1 && [ -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock | grep -v partial)" ]; then
     if [ "$(id -u)" = 0 ]; then apt-get update -qq; else sudo -n apt-get update -qq || true; fi

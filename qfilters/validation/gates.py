@@ -13,8 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from qfilters.errors import QFiltersError
-from qfilters.validation.schema import GateResult, Verdict
-from qfilters.validation.stability import rnd
+from qfilters.validation.schema import GateResult, Verdict, rnd
 
 
 class ValidationInputError(QFiltersError, ValueError):

@@ -24,7 +24,6 @@ from typing import Any
 
 from qfilters.validation.gates import GateInputs, ValidationInputError, decide, gap_ratio, parse_gate_overrides
 from qfilters.validation.progress import Progress, ProgressFn, interruptible, notifier
-from qfilters.validation.risk import assess
 from qfilters.validation.schema import (
     DatasetInfo,
     PerplexityReport,
@@ -33,9 +32,11 @@ from qfilters.validation.schema import (
     Settings,
     TransferMatrix,
     ValidationReport,
+    rnd,
 )
-from qfilters.validation.stability import cross_dataset_stability, rnd, summarize, tokens_to_stable
 
+# stability and risk need torch: they load with the first validation, so that checking a request (check_settings,
+# in a service's API process) never imports torch.
 STABLE_THRESHOLD = 0.999  # checkpoint agreement that counts as "stable" (tokens_to_stable)
 COMBINED = "combined"  # label of the published (union) filter set in the transfer matrix
 EVAL_POLICIES = ("full", "qfilters", "knorm", "streamingllm")
@@ -233,11 +234,14 @@ def run_validation(
     filters: Any = None,
     on_progress: ProgressFn | None = None,
     created_at: str | None = None,
+    calibrated: Sequence[Any] | None = None,
 ) -> ValidationRun:
     """Calibrate on each of ``calibration`` (specs or ``Corpus``), evaluate on ``evaluation``, decide.
 
     ``filters`` (a ``QFilters``, a directory or a Hub id) validates an existing artifact instead of the combined
     filters: the per-dataset calibrations still run (they measure stability), the perplexity sweep uses ``filters``.
+    ``calibrated`` gives the per-dataset runs already made (by :func:`calibrate_dataset`, elsewhere: a worker pool
+    calibrates datasets on different devices), one per calibration dataset in order; they are not run again.
     """
     from qfilters.attention import attention_layers
 
@@ -258,27 +262,22 @@ def run_validation(
     notify, interrupt = notifier(on_progress)
     with interruptible(lm.model, interrupt):
         return _run(lm, calib_corpora, eval_corpora, settings, given, thresholds, budgets, reference, notify,
-                    filters, created_at)
+                    filters, created_at, calibrated)
 
 
 def _run(lm: Any, calib_corpora: list[Any], eval_corpora: list[Any], settings: ValidationSettings, given: Any,
          thresholds: dict[str, float], budgets: list[int], reference: int, notify: ProgressFn, filters: Any,
-         created_at: str | None) -> ValidationRun:
+         created_at: str | None, calibrated: Sequence[Any] | None) -> ValidationRun:
     import qfilters
-    from qfilters.calibrate import CalibrationConfig, calibrate, combine_results
+    from qfilters.calibrate import combine_results
+    from qfilters.validation.risk import assess
+    from qfilters.validation.stability import cross_dataset_stability
 
     # ---- 2. calibration, one run per dataset, then their exact union
-    config = CalibrationConfig(max_tokens=settings.tokens_per_dataset, seq_len=settings.calib_seq_len,
-                               batch_size=settings.calib_batch_size, seed=settings.seed,
-                               checkpoint_every=settings.resolved_checkpoint_every())
-    results = []
-    for corpus in calib_corpora:
-        def cal_progress(p: Any, spec: str = corpus.spec) -> None:
-            notify(Progress("calibrate", spec, min(p.tokens, p.total_tokens), p.total_tokens,
-                            f"{p.tokens_per_s:.0f} tok/s"))
-
-        notify(Progress("calibrate", corpus.spec, 0, settings.tokens_per_dataset))
-        results.append(calibrate(lm, [corpus], config, on_progress=cal_progress))
+    if calibrated is not None:
+        results = _check_calibrated(calibrated, calib_corpora, lm)
+    else:
+        results = [_calibrate_one(lm, corpus, settings, notify) for corpus in calib_corpora]
     combined = combine_results(lm, results)
     published = given if given is not None else combined
     calib_specs = [c.spec for c in calib_corpora]
@@ -344,6 +343,57 @@ def _run(lm: Any, calib_corpora: list[Any], eval_corpora: list[Any], settings: V
     return ValidationRun(report=report, filters=published, combined=combined, per_dataset=results)
 
 
+def calibration_config(settings: ValidationSettings) -> Any:
+    """The ``CalibrationConfig`` of one per-dataset run of a validation with ``settings``."""
+    from qfilters.calibrate import CalibrationConfig
+
+    return CalibrationConfig(max_tokens=settings.tokens_per_dataset, seq_len=settings.calib_seq_len,
+                             batch_size=settings.calib_batch_size, seed=settings.seed,
+                             checkpoint_every=settings.resolved_checkpoint_every())
+
+
+def _calibrate_one(lm: Any, corpus: Any, settings: ValidationSettings, notify: ProgressFn) -> Any:
+    from qfilters.calibrate import calibrate
+
+    def cal_progress(p: Any) -> None:
+        notify(Progress("calibrate", corpus.spec, min(p.tokens, p.total_tokens), p.total_tokens,
+                        f"{p.tokens_per_s:.0f} tok/s"))
+
+    notify(Progress("calibrate", corpus.spec, 0, settings.tokens_per_dataset))
+    return calibrate(lm, [corpus], calibration_config(settings), on_progress=cal_progress)
+
+
+def calibrate_dataset(lm: Any, dataset: Any, settings: ValidationSettings = ValidationSettings(), *,
+                      on_progress: ProgressFn | None = None) -> Any:
+    """One per-dataset calibration run of a validation (checked first, as :func:`run_validation` checks it).
+
+    Its result, handed back through ``run_validation(calibrated=...)``, gives the same report as a run that calibrated
+    in-process: a worker pool uses this to calibrate the datasets of one job on different devices at once.
+    """
+    from qfilters.attention import attention_layers
+
+    check_settings(settings)
+    attention_layers(lm.model)
+    (corpus,) = _load_corpora([dataset], "calibration")
+    _check_calibration_text(lm, [corpus], settings)
+    return _calibrate_one(lm, corpus, settings, on_progress or (lambda p: None))
+
+
+def _check_calibrated(calibrated: Sequence[Any], corpora: Sequence[Any], lm: Any) -> list[Any]:
+    """Precomputed runs must be of these datasets, in this order, for this model's shape, with their statistics."""
+    if len(calibrated) != len(corpora):
+        raise ValidationInputError(f"{len(calibrated)} calibration results given for {len(corpora)} datasets")
+    for result, corpus in zip(calibrated, corpora):
+        spec = _calibration_info(result).spec
+        if spec != corpus.spec or result.statistics is None:
+            raise ValidationInputError(f"calibration result of {spec!r} given for dataset {corpus.spec!r}, or it "
+                                       "carries no statistics: calibrate it with calibrate_dataset")
+        if result.filters.shape != lm.info.filter_shape:
+            raise ValidationInputError(f"calibration result of {spec!r} has shape {list(result.filters.shape)}, "
+                                       f"the model needs {list(lm.info.filter_shape)}")
+    return list(calibrated)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
@@ -372,6 +422,8 @@ def _calibration_info(result: Any) -> DatasetInfo:
 
 def _sampling(spec: str, result: Any, threshold: float) -> SamplingStability:
     import torch
+
+    from qfilters.validation.stability import summarize, tokens_to_stable
 
     split = torch.tensor(result.filters.provenance["statistics"]["split_half_cosine"], dtype=torch.float64)
     checkpoints = [{k: (rnd(v) if isinstance(v, float) else v) for k, v in asdict(cp).items()}

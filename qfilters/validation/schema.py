@@ -7,6 +7,8 @@ the JSON byte for byte apart from that field. Matrices are nested lists (rows fi
 
 from __future__ import annotations
 
+import math
+
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -160,3 +162,12 @@ class ValidationReport(_Strict):
     transfer: TransferMatrix
     verdict: Verdict
     artifact_sha256: str | None = None  # model.safetensors of the published (combined) filters
+
+
+def rnd(x: float | None, digits: int = 6) -> float | None:
+    """Round for the report; ``-0.0`` becomes ``0.0`` so the JSON never depends on the sign of a zero."""
+    if x is None:
+        return None
+    if not math.isfinite(x):
+        raise ValueError(f"cannot put a non-finite number ({x}) in the report")
+    return round(float(x), digits) + 0.0

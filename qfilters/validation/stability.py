@@ -10,25 +10,15 @@ report is byte-identical across identical runs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from qfilters.query_stats import cosine
-from qfilters.validation.schema import CosineSummary, StabilityReport
+from qfilters.validation.schema import CosineSummary, StabilityReport, rnd  # noqa: F401 - rnd re-exported
 
 DIGITS = 6
 DEFAULT_COSINE_THRESHOLD = 0.9  # a head "agrees" across datasets (or halves) when its cosine is at least this
-
-
-def rnd(x: float | None, digits: int = DIGITS) -> float | None:
-    """Round for the report; ``-0.0`` becomes ``0.0`` so the JSON never depends on the sign of a zero."""
-    if x is None:
-        return None
-    if not math.isfinite(x):
-        raise ValueError(f"cannot put a non-finite number ({x}) in the report")
-    return round(float(x), digits) + 0.0
 
 
 def percentile(values: torch.Tensor, q: float) -> float:

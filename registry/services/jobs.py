@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from registry.errors import Conflict, Forbidden, NotFound
+from registry.jobspec import JobSpec
 from registry.models import ACTIVE_STATUSES, ApiToken, BaseModel_, Dataset, Job, JobDataset, new_id, utcnow
 from registry.schemas import JobCreate
 from registry.security import effective_scopes
@@ -62,7 +63,7 @@ class Viewer:
         return self.admin or (self.token_id is not None and job.token_id == self.token_id)
 
 
-def required_scopes(body: JobCreate) -> set[str]:
+def required_scopes(body: JobCreate | JobSpec) -> set[str]:
     """The scopes a job body asks for: submitting, plus publishing when it names a repo or forces a publication."""
     return {"submit"} | ({"publish"} if body.publish_to is not None or body.force_publish else set())
 
@@ -184,21 +185,31 @@ def retry(session: Session, job: Job, actor: str) -> Job:
 # ------------------------------------------------------------------------------------------------ runner protocol
 
 
+def claim(session: Session, job_id: str, runner_id: str, *, commit: bool = True) -> Job | None:
+    """Own a queued job with a conditional update: of two runners (or two deliveries of one message) one wins.
+
+    Returns the job, or ``None`` if it was not queued (taken, cancelled, gone). The attempt is counted here.
+    """
+    now = utcnow()
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == "queued")
+        .values(status="running", claimed_by=runner_id, attempts=Job.attempts + 1, started_at=now,
+                heartbeat_at=now, phase="starting", error=None)
+    )
+    if commit:
+        session.commit()
+    return session.get(Job, job_id, populate_existing=True) if result.rowcount == 1 else None
+
+
 def claim_next(session: Session, runner_id: str) -> Job | None:
-    """Take the oldest queued job with a conditional update; ``None`` if there is none (or others took them all)."""
+    """Take the oldest queued job; ``None`` if there is none (or others took them all)."""
     for _ in range(5):
         job_id = session.scalar(select(Job.id).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(1))
         if job_id is None:
             return None
-        now = utcnow()
-        result = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", claimed_by=runner_id, attempts=Job.attempts + 1, started_at=now,
-                    heartbeat_at=now, phase="starting", error=None)
-        )
-        session.commit()
-        if result.rowcount == 1:
-            return session.get(Job, job_id)
+        job = claim(session, job_id, runner_id)
+        if job is not None:
+            return job
     return None
 
 

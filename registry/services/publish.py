@@ -21,12 +21,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import or_, update
+from typing import TYPE_CHECKING
+
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.config import Settings
-from registry.models import FilterSet, Publication, utcnow
-from registry.services import audit
+from registry.models import FilterSet, Job, Publication, utcnow
+from registry.security import effective_scopes
+from registry.services import audit, catalog
+
+if TYPE_CHECKING:
+    from registry.jobspec import JobSpec
 from registry.store import ArtifactStore
 
 log = logging.getLogger("qfilters.registry.publish")
@@ -51,6 +57,32 @@ class HubTarget:
         if endpoint == SELF:
             endpoint = settings.base_url  # this registry's Hub-compatible endpoint, reached like any client would
         return cls(endpoint=endpoint.rstrip("/"), token_file=settings.hub_token_file, retries=settings.hub_retries)
+
+
+def request_for_job(session: Session, job: Job, fs: FilterSet, spec: JobSpec, *, actor: str) -> int | None:
+    """The publication a job's spec asks for, with the privileges its token has NOW; its id, or None.
+
+    A token revoked or stripped of the publish scope since submission publishes nothing, nor does a failing verdict
+    without ``force_publish`` (as over the API); both are audited as ``actor`` acting on behalf of the job's token.
+    A request this filter set already has for the repo is reused, so a step that runs again publishes once.
+    """
+    from registry.services.jobs import required_scopes
+
+    existing = session.scalar(select(Publication.id).where(Publication.filter_set_id == fs.id,
+                                                           Publication.repo_id == spec.publish_to))
+    if existing is not None or spec.publish_to is None:
+        return existing
+    token, detail = job.token, dict(on_behalf_of=job.token.name, job=job.id)
+    if token.revoked_at is not None or not required_scopes(spec) <= effective_scopes(token.scopes):
+        audit.record(session, actor, "publication.skip", "filter_set", fs.id,
+                     reason="the submitting token no longer has the publish scope", **detail)
+    elif fs.verdict != "pass" and not spec.force_publish:
+        audit.record(session, actor, "publication.skip", "filter_set", fs.id,
+                     reason="the filter set failed validation and force_publish is false", **detail)
+    else:
+        return catalog.request_publication(session, fs, spec.publish_to, actor=actor, force=spec.force_publish,
+                                           **detail).id
+    return None
 
 
 def publish_publication(factory: sessionmaker[Session], store: ArtifactStore, target: HubTarget,

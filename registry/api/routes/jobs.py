@@ -38,7 +38,11 @@ def submit_job(
     assert token is not None
     job, created = jobs.submit(session, token, body, idempotency_key, max_attempts=state.settings.max_attempts,
                                admit=lambda new: sources.check_job(state.settings, new))
+    if created:
+        state.dispatcher.route(session, job)
     session.commit()
+    if created:
+        state.dispatcher.submitted(job.id)  # after the commit: a worker must find the row it is sent for
     base = base_url(request)
     if not created:
         response.status_code = 200
@@ -67,18 +71,20 @@ def get_job(job_id: JobId, request: Request, session: SessionDep, viewer: JobVie
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=ERRORS)
-def cancel_job(job_id: JobId, request: Request, session: SessionDep, principal: Submitter,
+def cancel_job(job_id: JobId, request: Request, session: SessionDep, state: StateDep, principal: Submitter,
                viewer: JobViewer) -> JobPublic:
     """Cancel a queued job at once, or ask a running one to stop (within seconds). Only its submitter or an admin."""
     job = jobs.cancel(session, jobs.get_owned(session, job_id, viewer), principal.name)
     session.commit()
+    state.dispatcher.cancelled(job.id)
     return job_public(job, base_url(request))
 
 
 @router.post("/{job_id}/retry", response_model=JobPublic, responses=ERRORS)
-def retry_job(job_id: JobId, request: Request, session: SessionDep, principal: Submitter,
+def retry_job(job_id: JobId, request: Request, session: SessionDep, state: StateDep, principal: Submitter,
               viewer: JobViewer) -> JobPublic:
     """Queue a failed or cancelled job again, from the start. Only its submitter or an admin."""
     job = jobs.retry(session, jobs.get_owned(session, job_id, viewer), principal.name)
     session.commit()
+    state.dispatcher.submitted(job.id)
     return job_public(job, base_url(request))

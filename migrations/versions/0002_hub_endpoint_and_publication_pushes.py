@@ -1,6 +1,6 @@
 """hub endpoint and publication pushes
 
-Revision ID: 0004
+Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-03 15:39:38.369623
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 
-revision = '0004'
+revision = '0002'
 down_revision = '0001'
 branch_labels = None
 depends_on = None
