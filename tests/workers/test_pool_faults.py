@@ -90,13 +90,17 @@ def test_kill_9_in_the_middle_of_calibration_ten_times(stack: Stack) -> None:
     stack.start_worker("w1")
     job_ids = [stack.submit(TINY_JOB)["id"] for _ in range(3)]
     kills, spawned = 0, 2
-    while kills < 10:
-        active = stack.sql("SELECT count(*) FROM jobs WHERE status NOT IN ('succeeded', 'failed', 'cancelled')")
-        if active[0][0] == 0:
+
+    def calibration_in_progress() -> list[tuple]:
+        pending = stack.sql("SELECT count(*) FROM jobs WHERE status = 'queued' OR id IN (SELECT job_id FROM job_tasks "
+                            "WHERE kind = 'calibrate' AND status IN ('queued', 'running'))")[0][0]
+        if pending == 0:  # every calibration is done: more work to kill in
             job_ids.append(stack.submit(TINY_JOB)["id"])
-        found = wait_until(lambda: stack.sql(
-            "SELECT claimed_by FROM job_tasks WHERE kind = 'calibrate' AND status = 'running' AND tokens_done > 0 "
-            "AND tokens_done < tokens_total"), 120, "a calibration in progress", interval=0.1)
+        return stack.sql("SELECT claimed_by FROM job_tasks WHERE kind = 'calibrate' AND status = 'running' "
+                         "AND tokens_done > 0 AND tokens_done < tokens_total")
+
+    while kills < 10:
+        found = wait_until(calibration_in_progress, 120, "a calibration in progress", interval=0.1)
         name = _worker_of(stack, found[0][0])
         if name is None:
             continue  # it just ended
