@@ -35,7 +35,7 @@ def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveRegist
     monkeypatch.delenv("HF_TOKEN", raising=False)
     token_file = tmp_path / "secrets" / "hub-token"
     reg = LiveRegistry(f"sqlite:///{tmp_path / 'registry.sqlite3'}", tmp_path / "data", hub_endpoint="self",
-                       hub_token_file=token_file, hub_retries=0)
+                       hub_token_file=token_file, hub_retries=0, allowed_models=[BASE])
     token_file.parent.mkdir()
     token_file.write_text(reg.token("publish", name="hub-publisher") + "\n")
     yield reg
