@@ -223,22 +223,36 @@ class Stack:
                "QFILTERS_DATABASE_URL": database_url, "QFILTERS_EXECUTOR": "celery", "QFILTERS_BROKER_URL": broker_url,
                "QFILTERS_QUEUES": "cpu=16", "QFILTERS_SWEEP_SECONDS": "1", "QFILTERS_REQUEUE_AFTER_SECONDS": "5",
                "QFILTERS_STALE_AFTER_SECONDS": "6", "QFILTERS_HEARTBEAT_SECONDS": "1", "QFILTERS_DB_POOL_TIMEOUT": "5",
-               "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+               "HF_HOME": str(hf_home), "TOKENIZERS_PARALLELISM": "false",
+               "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               # No Hub here: the test models are allow-listed and load from the HF cache (huggingface.co does not
+               # resolve, so the cache answers at once), and publications go to the API's own Hub-compatible
+               # endpoint with a publish token from a secret file. Not HF_HUB_OFFLINE=1: it would block that push.
+               "QFILTERS_ALLOWED_MODELS": "qfilters-test/*", "QFILTERS_HUB_ENDPOINT": "self",
+               "QFILTERS_HUB_TOKEN_FILE": str(workdir / "secrets" / "hub-token"), "QFILTERS_HUB_RETRIES": "0"}
+        self.api_port = free_port()
+        env["QFILTERS_BASE_URL"] = f"http://127.0.0.1:{self.api_port}"
         env.update({f"QFILTERS_{k.upper()}": str(v) for k, v in settings.items()})
         self.env = env
         self.api: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.base = ""
-        created = subprocess.run([QFILTERS, "token", "create", f"pool-{uuid.uuid4().hex[:6]}", "--scope", "submit"],
-                                 env=env, capture_output=True, text=True, timeout=120)
-        assert created.returncode == 0, created.stderr
-        self.token = created.stdout.strip()
+        self.token = self._create_token("pool", "submit", "publish")  # the jobs publish: both scopes
+        hub_token = Path(env["QFILTERS_HUB_TOKEN_FILE"])
+        hub_token.parent.mkdir(parents=True, exist_ok=True)
+        hub_token.write_text(self._create_token("hub-publisher", "publish") + "\n")
         from sqlalchemy import create_engine
 
         from registry.db import normalize_url
 
         self.engine = create_engine(normalize_url(database_url), pool_pre_ping=True)
+
+    def _create_token(self, prefix: str, *scopes: str) -> str:
+        args = [a for scope in scopes for a in ("--scope", scope)]
+        created = subprocess.run([QFILTERS, "token", "create", f"{prefix}-{uuid.uuid4().hex[:6]}", *args],
+                                 env=self.env, capture_output=True, text=True, timeout=120)
+        assert created.returncode == 0, created.stderr
+        return created.stdout.strip()
 
     # ---- processes
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
@@ -246,7 +260,7 @@ class Stack:
         return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_api(self) -> None:
-        port = free_port()
+        port = self.api_port  # fixed for the stack's life: workers publish to its Hub endpoint (QFILTERS_BASE_URL)
         self.api = self._spawn("api", [QFILTERS, "serve", "--port", str(port), "--log-level", "warning"])
         self.base = f"http://127.0.0.1:{port}"
         wait_until(self._api_up, 120, "the API")

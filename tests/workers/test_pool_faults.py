@@ -51,7 +51,7 @@ def test_a_job_runs_through_the_pool(stack: Stack) -> None:
     stack.start_worker("w1")
     job = stack.submit(TINY_JOB)
     final = stack.wait_final([job["id"]], 240)[job["id"]]
-    assert final["status"] == "succeeded", final
+    assert final["status"] == "succeeded", final["error"]
     _assert_each_job_once(stack, [job["id"]])
     steps = stack.sql("SELECT kind, position, status, attempts, duplicates FROM job_tasks ORDER BY kind, position")
     assert steps == [("calibrate", 0, "done", 1, 0), ("calibrate", 1, "done", 1, 0), ("publish", 0, "done", 1, 0),

@@ -35,7 +35,7 @@ def test_smollm2_job_on_three_datasets_with_two_workers(tmp_path: Path, pool_dat
         stack.start_worker("w1")
         job = stack.submit(JOB, key="smollm2-3")
         final = stack.wait_final([job["id"]], 900)[job["id"]]
-        assert final["status"] == "succeeded", final
+        assert final["status"] == "succeeded", final["error"]
         filter_set = httpx.get(final["links"]["filter_set"], timeout=30).json()
         assert filter_set["verdict"] in ("pass", "fail") and filter_set["datasets"] == JOB["datasets"]
         report = httpx.get(final["links"]["report"], timeout=30)
