@@ -95,6 +95,7 @@ class PasskeyRun:
     """Per policy label: correct trials (one bool per trial), plus the trials' depths."""
 
     hits: dict[str, list[bool]] = field(default_factory=dict)
+    logprob: dict[str, list[float]] = field(default_factory=dict)  # log p(key tokens | ...), teacher-forced
     depths: list[float] = field(default_factory=list)
 
     def accuracy(self, label: str) -> float:
@@ -103,7 +104,8 @@ class PasskeyRun:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trials": len(self.depths), "depths": [round(d, 4) for d in self.depths],
-                "accuracy": {k: self.accuracy(k) for k in self.hits}, "correct": {k: sum(v) for k, v in self.hits.items()}}
+                "accuracy": {k: self.accuracy(k) for k in self.hits}, "correct": {k: sum(v) for k, v in self.hits.items()},
+                "mean_logprob": {k: sum(v) / len(v) for k, v in self.logprob.items()}}
 
 
 class _Prefill:
@@ -191,7 +193,7 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
     compress = [i for i, k in enumerate(layer_kinds(model)) if k == "compress"]
     device = next(model.parameters()).device
     observe = max([p.observe for p in policies.values() if isinstance(p, SnapKV)], default=1)
-    run = PasskeyRun(hits={label: [] for label in policies})
+    run = PasskeyRun(hits={label: [] for label in policies}, logprob={label: [] for label in policies})
     for trial in trials:
         run.depths.append(trial.depth)
         ctx = torch.tensor([trial.context], device=device)
@@ -216,8 +218,10 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
                                cache_position=positions).logits  # [1, n, V]
             for layer in cache.layers:  # back to the context (crop()'s sign convention changed across versions)
                 layer.keys, layer.values = layer.keys[..., :t_c, :], layer.values[..., :t_c, :]
-            pred = logits[0, n_q - 1:n_q - 1 + n_a].argmax(dim=-1)
-            run.hits[label].append(bool((pred == target).all()))
+            answer_logits = logits[0, n_q - 1:n_q - 1 + n_a].float()  # [n_a, V]: predicts the key's tokens
+            run.hits[label].append(bool((answer_logits.argmax(dim=-1) == target).all()))
+            logp = answer_logits.log_softmax(dim=-1).gather(-1, target[:, None]).sum()
+            run.logprob[label].append(float(logp))
         if progress is not None:
             progress(len(run.depths))
     return run
