@@ -29,7 +29,7 @@ from qfilters.attention import attention_hook
 from qfilters.eviction import prepare_scores
 from qfilters.recipes import LayerPolicy
 
-__all__ = ["PasskeyTrial", "make_trials", "SnapKV", "PasskeyRun", "run_passkey"]
+__all__ = ["PasskeyTrial", "make_trials", "SnapKV", "PasskeyRun", "run_passkey", "standard_policies"]
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
@@ -225,3 +225,26 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
         if progress is not None:
             progress(len(run.depths))
     return run
+
+
+def standard_policies(model: Any, budgets: Sequence[int], window: int = 64, filters: Any = None,
+                      moments: Any = None) -> dict[str, Any]:
+    """Full cache, then per budget: StreamingLLM (4 sinks), K-norm, Q-Filters / mean query / Gaussian when given,
+    and the SnapKV reference; static scorers keep ``min(window, budget // 2)`` recent keys, uniformly per layer."""
+    from qfilters.cache import layer_kinds
+    from qfilters.scorers import KNormScorer, QFilterScorer, StreamingLLMScorer
+
+    scorers: dict[str, Any] = {"streamingllm": StreamingLLMScorer(4), "knorm": KNormScorer()}
+    if filters is not None:
+        scorers["qfilters"] = QFilterScorer(filters)
+    if moments is not None:
+        from qfilters.moment_scorers import GaussianScorer, MeanQueryScorer
+
+        scorers.update(meanq=MeanQueryScorer(moments), gaussian=GaussianScorer(moments))
+    layers = [i for i, k in enumerate(layer_kinds(model)) if k == "compress"]
+    out: dict[str, Any] = {"full": None}
+    for b in budgets:
+        for name, scorer in scorers.items():
+            out[f"{name}@{b}"] = {i: LayerPolicy(scorer, b, min(window, b // 2)) for i in layers}
+        out[f"snapkv@{b}"] = SnapKV(b)
+    return out
