@@ -128,7 +128,8 @@ def cmd_search(args: argparse.Namespace) -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     full = nll(model, data, {})
     # one layer compressed at a time, on the first 1024 tokens of the first document (last 512 scored): cheap
-    sens = layer_sensitivity(model, [data[0][:, :1024]], sc["gaussian"], 64, 16, 512).nll_increase
+    sens = (layer_sensitivity(model, [data[0][:, :1024]], sc["gaussian"], 64, 16, 512).nll_increase
+            if "sensitivity" in args.allocations else None)
     t_sens = time.perf_counter() - t0
     trace, chosen = [], {}
     for budget in args.budgets:
@@ -144,9 +145,8 @@ def cmd_search(args: argparse.Namespace) -> None:
             return cache[r]
 
         best = Recipe("gaussian", 0.25, 4, "uniform")
-        axes = [("scorer", ["qfilters", "meanq", "gaussian", "gaussian-r4", "knorm"]),
-                ("window_share", [0.125, 0.25, 0.5]), ("n_sinks", [0, 4]),
-                ("allocation", ["uniform", "pyramid", "sensitivity"]), ("full_layers", [0, 1])]
+        axes = [("scorer", args.scorers), ("window_share", [0.125, 0.25, 0.5]), ("n_sinks", [0, 4]),
+                ("allocation", args.allocations), ("full_layers", args.full_layers)]
         for field_name, values in axes:
             best = min((replace(best, **{field_name: v}) for v in values), key=lambda r: (score(r), r.label))
         chosen[str(budget)] = {"recipe": best.to_dict(), "perplexity": cache[best],
@@ -265,7 +265,11 @@ def main() -> None:
         s.add_argument("--threads", type=int, default=1)
         s.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     sub.choices["calibrate"].add_argument("--tokens", type=int, default=65536)
-    sub.choices["search"].add_argument("--docs", type=int, default=2)
+    se = sub.choices["search"]
+    se.add_argument("--docs", type=int, default=2)
+    se.add_argument("--scorers", nargs="+", default=["qfilters", "meanq", "gaussian", "gaussian-r4", "knorm"])
+    se.add_argument("--allocations", nargs="+", default=["uniform", "pyramid", "sensitivity"])
+    se.add_argument("--full-layers", type=int, nargs="+", default=[0, 1])
     c = sub.choices["confirm"]
     c.add_argument("--dataset", default="austen")
     c.add_argument("--docs", type=int, default=6)

@@ -190,8 +190,7 @@ def passkey(
     as_json: JsonOpt = False,
 ) -> None:
     """Passkey retrieval under compression (kvpress protocol: compress the context once, then ask)."""
-    from qfilters.passkey import standard_policies, make_trials, run_passkey
-
+    from qfilters.passkey import make_trials, run_passkey, standard_policies
     try:
         filler = "\n".join(d.text for d in _load_corpora(["austen"])[0].documents)
         lm = _load(model, device, dtype, attn)
@@ -209,10 +208,8 @@ def passkey(
     if as_json:
         print(json.dumps(run.to_dict(), indent=2))
         return
-    table = Table(title=f"Passkey retrieval, {trials} needles in ~{context} tokens (snapkv needs attention weights)")
-    table.add_column("policy")
-    table.add_column("correct", justify="right")
-    table.add_column("accuracy", justify="right")
+    table = Table("policy", "correct", "accuracy",
+                  title=f"Passkey retrieval, {trials} needles in ~{context} tokens (snapkv needs attention weights)")
     for label in run.hits:
         table.add_row(label, str(sum(run.hits[label])), f"{run.accuracy(label):.3f}")
     Console().print(table)

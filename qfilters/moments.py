@@ -52,7 +52,7 @@ class QueryMoments:
 
     @classmethod
     def from_statistics(cls, stats: Any, num_kv_heads: int) -> "QueryMoments":
-        """From a ``QueryStatistics`` (both halves pooled) or a dict with its ``second_moment``/``query_sum``/``count``."""
+        """From a ``QueryStatistics`` (halves pooled) or a dict of its ``second_moment``/``query_sum``/``count``."""
         if isinstance(stats, dict):
             second, total, count = stats["second_moment"], stats["query_sum"], stats["count"]
         else:

@@ -104,7 +104,8 @@ class PasskeyRun:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trials": len(self.depths), "depths": [round(d, 4) for d in self.depths],
-                "accuracy": {k: self.accuracy(k) for k in self.hits}, "correct": {k: sum(v) for k, v in self.hits.items()},
+                "accuracy": {k: self.accuracy(k) for k in self.hits},
+                "correct": {k: sum(v) for k, v in self.hits.items()},
                 "mean_logprob": {k: sum(v) / len(v) for k, v in self.logprob.items()}}
 
 
@@ -129,7 +130,8 @@ def _keep_static(policy: LayerPolicy, keys: Tensor, layer: int) -> Tensor:
         return keep | True
     scores = prepare_scores(policy.scorer.score(keys, layer, positions), positions, policy.n_sinks)
     n_old = length - policy.window
-    best = torch.sort(scores[..., :n_old], dim=-1, descending=True, stable=True).indices[..., :policy.budget - policy.window]
+    order = torch.sort(scores[..., :n_old], dim=-1, descending=True, stable=True).indices
+    best = order[..., :policy.budget - policy.window]
     keep.scatter_(-1, best, True)
     keep[..., n_old:] = True
     return keep

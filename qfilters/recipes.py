@@ -205,7 +205,7 @@ class Sensitivity:
 
 def layer_sensitivity(model: Any, chunks: Sequence[Tensor], scorer: Scorer, budget: int, window: int,
                       score_last: int) -> Sensitivity:
-    """Compress one layer at a time (``budget``/``window``), measure the NLL increase on ``chunks`` (calibration text)."""
+    """Compress one layer at a time (``budget``/``window``); NLL increase per token on ``chunks`` (calibration text)."""
     from qfilters.cache import layer_kinds
 
     layers = [i for i, k in enumerate(layer_kinds(model)) if k == "compress"]
