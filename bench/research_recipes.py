@@ -175,19 +175,26 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     out = Path(args.out)
     titles, data = chunks(lm, args.dataset, args.docs)
     t0 = time.perf_counter()
+    name = f"confirm-{args.dataset.replace(':', '-')}-{args.tag}"
     full = ppl(nll(model, data, {}), data)
     rows: dict[str, dict[str, float]] = {}
+
+    def save() -> None:  # after every cell, so a cut-off run keeps what it measured
+        write(out / f"{name}.json", {"dataset": args.dataset, "docs": titles, "full_perplexity": full,
+                                     "perplexity": rows})
+
     for budget in args.budgets:
         if args.recipe:
             recipe, sens = chosen_recipe(out, budget)
             rows.setdefault("recipe", {})[str(budget)] = ppl(
                 nll(model, data, recipe_for(recipe, model, sc, budget, sens)), data)
-        for name in args.scorers:
-            if name in sc and (budget in args.all_scorer_budgets or name in ("streamingllm", "qfilters")):
-                rows.setdefault(name, {})[str(budget)] = ppl(nll(model, data, stock_policies(model, sc[name], budget)),
-                                                             data)
-    name = f"confirm-{args.dataset.replace(':', '-')}-{args.tag}"
-    write(out / f"{name}.json", {"dataset": args.dataset, "docs": titles, "full_perplexity": full, "perplexity": rows})
+            save()
+        for sname in args.scorers:
+            if sname in sc and (budget in args.all_scorer_budgets or sname in ("streamingllm", "qfilters")):
+                rows.setdefault(sname, {})[str(budget)] = ppl(
+                    nll(model, data, stock_policies(model, sc[sname], budget)), data)
+                save()
+    save()
     write(out / f"{name}_timing.json", {"wall_s": time.perf_counter() - t0})
 
 
