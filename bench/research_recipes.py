@@ -176,7 +176,7 @@ def cmd_confirm(args: argparse.Namespace) -> None:
     titles, data = chunks(lm, args.dataset, args.docs)
     t0 = time.perf_counter()
     name = f"confirm-{args.dataset.replace(':', '-')}-{args.tag}"
-    full = ppl(nll(model, data, {}), data)
+    full = ppl(nll(model, data, {}), data) if args.full else None  # --no-full: another file of the run has it
     rows: dict[str, dict[str, float]] = {}
 
     def save() -> None:  # after every cell, so a cut-off run keeps what it measured
@@ -206,7 +206,8 @@ def cmd_summarize(args: argparse.Namespace) -> None:
         if f.name.endswith("_timing.json"):
             continue
         d = json.loads(f.read_text())
-        entry = by_ds.setdefault(d["dataset"], {"full": d["full_perplexity"], "docs": d["docs"], "rows": {}})
+        entry = by_ds.setdefault(d["dataset"], {"full": None, "docs": d["docs"], "rows": {}})
+        entry["full"] = d["full_perplexity"] if d["full_perplexity"] is not None else entry["full"]
         for p, r in d["perplexity"].items():
             entry["rows"].setdefault(p, {}).update(r)
     for ds, e in by_ds.items():
@@ -280,18 +281,19 @@ def main() -> None:
     c = sub.choices["confirm"]
     c.add_argument("--dataset", default="austen")
     c.add_argument("--docs", type=int, default=6)
-    c.add_argument("--scorers", nargs="+", default=["streamingllm", "qfilters", "knorm", "meanq", "gaussian",
+    c.add_argument("--scorers", nargs="*", default=["streamingllm", "qfilters", "knorm", "meanq", "gaussian",
                                                     "gaussian-r4"])
     c.add_argument("--all-scorer-budgets", type=int, nargs="*", default=[128, 512])
     c.add_argument("--tag", default="all")
     c.add_argument("--recipe", action=argparse.BooleanOptionalAction, default=True)
+    c.add_argument("--full", action=argparse.BooleanOptionalAction, default=True)
     k = sub.choices["passkey"]
     k.add_argument("--trials", type=int, default=48)
     k.add_argument("--context", type=int, default=1024)
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--tag", default="all")
     k.add_argument("--snapkv", action=argparse.BooleanOptionalAction, default=True)
-    k.add_argument("--scorers", nargs="+", default=["streamingllm", "knorm", "qfilters", "meanq", "gaussian",
+    k.add_argument("--scorers", nargs="*", default=["streamingllm", "knorm", "qfilters", "meanq", "gaussian",
                                                     "gaussian-r4"])
     args = p.parse_args()
     torch.set_num_threads(args.threads)
