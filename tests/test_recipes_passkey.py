@@ -99,3 +99,22 @@ def test_passkey_compress_once_matches_a_dense_masked_forward(tiny_llama) -> Non
         assert run.hits[label] == [hit]
     assert run.logprob["knorm"][0] != pytest.approx(run.logprob["full"][0], rel=1e-6)  # compression changed it
     assert set(run.to_dict()["accuracy"]) == {"full", "knorm", "snap"}
+
+
+def test_passkey_cli_reports_every_policy_with_the_snapkv_reference(smollm2, tmp_path) -> None:
+    """`qfilters passkey` on the real model: full cache, the baselines and the attention-based reference per budget;
+    a filter artifact without query moments adds Q-Filters only."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from qfilters.artifact import QFilters
+    from qfilters.cli import app
+
+    QFilters(torch.randn(*smollm2.info.filter_shape)).save_pretrained(tmp_path / "qf")
+    result = CliRunner().invoke(app, ["passkey", "smollm2", "--filters", str(tmp_path / "qf"), "--budget", "64",
+                                      "--trials", "2", "--context", "160", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["trials"] == 2
+    assert set(report["accuracy"]) == {"full", "streamingllm@64", "knorm@64", "qfilters@64", "snapkv@64"}
