@@ -72,6 +72,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed (the result is bit-identical for the same inputs).")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Tokens between convergence checkpoints.")] = 16_384,
     until_stable: Annotated[Optional[float], typer.Option(help="Stop once min cosine between checkpoints >= this, e.g. 0.999.")] = None,
+    query_stats: Annotated[bool, typer.Option("--query-stats", help="Also store the query moments (query_stats.safetensors) for the meanq/gaussian scorers.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     attn: AttnOpt = "sdpa",
@@ -101,6 +102,10 @@ def calibrate(
 
             result = run_calibration(lm, corpora, config, on_progress=on_progress)
         path = result.filters.save_pretrained(out)
+        if query_stats:
+            from qfilters.moments import QueryMoments, save_moments
+
+            save_moments(path, QueryMoments.from_statistics(result.statistics, lm.info.num_kv_heads))
     except QFiltersError as e:
         _fail(e)
     summary = {
@@ -168,6 +173,46 @@ def evaluate(
     Console().print(result.table())
     if plot is not None:
         Console().print(f"plot: [bold]{plot}[/]")
+
+
+@app.command()
+def passkey(
+    model: ModelArg,
+    filters: Annotated[Optional[str], typer.Option(help="Artifact directory of the filters (adds qfilters, and meanq/gaussian when it holds query_stats).")] = None,
+    budget: Annotated[list[int], typer.Option(help="KV budget per head (tokens); repeat for a sweep.")] = [128, 256, 512],  # noqa: B006
+    window: Annotated[int, typer.Option(help="Recent tokens always kept (static scorers).")] = 64,
+    context: Annotated[int, typer.Option(help="Context tokens (filler + needle).")] = 1024,
+    trials: Annotated[int, typer.Option(help="Needles (seeded).")] = 48,
+    seed: Annotated[int, typer.Option(help="Seed for keys, depths and filler offsets.")] = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    attn: AttnOpt = "sdpa",
+    as_json: JsonOpt = False,
+) -> None:
+    """Passkey retrieval under compression (kvpress protocol: compress the context once, then ask)."""
+    from qfilters.passkey import make_trials, run_passkey, standard_policies
+    try:
+        filler = "\n".join(d.text for d in _load_corpora(["austen"])[0].documents)
+        lm = _load(model, device, dtype, attn)
+        qf = moments = None
+        if filters is not None:
+            from qfilters.artifact import QFilters
+            from qfilters.moments import load_moments
+
+            qf = QFilters.from_pretrained(filters, expected_shape=lm.info.filter_shape)
+            moments = load_moments(filters) if Path(filters).is_dir() else None
+        policies = standard_policies(lm.model, sorted(set(budget)), window, qf, moments)
+        run = run_passkey(lm.model, make_trials(lm.tokenizer, filler, trials, context, seed), policies)
+    except (QFiltersError, ValueError) as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(run.to_dict(), indent=2))
+        return
+    table = Table("policy", "correct", "accuracy",
+                  title=f"Passkey retrieval, {trials} needles in ~{context} tokens (snapkv needs attention weights)")
+    for label in run.hits:
+        table.add_row(label, str(sum(run.hits[label])), f"{run.accuracy(label):.3f}")
+    Console().print(table)
 
 
 @app.command()
