@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 import registry
 from registry.api import problems
+from registry.api.headers import SecurityHeaders
 from registry.api.admission import ConcurrencyLimit, ensure_worker_threads
 from registry.api.routes import catalog, hub, jobs
 from registry.config import Settings, get_settings
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
     app.include_router(metrics.router)
     hub.install(app)  # the Hub-compatible endpoint (/api/..., /{repo}/resolve/...)
     _mount_api_docs(app)
+    app.add_middleware(SecurityHeaders)  # outermost: every answer carries them, early refusals included
     return app
 
 

@@ -10,7 +10,9 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from registry.api.deps import JobViewer, PublicRead, SessionDep, StateDep
+from registry.api.headers import REPORT_CSP
 from registry.api.present import job_progress
+from registry.api.routes.catalog import cache_headers
 from registry.services import catalog, jobs
 
 router = APIRouter(include_in_schema=False)
@@ -52,4 +54,5 @@ def report_page(filter_set_id: Id, session: SessionDep, state: StateDep, _: Publ
     """The validation report's own self-contained page (inline CSS and images), served as is."""
     fs = catalog.get_filter_set(session, filter_set_id)
     return HTMLResponse(state.store.read_bytes(fs.report_html_sha256),
-                        headers={"ETag": f'"{fs.report_html_sha256}"', "Cache-Control": "public, max-age=300"})
+                        headers={"ETag": f'"{fs.report_html_sha256}"', "Content-Security-Policy": REPORT_CSP,
+                                 **cache_headers(state.settings, "public, max-age=300")})

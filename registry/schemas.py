@@ -108,8 +108,13 @@ class JobCreate(BaseModel):
         from qfilters.validation.gates import ValidationInputError
         from qfilters.validation.run import check_settings
 
+        from qfilters.models import resolve_alias
+
         if len(set(self.datasets)) != len(self.datasets):
             raise ValueError("calibration datasets must be distinct")
+        if resolve_alias(self.model) and self.revision not in (None, "main"):
+            raise ValueError(f"{self.model!r} is an embedded model with one revision (the packaged weights): omit "
+                             f"'revision' (got {self.revision!r}), or name the Hub id to pin a Hub revision")
         try:
             check_settings(self.validation_settings())
         except ValidationInputError as e:

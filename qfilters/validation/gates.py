@@ -63,6 +63,19 @@ GATES: dict[str, Gate] = {
 }
 
 
+def loosened_gates(overrides: Mapping[str, float]) -> list[str]:
+    """The gates whose override is MORE permissive than the default (a lower minimum, a higher maximum).
+
+    A service treats these as a privilege: the verdict decides which version an alias such as ``latest`` serves.
+    """
+    loose = []
+    for name, value in overrides.items():
+        gate = GATES.get(name)
+        if gate is not None and (value < gate.default if gate.comparison in (">=", ">") else value > gate.default):
+            loose.append(name)
+    return loose
+
+
 def parse_gate_overrides(items: Sequence[str] | Mapping[str, float] | None) -> dict[str, float]:
     """``["name=value", ...]`` (or a mapping) -> the full threshold table (defaults + overrides), in GATES order."""
     thresholds = {name: gate.default for name, gate in GATES.items()}

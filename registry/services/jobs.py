@@ -64,8 +64,12 @@ class Viewer:
 
 
 def required_scopes(body: JobCreate | JobSpec) -> set[str]:
-    """The scopes a job body asks for: submitting, plus publishing when it names a repo or forces a publication."""
-    return {"submit"} | ({"publish"} if body.publish_to is not None or body.force_publish else set())
+    """The scopes a job body asks for: submitting, plus publishing when it names a repo, forces a publication, or
+    loosens a gate (a passing verdict moves ``latest``, which resolve serves)."""
+    from qfilters.validation.gates import loosened_gates
+
+    publishes = body.publish_to is not None or body.force_publish or bool(loosened_gates(body.gates))
+    return {"submit"} | ({"publish"} if publishes else set())
 
 
 def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: str | None,
@@ -73,13 +77,13 @@ def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: 
     """Create a job, or return the one this token already created with the same ``Idempotency-Key``.
 
     Returns ``(job, created)``. The same key with a different body is a :class:`Conflict`; a body that asks for a
-    privilege the token lacks (``publish_to``, ``force_publish``) is :class:`Forbidden`. ``admit`` checks a new job's
+    privilege the token lacks (``publish_to``, ``force_publish``, looser gates) is :class:`Forbidden`. ``admit`` checks a new job's
     sources (models, datasets) before anything is written; it raises to refuse.
     """
     missing = required_scopes(body) - effective_scopes(token.scopes)
     if missing:
-        why = ("; publish_to and force_publish publish the result: drop them or use a token with the publish scope"
-               if "publish" in missing else "")
+        why = ("; publish_to, force_publish and gates looser than the defaults publish the result: drop them or use a "
+               "token with the publish scope" if "publish" in missing else "")
         raise Forbidden(f"token {token.name!r} lacks the {' and '.join(sorted(missing))} scope this job needs{why}")
     request = canonical_request(body)
     digest = request_hash(request)

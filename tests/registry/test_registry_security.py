@@ -100,7 +100,7 @@ def test_a_job_row_with_a_local_spec_fails_at_run_time_without_reading_it(sqlite
         row.request = {**row.request, "datasets": ["hf:notes:train", "python-code"]}
     assert run_queued_jobs(reg, tiny_llama) == ["failed"]
     failed = reg.client.get(f"/v1/jobs/{job['id']}").json()
-    assert "no longer accepted" in failed["error"] and "notes" in failed["error"]
+    assert "local path" in failed["error"] and "notes" in failed["error"]  # refused when read, never loaded
     secret_sha = hashlib.sha256(SECRET.encode()).hexdigest()
     assert SECRET not in _database_dump(reg) and secret_sha not in _database_dump(reg)
     assert reg.client.get("/v1/datasets").json()["total"] == 0

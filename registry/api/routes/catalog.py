@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from registry.api.deps import Admin, JobViewer, PublicRead, Publisher, SessionDep, StateDep
 from registry.api.present import base_url, filter_set_public, job_public, model_public, resolved
+from registry.config import Settings
 from registry.schemas import (
     AliasMovePublic,
     AliasMoveRequest,
@@ -39,6 +40,14 @@ ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Probl
           422: {"model": Problem}}
 FileName = Literal["config.json", "model.safetensors", "qfilters.json"]
 IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def cache_headers(settings: Settings, cache_control: str = IMMUTABLE) -> dict[str, str]:
+    """Caching of a read: shared caches may keep it only when reads are public (else a proxy could hand a token's
+    answer to a caller without one)."""
+    if settings.public_reads:
+        return {"Cache-Control": cache_control}
+    return {"Cache-Control": cache_control.replace("public", "private"), "Vary": "Authorization"}
 
 
 # ----------------------------------------------------------------------------------------------------------- models
@@ -197,7 +206,7 @@ def request_publication(filter_set_id: Id, body: PublicationCreate, session: Ses
 
 def _blob_response(request: Request, state, sha256: str, media_type: str, filename: str | None = None) -> Response:  # noqa: ANN001
     etag = f'"{sha256}"'
-    headers = {"ETag": etag, "Cache-Control": IMMUTABLE}
+    headers = {"ETag": etag, **cache_headers(state.settings)}
     if filename:
         headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
