@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from registry.jobspec import JobSpec, SpecError
 from registry.models import Job, Publication
 from registry.services import catalog, jobs
-from registry.services.publish import HubTarget, publish_publication, request_for_job
+from registry.services.publish import HubTarget, JobPublication, publish_publication, request_for_job
 from registry.store import ArtifactStore
 
 log = logging.getLogger("qfilters.registry.pipeline")
@@ -190,7 +190,10 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
         filter_set_id = _validate_and_register(factory, store, job_id, body, lm, reporter)
         if body.publish_to:
             reporter.status("publishing", f"requesting publication to {body.publish_to}")
-            pub_id = _request_publication(factory, job_id, runner_id, filter_set_id, body)
+            asked = _request_publication(factory, job_id, runner_id, filter_set_id, body)
+            if asked.refused:
+                return "failed", asked.refused
+            pub_id = asked.publication_id
             if hub is not None and pub_id is not None:
                 reporter.status("publishing", f"publishing to {body.publish_to} on {hub.endpoint}")
                 if publish_publication(factory, store, hub, pub_id, worker="runner:" + runner_id) == "failed":
@@ -208,7 +211,7 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
 
 
 def _request_publication(factory: sessionmaker[Session], job_id: str, runner_id: str, filter_set_id: int,
-                         body: JobSpec) -> int | None:
+                         body: JobSpec) -> JobPublication:
     with factory.begin() as session:
         job = session.get(Job, job_id)
         assert job is not None

@@ -235,7 +235,8 @@ def publish(w: WorkerContext, step: JobTask) -> None:
         with w.factory.begin() as session:
             fs = session.scalar(select(FilterSet).where(FilterSet.job_id == step.job_id))
             assert fs is not None, "validate closed without a filter set"
-            publication_id = request_for_job(session, session.get(Job, job.id), fs, spec, actor=actor)
+            asked = request_for_job(session, session.get(Job, job.id), fs, spec, actor=actor)
+        publication_id, error = asked.publication_id, asked.refused
         if publication_id is not None:
             hub = HubTarget.from_settings(w.ctx.settings)
             if publish_publication(w.factory, w.ctx.store, hub, publication_id, worker=actor) == "failed":

@@ -59,30 +59,40 @@ class HubTarget:
         return cls(endpoint=endpoint.rstrip("/"), token_file=settings.hub_token_file, retries=settings.hub_retries)
 
 
-def request_for_job(session: Session, job: Job, fs: FilterSet, spec: JobSpec, *, actor: str) -> int | None:
-    """The publication a job's spec asks for, with the privileges its token has NOW; its id, or None.
+@dataclass(frozen=True)
+class JobPublication:
+    """What a job's publish step asked for: the publication to push, or why there is none."""
 
-    A token revoked or stripped of the publish scope since submission publishes nothing, nor does a failing verdict
-    without ``force_publish`` (as over the API); both are audited as ``actor`` acting on behalf of the job's token.
-    A request this filter set already has for the repo is reused, so a step that runs again publishes once.
+    publication_id: int | None
+    refused: str | None = None  # the job's token may not publish (any more): the job fails with this reason
+
+
+def request_for_job(session: Session, job: Job, fs: FilterSet, spec: JobSpec, *, actor: str) -> JobPublication:
+    """The publication a job's spec asks for, with the privileges its token has NOW.
+
+    A token revoked or stripped of the publish scope since submission publishes nothing (``refused``: the job must
+    say so, not succeed silently); a failing verdict without ``force_publish`` publishes nothing either, as over the
+    API. Both are audited as ``actor`` acting on behalf of the job's token. A request this filter set already has
+    for the repo is reused, so a step that runs again publishes once.
     """
     from registry.services.jobs import required_scopes
 
     existing = session.scalar(select(Publication.id).where(Publication.filter_set_id == fs.id,
                                                            Publication.repo_id == spec.publish_to))
     if existing is not None or spec.publish_to is None:
-        return existing
+        return JobPublication(existing)
     token, detail = job.token, dict(on_behalf_of=job.token.name, job=job.id)
     if token.revoked_at is not None or not required_scopes(spec) <= effective_scopes(token.scopes):
-        audit.record(session, actor, "publication.skip", "filter_set", fs.id,
-                     reason="the submitting token no longer has the publish scope", **detail)
-    elif fs.verdict != "pass" and not spec.force_publish:
+        why = (f"not published to {spec.publish_to}: token {token.name!r} was revoked or lost the publish scope "
+               "after submitting the job")
+        audit.record(session, actor, "publication.skip", "filter_set", fs.id, reason=why, **detail)
+        return JobPublication(None, refused=why)
+    if fs.verdict != "pass" and not spec.force_publish:
         audit.record(session, actor, "publication.skip", "filter_set", fs.id,
                      reason="the filter set failed validation and force_publish is false", **detail)
-    else:
-        return catalog.request_publication(session, fs, spec.publish_to, actor=actor, force=spec.force_publish,
-                                           **detail).id
-    return None
+        return JobPublication(None)
+    pub = catalog.request_publication(session, fs, spec.publish_to, actor=actor, force=spec.force_publish, **detail)
+    return JobPublication(pub.id)
 
 
 def publish_publication(factory: sessionmaker[Session], store: ArtifactStore, target: HubTarget,

@@ -183,12 +183,14 @@ def test_a_job_publication_is_the_runner_acting_for_the_token_that_asked(sqlite_
     finished = client.get("/v1/audit", params={"action": "job.succeeded"}, headers=admin).json()["items"]
     assert {e["detail"]["on_behalf_of"] for e in finished} == {"releaser"}
 
-    # a token stripped of the publish scope after submitting publishes nothing when its job runs
+    # a token stripped of the publish scope after submitting publishes nothing when its job runs, and the job says
+    # so: it fails with the reason instead of succeeding silently (second probe)
     late = client.post("/v1/jobs", json=_job(gates=PASSING_GATES, publish_to="org/late", seed=2),
                        headers=releaser).json()
     with reg.state.session_factory.begin() as session:
         session.execute(update(ApiToken).where(ApiToken.name == "releaser").values(scopes=["submit"]))
-    assert run_queued_jobs(reg, tiny_llama) == ["succeeded"]
+    assert run_queued_jobs(reg, tiny_llama) == ["failed"]
+    assert "lost the publish scope" in client.get(f"/v1/jobs/{late['id']}").json()["error"]
     late_fs = client.get(f"/v1/jobs/{late['id']}").json()["filter_set_id"]
     assert client.get(f"/v1/filter-sets/{late_fs}").json()["publications"] == []
     skipped = client.get("/v1/audit", params={"action": "publication.skip"}, headers=admin).json()["items"]
