@@ -135,7 +135,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     for budget in args.budgets:
         cache: dict[Recipe, float] = {}
 
-        def score(r: Recipe) -> float:
+        def score(r: Recipe, cache: dict[Recipe, float] = cache, budget: int = budget) -> float:
             if r not in cache:
                 try:
                     cache[r] = ppl(nll(model, data, recipe_for(r, model, sc, budget, sens)), data)

@@ -24,7 +24,7 @@ from qfilters.errors import ShapeMismatchError
 from qfilters.moments import QueryMoments
 from qfilters.scorers import Scorer, _check_keys
 
-__all__ = ["MeanQueryScorer", "GaussianScorer", "MOMENT_SCORERS", "make_moment_scorer"]
+__all__ = ["MOMENT_SCORERS", "GaussianScorer", "MeanQueryScorer", "make_moment_scorer"]
 
 
 def _check_layer(moments: QueryMoments, keys: Tensor, layer_idx: int) -> None:
@@ -77,7 +77,7 @@ class GaussianScorer(Scorer):
     def __post_init__(self) -> None:
         if not math.isfinite(self.variance_weight) or self.variance_weight < 0:
             raise ValueError(f"variance_weight must be a finite non-negative number, got {self.variance_weight!r}")
-        layers, hq, d = self.moments.shape
+        layers, _, d = self.moments.shape
         s = self.scale if self.scale is not None else 1.0 / math.sqrt(d)
         kv, g = self.moments.num_kv_heads, self.moments.group
         factor = self.moments.covariance_factor(self.rank)  # [L, Hq, D, r]

@@ -20,7 +20,7 @@ import torch
 
 from qfilters.errors import ArtifactError, ShapeMismatchError
 
-__all__ = ["QueryMoments", "STATS_NAME", "save_moments", "load_moments"]
+__all__ = ["STATS_NAME", "QueryMoments", "load_moments", "save_moments"]
 
 STATS_NAME = "query_stats.safetensors"
 STATS_SHA_KEY = "query_stats_sha256"
@@ -51,7 +51,7 @@ class QueryMoments:
         self.second = self.second.to(torch.float64)
 
     @classmethod
-    def from_statistics(cls, stats: Any, num_kv_heads: int) -> "QueryMoments":
+    def from_statistics(cls, stats: Any, num_kv_heads: int) -> QueryMoments:
         """From a ``QueryStatistics`` (halves pooled) or a dict of its ``second_moment``/``query_sum``/``count``."""
         if isinstance(stats, dict):
             second, total, count = stats["second_moment"], stats["query_sum"], stats["count"]

@@ -29,7 +29,7 @@ from qfilters.attention import attention_hook
 from qfilters.eviction import prepare_scores
 from qfilters.recipes import LayerPolicy
 
-__all__ = ["PasskeyTrial", "make_trials", "SnapKV", "PasskeyRun", "run_passkey", "standard_policies"]
+__all__ = ["PasskeyRun", "PasskeyTrial", "SnapKV", "make_trials", "run_passkey", "standard_policies"]
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")

@@ -24,12 +24,27 @@ from torch import Tensor
 
 from qfilters.attention import attention_hook
 from qfilters.errors import ModelError
-from qfilters.evaluate import PerplexityResult, _block_size, _n_scored, _result, evicted_attention
+from qfilters.evaluate import (
+    PerplexityResult,
+    _block_size,
+    _n_scored,
+    _result,
+    evicted_attention,
+)
 from qfilters.eviction import check_budget, eviction_horizon, prepare_scores
 from qfilters.scorers import Scorer
 
-__all__ = ["LayerPolicy", "Recipe", "ALLOCATIONS", "allocate", "layer_policies", "recipe_hook", "recipe_perplexity",
-           "recipe_cache", "layer_sensitivity"]
+__all__ = [
+    "ALLOCATIONS",
+    "LayerPolicy",
+    "Recipe",
+    "allocate",
+    "layer_policies",
+    "layer_sensitivity",
+    "recipe_cache",
+    "recipe_hook",
+    "recipe_perplexity",
+]
 
 ALLOCATIONS = ("uniform", "pyramid", "sensitivity")
 

@@ -10,8 +10,21 @@ import torch
 from qfilters.attention import attention_hook
 from qfilters.cache import cache_kwargs
 from qfilters.evaluate import _result
-from qfilters.passkey import PasskeyTrial, SnapKV, _keep_static, make_trials, run_passkey
-from qfilters.recipes import LayerPolicy, Recipe, allocate, layer_policies, recipe_cache, recipe_perplexity
+from qfilters.passkey import (
+    PasskeyTrial,
+    SnapKV,
+    _keep_static,
+    make_trials,
+    run_passkey,
+)
+from qfilters.recipes import (
+    LayerPolicy,
+    Recipe,
+    allocate,
+    layer_policies,
+    recipe_cache,
+    recipe_perplexity,
+)
 from qfilters.scorers import KNormScorer, RandomScorer, StreamingLLMScorer
 
 
