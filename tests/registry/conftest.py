@@ -144,6 +144,29 @@ TINY_JOB = {
 }
 
 
+# Thresholds every run passes (the tiny random model fails the defaults). Looser than the defaults: the publish scope.
+PASSING_GATES = {"cross_dataset_cosine": -1, "gap_ratio_vs_streamingllm": 1e9, "gap_vs_knorm": 1e9,
+                 "split_half_min": -1}
+
+
+def job_body(**changes) -> dict:
+    """TINY_JOB with ``changes`` applied (a fresh copy each time)."""
+    import copy
+
+    body = copy.deepcopy(TINY_JOB)
+    body.update(changes)
+    return body
+
+
+def assert_problem(response, status: int) -> dict:  # noqa: ANN001
+    """The response is an RFC 9457 problem with ``status``; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    return body
+
+
 class TinyModels:
     """A ModelCache stand-in that serves the tiny random Llama for any model name (unit tests only)."""
 

@@ -4,32 +4,19 @@ run over real HTTP is in test_registry_e2e.py."""
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import hashlib
 
 import pytest
 from sqlalchemy import select, text, update
 
-from tests.registry.conftest import TINY_JOB, Registry, _create_pg_database, _drop_pg_database, run_queued_jobs
+from tests.registry.conftest import PASSING_GATES, Registry, _create_pg_database, _drop_pg_database, run_queued_jobs
+from tests.registry.conftest import assert_problem as _problem
+from tests.registry.conftest import job_body as _job
 
-PASSING_GATES = {"cross_dataset_cosine": -1, "gap_ratio_vs_streamingllm": 1e9, "gap_vs_knorm": 1e9,
-                 "split_half_min": -1}
 FAILING_GATES = {"cross_dataset_cosine": 1.01}  # no two calibrations agree to more than 1: always fails
 
 
-def _job(**changes):
-    body = copy.deepcopy(TINY_JOB)
-    body.update(changes)
-    return body
-
-
-def _problem(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    return body
 
 
 # ------------------------------------------------------------------------------------------------------ auth
@@ -140,7 +127,7 @@ def test_a_job_runs_to_a_filter_set_with_verdict_report_and_downloads(registry, 
     from qfilters.artifact import QFilters
     from qfilters.validation.schema import ValidationReport
 
-    client, headers = registry.client, registry.auth(registry.token("submit"))
+    client, headers = registry.client, registry.auth(registry.token("submit", "publish"))  # loose gates: publish
     job = client.post("/v1/jobs", json=_job(gates=PASSING_GATES), headers=headers).json()
     assert job["status"] == "queued" and job["progress"]["tokens_total"] == 2 * 256
     assert run_queued_jobs(registry, tiny_llama) == ["succeeded"]
@@ -190,7 +177,7 @@ def test_a_job_runs_to_a_filter_set_with_verdict_report_and_downloads(registry, 
 
 def test_versions_aliases_resolve_and_publications(registry, tiny_llama) -> None:
     client = registry.client
-    submit = registry.auth(registry.token("submit"))
+    submit = registry.auth(registry.token("submit", "publish"))  # loose gates need the publish scope
     publisher = registry.auth(registry.token("publish", name="release-bot"))
     for gates in (PASSING_GATES, FAILING_GATES, PASSING_GATES):
         assert client.post("/v1/jobs", json=_job(gates=gates), headers=submit).status_code == 201

@@ -18,10 +18,8 @@ import torch
 from fake_hub import FakeHub
 from qfilters.artifact import QFilters
 from qfilters.errors import ArtifactError, FiltersNotFoundError
-from tests.registry.conftest import TINY_JOB, run_queued_jobs
+from tests.registry.conftest import PASSING_GATES, TINY_JOB, run_queued_jobs
 
-PASSING_GATES = {"cross_dataset_cosine": -1, "gap_ratio_vs_streamingllm": 1e9, "gap_vs_knorm": 1e9,
-                 "split_half_min": -1}
 
 
 class LiveServer:
@@ -55,7 +53,8 @@ def served(sqlite_registry, tiny_llama, tmp_path: Path, monkeypatch: pytest.Monk
     client = sqlite_registry.client
     body = copy.deepcopy(TINY_JOB)
     body["gates"] = PASSING_GATES
-    response = client.post("/v1/jobs", json=body, headers=sqlite_registry.auth(sqlite_registry.token("submit")))
+    headers = sqlite_registry.auth(sqlite_registry.token("submit", "publish"))  # loose gates need the publish scope
+    response = client.post("/v1/jobs", json=body, headers=headers)
     assert response.status_code == 201, response.text
     assert run_queued_jobs(sqlite_registry, tiny_llama) == ["succeeded"]
     monkeypatch.setenv("QFILTERS_CACHE", str(tmp_path / "qfilters-cache"))

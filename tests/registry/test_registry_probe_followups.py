@@ -8,19 +8,14 @@
 
 from __future__ import annotations
 
-import copy
 
 from sqlalchemy import select
 
-from tests.registry.conftest import TINY_JOB, Registry, run_queued_jobs
+from tests.registry.conftest import Registry, run_queued_jobs
+from tests.registry.conftest import job_body as _job
 
 LOOSE = {"cross_dataset_cosine": -1, "split_half_min": -1, "gap_ratio_vs_streamingllm": 1e300, "gap_vs_knorm": 1e300}
 
-
-def _job(**changes) -> dict:
-    body = copy.deepcopy(TINY_JOB)
-    body.update(changes)
-    return body
 
 
 def test_looser_gates_need_the_publish_scope_stricter_ones_do_not(registry) -> None:

@@ -30,10 +30,8 @@ from hypothesis import strategies as st
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.python import asgi
 
-from tests.registry.conftest import TINY_JOB, Registry, _create_pg_database, _drop_pg_database, run_queued_jobs
+from tests.registry.conftest import PASSING_GATES, TINY_JOB, Registry, _create_pg_database, _drop_pg_database, run_queued_jobs
 
-PASSING_GATES = {"cross_dataset_cosine": -1, "gap_ratio_vs_streamingllm": 1e9, "gap_vs_knorm": 1e9,
-                 "split_half_min": -1}
 MAX_EXAMPLES = 25  # per operation in the fuzzing phase; the coverage phase adds its boundary and invalid cases
 SEED = 20240917
 # 5xx; status codes, content types or bodies the spec does not declare.

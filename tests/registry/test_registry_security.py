@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -26,26 +25,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text, update
 
-from tests.registry.conftest import TINY_JOB, Registry, run_queued_jobs
+from tests.registry.conftest import PASSING_GATES, Registry, run_queued_jobs
+from tests.registry.conftest import assert_problem as _problem
+from tests.registry.conftest import job_body as _job
 
-PASSING_GATES = {"cross_dataset_cosine": -1, "gap_ratio_vs_streamingllm": 1e9, "gap_vs_knorm": 1e9,
-                 "split_half_min": -1}
 FAILING_GATES = {"cross_dataset_cosine": 1.01}
 SECRET = "the server's private notes: do not leak"
 
 
-def _job(**changes):
-    body = copy.deepcopy(TINY_JOB)
-    body.update(changes)
-    return body
-
-
-def _problem(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json")
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    return body
 
 
 @pytest.fixture
