@@ -38,8 +38,7 @@ from registry.services.hubrepo import CommitRequest, HubError
 router = APIRouter(include_in_schema=False)
 REPO = "/api/models/{namespace}/{name}"
 COMMIT_PATH = r"/api/models/[^/]+/[^/]+/commit/[^/]+"  # the one route whose bodies may exceed max_request_bytes
-# what resolve serves is anyone's upload on our origin: browsers get no sniffing, no scripts and an opaque origin,
-# while self-contained report HTML (inline CSS, data: images) still renders
+# resolve serves anyone's upload on our origin: no sniffing, no scripts, an opaque origin; reports still render
 _SANDBOX = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 Flag = Annotated[bool, Query()]
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -94,15 +93,13 @@ def _loads(data: bytes, what: str) -> Any:
 
 
 async def _json_object(request: Request) -> dict[str, Any]:
-    value = _loads(await request.body(), "the request body")
-    if not isinstance(value, dict):
+    if not isinstance(value := _loads(await request.body(), "the request body"), dict):
         raise HubError("the request body must be a JSON object", status=400)
     return value
 
 
 async def _published_body(request: Request, _principal: Publisher) -> dict[str, Any]:
-    """The JSON body of a write, read only once the token is known to hold ``publish`` (FastAPI reads declared
-    bodies before any dependency runs, so write routes declare this instead)."""
+    """A write's JSON body, read once the token holds ``publish`` (FastAPI reads declared bodies before auth)."""
     return await _json_object(request)
 
 
