@@ -49,11 +49,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not found", 405: "Method not allowed", 413: "Request too large", 401: "Unauthorized"}
+        titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Request too large",
+                  401: "Unauthorized"}
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such resource {request.url.path}; the API lives under /v1 (see /docs)"
-        return problem(exc.status_code, titles.get(exc.status_code, "Error"), detail, request.url.path)
+        response = problem(exc.status_code, titles.get(exc.status_code, "Error"), detail, request.url.path)
+        response.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
+        return response
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(SQLAlchemyTimeoutError)

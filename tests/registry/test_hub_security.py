@@ -171,3 +171,10 @@ def test_error_titles_match_status(live: LiveRegistry) -> None:
     assert stale.status_code == 412 and stale.json()["title"] == "Precondition failed"
     broken = httpx.post(f"{live.url}/api/models/acme/titles/preupload/main", headers=_auth(token), content=b"{nope")
     assert broken.status_code == 400 and broken.json()["title"] == "Bad request"
+
+
+def test_wrong_method_says_which_are_allowed(live: LiveRegistry) -> None:
+    """F13: a 405 names the methods the route takes (RFC 9110), in a problem titled for its status."""
+    answer = httpx.put(f"{live.url}/api/repos/create", json={})
+    assert answer.status_code == 405 and answer.headers["allow"] == "POST"
+    assert answer.json()["title"] == "Method not allowed"
