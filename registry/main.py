@@ -56,9 +56,9 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
     app.state.registry = state
     problems.install(app)
     app.add_middleware(ConcurrencyLimit, limit=admitted)
-    # outermost: refuse early; commits to the Hub endpoint carry whole files
+    # outermost: refuse early; only (authenticated) commits to the Hub endpoint may carry whole files
     app.add_middleware(problems.BodySizeLimit, max_bytes=settings.max_request_bytes,
-                       overrides={"/api/": settings.hub_max_commit_bytes})
+                       overrides={hub.COMMIT_PATH: settings.hub_max_commit_bytes})
     app.include_router(jobs.router)
     app.include_router(catalog.router)
     app.include_router(pages.router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,11 +49,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not found", 405: "Method not allowed", 413: "Request too large", 401: "Unauthorized"}
+        titles = {400: "Bad request", 404: "Not found", 405: "Method not allowed", 413: "Request too large",
+                  401: "Unauthorized"}
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such resource {request.url.path}; the API lives under /v1 (see /docs)"
-        return problem(exc.status_code, titles.get(exc.status_code, "Error"), detail, request.url.path)
+        response = problem(exc.status_code, titles.get(exc.status_code, "Error"), detail, request.url.path)
+        response.headers.update(exc.headers or {})  # e.g. the Allow header of a 405
+        return response
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(SQLAlchemyTimeoutError)
@@ -115,17 +119,22 @@ class BodySizeLimit:
 
     def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None) -> None:
         self.app, self.max_bytes = app, max_bytes
-        self.overrides = dict(overrides or {})  # path prefix -> its own limit
+        # a path regex (matched whole) -> its own limit, granted only to requests that carry an Authorization
+        # header: anonymous callers never make the server buffer more than ``max_bytes``
+        self.overrides = [(re.compile(pattern), limit) for pattern, limit in (overrides or {}).items()]
 
-    def limit_for(self, path: str) -> int:
-        return next((limit for prefix, limit in self.overrides.items() if path.startswith(prefix)), self.max_bytes)
+    def limit_for(self, path: str, *, authorized: bool = False) -> int:
+        if not authorized:
+            return self.max_bytes
+        return next((limit for pattern, limit in self.overrides if pattern.fullmatch(path)), self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes = self.limit_for(scope.get("path", ""))
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        max_bytes = self.limit_for(scope.get("path", ""), authorized=bool(headers.get(b"authorization", b"").strip()))
+        declared = headers.get(b"content-length")
         if declared is not None and not declared.isdigit():
             await problem(400, "Bad request", "Content-Length must be a decimal number of bytes",
                           scope.get("path"))(scope, receive, send)

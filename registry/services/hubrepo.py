@@ -30,6 +30,9 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 MAX_TAGS = 100
+MAX_COMMIT_FILES = 10_000  # operations per commit; larger uploads go in several commits (upload_large_folder does)
+_TITLES = {400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 409: "Conflict",
+           412: "Precondition failed", 413: "Request too large", 422: "Unprocessable request"}
 
 
 class HubError(RegistryError):
@@ -38,12 +41,14 @@ class HubError(RegistryError):
     code: str | None = None
 
     def __init__(self, detail: str, *, status: int | None = None, code: str | None = None,
-                 commit: str | None = None, title: str | None = None) -> None:
+                 commit: str | None = None, title: str | None = None, extra: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         if status is not None:
             self.status = status
+            self.title = _TITLES.get(status, "Error")  # the title always names the status it comes with
         if title is not None:
             self.title = title
+        self.extra = extra or {}  # more members of the answer (the Hub's ``url`` of an existing repo)
         if code is not None:
             self.code = code
         self.commit = commit  # X-Repo-Commit of a missing entry, so clients can cache its absence
@@ -249,8 +254,10 @@ def commit(session: Session, store: ArtifactStore, repo: HubRepo, branch: str, r
         prefix = check_path(folder.rstrip("/")) + "/"
         for path in [p for p in files if p.startswith(prefix)]:
             del files[path]
-    for path, data in request.additions.items():
+    for path in request.additions:
         check_path(path)
+    _refuse_file_folder_clashes(repo, set(files) | set(request.additions))
+    for path, data in request.additions.items():
         sha256, size = store.put_bytes(data)
         insert_ignore(session, Blob, {"sha256": sha256, "size": size, "media_type": "application/octet-stream",
                                       "created_at": utcnow()}, ["sha256"])
@@ -270,6 +277,15 @@ def commit(session: Session, store: ArtifactStore, repo: HubRepo, branch: str, r
                  added=sorted(request.additions), deleted=sorted(request.deletions + request.deleted_folders))
     session.flush()
     return sha
+
+
+def _refuse_file_folder_clashes(repo: HubRepo, paths: set[str]) -> None:
+    """A path cannot be both a file and a folder (``w.bin`` and ``w.bin/x``): git cannot represent that tree."""
+    folders = {path.rsplit("/", i)[0] for path in paths for i in range(1, path.count("/") + 1)}
+    clashes = sorted(paths & folders)
+    if clashes:
+        raise HubError(f"{clashes[0]!r} would be both a file and a folder in {repo.repo_id} (a path cannot be both; "
+                       "delete one of them in the same commit)", status=400)
 
 
 def _new_commit(session: Session, repo: HubRepo, parent: str | None, files: dict[str, tuple[str, str, int]],

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlencode
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
@@ -37,6 +37,9 @@ from registry.services.hubrepo import CommitRequest, HubError
 
 router = APIRouter(include_in_schema=False)
 REPO = "/api/models/{namespace}/{name}"
+COMMIT_PATH = r"/api/models/[^/]+/[^/]+/commit/[^/]+"  # the one route whose bodies may exceed max_request_bytes
+# resolve serves anyone's upload on our origin: no sniffing, no scripts, an opaque origin; reports still render
+_SANDBOX = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 Flag = Annotated[bool, Query()]
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -48,7 +51,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:
         body = {"type": "about:blank", "title": exc.title, "status": exc.status, "detail": exc.detail,
-                "instance": request.url.path, "error": exc.detail}
+                "instance": request.url.path, "error": exc.detail, **exc.extra}
         headers = {"X-Error-Message": " ".join(exc.detail.split())[:500].encode("ascii", "replace").decode()}
         if exc.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
@@ -79,6 +82,28 @@ def _access(scope: str, *, public_if_enabled: bool = False) -> Callable[..., Pri
 
 PublicRead = Annotated[Principal, Depends(_access("read", public_if_enabled=True))]
 Publisher = Annotated[Principal, Depends(_access("publish"))]
+
+
+def _loads(data: bytes, what: str) -> Any:
+    """JSON of a request body or commit line; anything unparsable (deep nesting included) is the caller's 400."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise HubError(f"{what} is not valid JSON (or nests too deeply)", status=400) from None
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    if not isinstance(value := _loads(await request.body(), "the request body"), dict):
+        raise HubError("the request body must be a JSON object", status=400)
+    return value
+
+
+async def _published_body(request: Request, _principal: Publisher) -> dict[str, Any]:
+    """A write's JSON body, read once the token holds ``publish`` (FastAPI reads declared bodies before auth)."""
+    return await _json_object(request)
+
+
+WriteBody = Annotated[dict[str, Any], Depends(_published_body)]
 
 
 def hub_date(value: dt.datetime) -> str:
@@ -118,25 +143,27 @@ def _repo_json(repo: HubRepo, sha: str | None, files: list[HubCommitFile] | None
 
 
 @router.post("/api/repos/create")
-def create_repo(request: Request, session: SessionDep, principal: Publisher,
-                body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
+def create_repo(request: Request, session: SessionDep, principal: Publisher, body: WriteBody) -> JSONResponse:
     name, organization = body.get("name"), body.get("organization")
     if (body.get("type") or "model") != "model":
         raise HubError(f"this endpoint hosts model repos only, not {body.get('type')!r} repos", status=400)
     if not isinstance(name, str) or not (organization is None or isinstance(organization, str)):
         raise HubError("'name' (and 'organization' if given) must be strings", status=400)
     repo_id = f"{organization or principal.name}/{name}"
-    private = body.get("visibility") == "private" or body.get("private") is True
+    flag, visibility = body.get("private"), body.get("visibility")
+    if not (flag is None or isinstance(flag, bool)) or visibility not in (None, "private", "public"):
+        raise HubError("'private' must be true or false (and 'visibility' 'private' or 'public')", status=400)
+    private = visibility == "private" or flag is True
     repo, created = hubrepo.create_repo(session, repo_id, private=private, actor=principal.name)
     session.commit()
     url = f"{base_url(request)}/{repo.repo_id}"
-    if not created:
-        return JSONResponse({"error": "You already created this model repo", "url": url}, status_code=409)
+    if not created:  # huggingface_hub's exist_ok reads the url of the existing repo from this answer
+        raise HubError("You already created this model repo", status=409, extra={"url": url})
     return JSONResponse({"url": url, "name": repo.repo_id, "id": repo.repo_id})
 
 
 @router.post("/api/validate-yaml")
-def validate_yaml(body: Annotated[dict[str, Any], Body()]) -> JSONResponse:
+def validate_yaml(body: Annotated[dict[str, Any], Depends(_json_object)]) -> JSONResponse:
     content = body.get("content")
     if not isinstance(content, str):
         return JSONResponse({"errors": [{"message": "'content' must be the README.md text"}], "warnings": []}, 400)
@@ -265,7 +292,7 @@ def list_commits(namespace: str, name: str, revision: str, session: SessionDep,
 
 @router.post(REPO + "/tag/{revision}")
 def create_tag(namespace: str, name: str, revision: str, session: SessionDep, principal: Publisher,
-               body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+               body: WriteBody) -> dict[str, Any]:
     repo = hubrepo.get_repo(session, _repo_id(namespace, name), authenticated=True)
     tag, message = body.get("tag"), body.get("message")
     if not isinstance(tag, str) or not (message is None or isinstance(message, str)):
@@ -288,7 +315,7 @@ def delete_tag(namespace: str, name: str, tag: str, session: SessionDep, princip
 
 @router.post(REPO + "/preupload/{revision}")
 def preupload(namespace: str, name: str, revision: str, session: SessionDep, principal: Publisher,
-              body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+              body: WriteBody) -> dict[str, Any]:
     repo = hubrepo.get_repo(session, _repo_id(namespace, name), authenticated=True)
     files = body.get("files")
     if not isinstance(files, list) or len(files) > 1000 or not all(
@@ -325,10 +352,10 @@ def parse_commit(body: bytes) -> CommitRequest:
     for number, line in enumerate(body.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            raise HubError(f"line {number} of the commit is not JSON (the body is NDJSON)", status=400) from None
+        if len(additions) + len(deletions) + len(folders) >= hubrepo.MAX_COMMIT_FILES:
+            raise HubError(f"a commit holds at most {hubrepo.MAX_COMMIT_FILES} file operations; split the upload "
+                           "into several commits (huggingface_hub's upload_large_folder does)", status=413)
+        item = _loads(line, f"line {number} of the commit (NDJSON)")
         value = item.get("value") if isinstance(item, dict) else None
         if not isinstance(value, dict):
             raise HubError(f"line {number} of the commit must be {{'key': ..., 'value': {{...}}}}", status=400)
@@ -386,7 +413,8 @@ def resolve_file(namespace: str, name: str, revision: str, path: str, request: R
     headers = {"X-Repo-Commit": sha, "ETag": etag, "Accept-Ranges": "bytes",
                "Content-Type": mimetypes.guess_type(path)[0] or "application/octet-stream",
                "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1], safe='')}",
-               "Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache"}
+               "Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache",
+               "X-Content-Type-Options": "nosniff", "Content-Security-Policy": _SANDBOX}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     start, end, status = 0, f.size - 1, 200
