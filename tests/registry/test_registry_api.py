@@ -195,8 +195,9 @@ def test_versions_aliases_resolve_and_publications(registry, tiny_llama) -> None
     assert {f["name"] for f in resolved["files"]} >= {"config.json", "model.safetensors"}
 
     # stable is moved explicitly, with the publish scope; a failing version needs force; moves are recorded
+    submit_only = registry.auth(registry.token("submit"))
     _problem(client.put(f"/v1/models/{model_id}/aliases/stable", json={"filter_set_id": by_version[1]["id"]},
-                        headers=submit), 403)
+                        headers=submit_only), 403)
     conflict = client.put(f"/v1/models/{model_id}/aliases/stable", json={"filter_set_id": by_version[2]["id"]},
                           headers=publisher)
     assert "force" in _problem(conflict, 409)["detail"]

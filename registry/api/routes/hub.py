@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 
 from registry.api.deps import Principal, SessionDep, StateDep, bearer, get_principal, require
+from registry.api.headers import REPORT_CSP  # resolve serves anyone's upload on our origin: sandboxed, no scripts
 from registry.api.present import base_url
 from registry.errors import RegistryError
 from registry.models import HubCommitFile, HubRepo
@@ -38,8 +39,6 @@ from registry.services.hubrepo import CommitRequest, HubError
 router = APIRouter(include_in_schema=False)
 REPO = "/api/models/{namespace}/{name}"
 COMMIT_PATH = r"/api/models/[^/]+/[^/]+/commit/[^/]+"  # the one route whose bodies may exceed max_request_bytes
-# resolve serves anyone's upload on our origin: no sniffing, no scripts, an opaque origin; reports still render
-_SANDBOX = "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 Flag = Annotated[bool, Query()]
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -414,7 +413,7 @@ def resolve_file(namespace: str, name: str, revision: str, path: str, request: R
                "Content-Type": mimetypes.guess_type(path)[0] or "application/octet-stream",
                "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1], safe='')}",
                "Cache-Control": "public, max-age=31536000, immutable" if immutable else "no-cache",
-               "X-Content-Type-Options": "nosniff", "Content-Security-Policy": _SANDBOX}
+               "Content-Security-Policy": REPORT_CSP}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
     start, end, status = 0, f.size - 1, 200
