@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 
 import registry
 from registry.api import problems
@@ -14,6 +14,7 @@ from registry.api.headers import SecurityHeaders
 from registry.api.admission import ConcurrencyLimit, ensure_worker_threads
 from registry.api.routes import catalog, hub, jobs
 from registry.config import Settings, get_settings
+from registry.errors import Unprocessable
 from registry.dispatch import make_dispatcher
 from registry import metrics, pages
 from registry.state import RegistryState
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
         openapi_url="/openapi.json",
         docs_url=None,  # served below from the installed swagger-ui-bundle: no CDN, works offline
         redoc_url=None,
+        dependencies=[Depends(refuse_nul)],
     )
     app.state.registry = state
     problems.install(app)
@@ -67,6 +69,12 @@ def create_app(settings: Settings | None = None, *, run_jobs: bool | None = None
     _mount_api_docs(app)
     app.add_middleware(SecurityHeaders)  # outermost: every answer carries them, early refusals included
     return app
+
+
+def refuse_nul(request: Request) -> None:
+    """No identifier, spec or filter can hold a NUL (PostgreSQL text cannot either): refuse it before any query."""
+    if "\x00" in request.url.path or any("\x00" in k or "\x00" in v for k, v in request.query_params.multi_items()):
+        raise Unprocessable("NUL characters are not allowed in paths or query parameters")
 
 
 def _mount_api_docs(app: FastAPI) -> None:

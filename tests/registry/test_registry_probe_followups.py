@@ -95,3 +95,14 @@ def test_every_answer_forbids_sniffing_and_framing_and_reports_render_sandboxed(
         assert answer.headers["x-frame-options"] == "DENY"
     csp = answers[-1].headers["content-security-policy"]
     assert csp.startswith("sandbox") and "script-src" not in csp and "default-src 'none'" in csp
+
+
+def test_nul_characters_in_queries_are_refused_not_sent_to_the_database(registry) -> None:
+    # schemathesis found GET /v1/models?model_type=%00 answering 500 on PostgreSQL (text cannot hold NUL)
+    client = registry.client
+    for path in ("/v1/models?model_type=%00", "/v1/filter-sets?model=a%00b", "/v1/datasets?x%00=1",
+                 "/v1/resolve?model=org/a%00"):
+        answer = client.get(path)
+        assert answer.status_code == 422, (path, answer.text)
+        assert answer.headers["content-type"].startswith("application/problem+json")
+    assert client.get("/v1/models?model_type=llama").status_code == 200
