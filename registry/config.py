@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = Field(300.0, gt=0)  # a queued job or step not started after this is sent again
     stale_after_seconds: float = Field(120.0, gt=0)  # a running step without heartbeat for this long lost its worker
     heartbeat_seconds: float = Field(20.0, gt=0)
+    progress_seconds: float = Field(0.5, gt=0)  # a worker writes a calibration's progress at most this often
     task_soft_time_limit: float = Field(6 * 3600.0, gt=0)  # per step; the hard limit adds a grace minute
     metrics_port: int = Field(0, ge=0, le=65535)  # a worker's Prometheus endpoint (0: none)
     base_url: str = ""  # absolute URL prefix for download locations; default: the request's own

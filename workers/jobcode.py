@@ -127,7 +127,7 @@ class CalibrationReporter:
         if self.beat.stopped.is_set():
             raise StepStopped(self.step.job_id)
         now = time.monotonic()
-        if now - self.last < 0.5 and 0 < p.completed < p.total:
+        if now - self.last < self.w.ctx.settings.progress_seconds and 0 < p.completed < p.total:
             return
         self.last = now
         rate = p.completed / max(now - self.started, 1e-6)

@@ -43,7 +43,7 @@ TINY_JOB = {
     "model": TINY_REPO,
     "datasets": ["python-code", "handbook:en"],
     "eval_datasets": ["python-code"],
-    "tokens": 24576,
+    "tokens": 98304,
     "seq_len": 128,
     "batch_size": 2,
     "eval_seq_len": 128,
@@ -222,7 +222,8 @@ class Stack:
         env = {**os.environ, "PYTHONPATH": str(REPO), "QFILTERS_DATA_DIR": str(workdir / "data"),
                "QFILTERS_DATABASE_URL": database_url, "QFILTERS_EXECUTOR": "celery", "QFILTERS_BROKER_URL": broker_url,
                "QFILTERS_QUEUES": "cpu=16", "QFILTERS_SWEEP_SECONDS": "1", "QFILTERS_REQUEUE_AFTER_SECONDS": "5",
-               "QFILTERS_STALE_AFTER_SECONDS": "6", "QFILTERS_HEARTBEAT_SECONDS": "1", "QFILTERS_DB_POOL_TIMEOUT": "5",
+               "QFILTERS_STALE_AFTER_SECONDS": "6", "QFILTERS_HEARTBEAT_SECONDS": "1",
+               "QFILTERS_PROGRESS_SECONDS": "0.05",  # a quiet machine calibrates the tiny job in about a second "QFILTERS_DB_POOL_TIMEOUT": "5",
                "HF_HOME": str(hf_home), "TOKENIZERS_PARALLELISM": "false",
                "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                # No Hub here: the test models are allow-listed and load from the HF cache (huggingface.co does not
