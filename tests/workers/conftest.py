@@ -230,7 +230,8 @@ class Stack:
                # resolve, so the cache answers at once), and publications go to the API's own Hub-compatible
                # endpoint with a publish token from a secret file. Not HF_HUB_OFFLINE=1: it would block that push.
                "QFILTERS_ALLOWED_MODELS": "qfilters-test/*", "QFILTERS_HUB_ENDPOINT": "self",
-               "QFILTERS_HUB_TOKEN_FILE": str(workdir / "secrets" / "hub-token"), "QFILTERS_HUB_RETRIES": "0"}
+               # two jobs may push to one repo at once: the loser's 412 (branch moved) is retried
+               "QFILTERS_HUB_TOKEN_FILE": str(workdir / "secrets" / "hub-token"), "QFILTERS_HUB_RETRIES": "3"}
         self.api_port = free_port()
         env["QFILTERS_BASE_URL"] = f"http://127.0.0.1:{self.api_port}"
         env.update({f"QFILTERS_{k.upper()}": str(v) for k, v in settings.items()})
