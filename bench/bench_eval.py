@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qfilters.evaluate import encode_document, perplexity, perplexity_reference  # noqa: E402
 from qfilters.models import load_model  # noqa: E402
+from qfilters.policy import EvictionPolicy  # noqa: E402
 from qfilters.scorers import make_scorer  # noqa: E402
 
 
@@ -58,8 +59,7 @@ def main() -> None:
     text, source = _text()
     ids = torch.tensor([encode_document(lm.tokenizer, text, args.tokens)])
     filters = torch.randn(*lm.info.filter_shape, generator=torch.Generator().manual_seed(0))
-    kw = {"n_sinks": 4} if args.scorer == "streamingllm" else {}
-    scorer = make_scorer(args.scorer, filters if args.scorer == "qfilters" else None, **kw)
+    scorer = make_scorer(args.scorer, filters, n_sinks=4)
     print(f"model {lm.info.model_id}, {ids.shape[1]} tokens of {source}, scorer {args.scorer}, budget {args.budget}, "
           f"window {args.window}, last {args.score_last} scored, torch threads {torch.get_num_threads()}")
 
@@ -67,19 +67,19 @@ def main() -> None:
         model(ids[:, :32])  # warm-up (allocator, kernels) before measuring memory
     base_rss = _max_rss_mib()
     t0 = time.perf_counter()
-    fast = perplexity(model, ids, scorer, args.budget, args.window, score_last=args.score_last)
+    fast = perplexity(model, ids, EvictionPolicy(scorer, args.budget, args.window), score_last=args.score_last)
     t_fast = time.perf_counter() - t0
     peak = _max_rss_mib() - base_rss
     print(f"one-pass      : {t_fast:8.2f} s   ppl {fast.perplexity:.6f}   peak RSS growth {peak:.0f} MiB "
           f"(process peak {_max_rss_mib():.0f} MiB)")
 
     t0 = time.perf_counter()
-    full = perplexity(model, ids, None, args.budget, args.window, score_last=args.score_last)
+    full = perplexity(model, ids, None, score_last=args.score_last)
     print(f"full cache    : {time.perf_counter() - t0:8.2f} s   ppl {full.perplexity:.6f}   (plain forward, no eviction)")
     if args.skip_reference:
         return
     t0 = time.perf_counter()
-    ref = perplexity_reference(model, ids, scorer, args.budget, args.window, score_last=args.score_last)
+    ref = perplexity_reference(model, ids, EvictionPolicy(scorer, args.budget, args.window), score_last=args.score_last)
     t_ref = time.perf_counter() - t0
     print(f"token-by-token: {t_ref:8.2f} s   ppl {ref.perplexity:.6f}   ({t_ref / (ids.shape[1] - 1) * 1e3:.1f} ms/token)")
     print(f"speed-up {t_ref / t_fast:.1f}x   relative ppl difference {abs(fast.perplexity / ref.perplexity - 1):.2e}")

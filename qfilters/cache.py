@@ -24,10 +24,12 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from qfilters.eviction import check_budget, prepare_scores, select_kept
+from qfilters.architecture import COMPRESS, KEPT_WHOLE, layer_kinds, layer_types
+from qfilters.eviction import select_kept
+from qfilters.policy import EvictionPolicy, LayerwisePolicy, PolicyLike
 from qfilters.scorers import Scorer
 
-__all__ = ["EvictingLayer", "QFiltersCache", "cache_kwargs", "layer_kinds", "model_dims"]
+__all__ = ["EvictingLayer", "QFiltersCache", "cache_kwargs"]
 
 
 def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
@@ -41,49 +43,6 @@ def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
     return {"cache": cache} if takes_cache else {"past_key_values": cache}
 
 
-def _text_config(model_or_config: Any) -> Any:
-    config = getattr(model_or_config, "config", model_or_config)
-    get = getattr(config, "get_text_config", None)
-    return get(decoder=True) if get is not None else config
-
-
-def model_dims(model_or_config: Any) -> tuple[int, int, int]:
-    """(num_layers, num_kv_heads, head_dim) of a model or its config."""
-    cfg = _text_config(model_or_config)
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    return int(cfg.num_hidden_layers), kv_heads, head_dim
-
-
-def _layer_types(cfg: Any) -> tuple[list[str], list[dict[str, Any]]]:
-    try:  # transformers' own reading of layer_types / per-layer sliding windows, as DynamicCache does
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, kwargs = get_layer_types_and_kwargs(cfg)
-        return list(types), list(kwargs)
-    except (ImportError, AttributeError):  # pragma: no cover - older layouts
-        types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * int(cfg.num_hidden_layers))
-        return types, [{"sliding_window": cfg.sliding_window} if "sliding" in t else {} for t in types]
-
-
-def layer_kinds(model_or_config: Any, uncompressed_layers: Sequence[int] = ()) -> list[str]:
-    """Per layer: ``"compress"`` (full attention, evicted), ``"full"`` (kept whole) or the model's own layer type.
-
-    The cache and the evaluator both decide from this, so they always compress the same layers.
-    """
-    cfg = _text_config(model_or_config)
-    types, _ = _layer_types(cfg)
-    skip = set(uncompressed_layers)
-    bad = sorted(i for i in skip if not (isinstance(i, int) and 0 <= i < len(types)))
-    if bad:
-        raise ValueError(
-            f"uncompressed_layers {bad} out of range: the model has {len(types)} layers (0..{len(types) - 1})"
-        )
-    return ["full" if i in skip and t == "full_attention" else "compress" if t == "full_attention" else t
-            for i, t in enumerate(types)]
-
-
 class EvictingLayer(DynamicLayer):
     """One full-attention layer's cache, bounded to ``budget`` keys per KV head.
 
@@ -93,11 +52,12 @@ class EvictingLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, layer_idx: int, scorer: Scorer, budget: int, window: int, n_sinks: int = 0) -> None:
+    def __init__(self, layer_idx: int, policy: EvictionPolicy) -> None:
         super().__init__()
-        check_budget(budget, window, n_sinks)
-        self.layer_idx, self.scorer = layer_idx, scorer
-        self.budget, self.window, self.n_sinks = budget, window, n_sinks
+        if not isinstance(policy, EvictionPolicy):
+            raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
+        self.layer_idx, self.policy = layer_idx, policy
+        self.budget, self.window = policy.budget, policy.window
         self.seen = 0
         self.scores: Tensor | None = None
         self.positions: Tensor | None = None
@@ -114,7 +74,7 @@ class EvictingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         batch, heads, n_new, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + n_new, device=key_states.device)  # [n]
-        new_scores = prepare_scores(self.scorer.score(key_states, self.layer_idx, new_pos), new_pos, self.n_sinks)
+        new_scores = self.policy.scores(key_states, self.layer_idx, new_pos)
         self.seen += n_new
 
         keys = torch.cat([self.keys, key_states], dim=-2)
@@ -185,45 +145,55 @@ class EvictingLayer(DynamicLayer):
 
 
 class QFiltersCache(Cache):
-    """KV cache that keeps at most ``budget`` keys per head in every compressible layer, chosen by ``scorer``.
+    """KV cache that keeps at most ``budget`` keys per head in every compressible layer, as an eviction policy says.
 
-    ``QFiltersCache(model, QFilterScorer(filters), budget=512)`` then
+    ``QFiltersCache(model, EvictionPolicy(QFilterScorer(filters), budget=512))``, or with the policy's fields inline:
+    ``QFiltersCache(model, QFilterScorer(filters), budget=512, window=64)``; then
     ``model.generate(..., **cache_kwargs(model, cache))`` (plainly ``cache=cache`` on transformers >= 5.24).
-    ``window`` most recent positions and ``n_sinks`` first ones are always kept; ``budget > window + n_sinks``.
+    A :class:`~qfilters.policy.LayerwisePolicy` gives each layer its own budget, window, sinks and scorer.
     """
 
     def __init__(
         self,
         model_or_config: Any,
-        scorer: Scorer,
-        budget: int,
-        window: int = 64,
-        n_sinks: int = 0,
-        uncompressed_layers: Sequence[int] = (),
+        policy: PolicyLike | Scorer,
+        budget: int | None = None,
+        window: int | None = None,
+        n_sinks: int | None = None,
+        uncompressed_layers: Sequence[int] | None = None,
     ) -> None:
         from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
 
-        check_budget(budget, window, n_sinks)
-        if not isinstance(scorer, Scorer):
-            raise TypeError(f"scorer must be a qfilters.scorers.Scorer, got {type(scorer).__name__}")
-        scorer.check_model(*model_dims(model_or_config))
-        kinds = layer_kinds(model_or_config, uncompressed_layers)
-        _, layer_kwargs = _layer_types(_text_config(model_or_config))
+        policy = _as_policy(policy, budget, window, n_sinks, uncompressed_layers)
+        policy.check_model(model_or_config)
+        _, layer_kwargs = layer_types(model_or_config)
         layers: list[Any] = []
-        for idx, (kind, kw) in enumerate(zip(kinds, layer_kwargs)):
-            if kind == "compress":
-                layers.append(EvictingLayer(idx, scorer, budget, window, n_sinks))
-            elif kind == "full":
+        for idx, (kind, kw) in enumerate(zip(layer_kinds(model_or_config), layer_kwargs)):
+            layer_policy = policy.for_layer(idx) if kind == COMPRESS else None
+            if layer_policy is not None:
+                layers.append(EvictingLayer(idx, layer_policy))
+            elif kind in (COMPRESS, KEPT_WHOLE):
                 layers.append(DynamicLayer())
             elif kind in ("sliding_attention", "chunked_attention"):
                 layers.append(DynamicSlidingWindowLayer(**kw))
             else:  # other layer kinds (linear attention, shared KV ...) stay as transformers builds them
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         super().__init__(layers=layers)
-        self.scorer, self.budget, self.window, self.n_sinks = scorer, budget, window, n_sinks
-        self.uncompressed_layers = tuple(sorted(set(uncompressed_layers)))
+        self.policy = policy
 
-    def stored_lengths(self) -> list[int]:
-        """Keys currently held per layer (per KV head), for inspection and tests."""
-        return [int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
-                for layer in self.layers]
+
+def _as_policy(policy: PolicyLike | Scorer, budget: int | None, window: int | None, n_sinks: int | None,
+               uncompressed_layers: Sequence[int] | None) -> PolicyLike:
+    """A policy as given, or the policy of a scorer and inline fields (window 64 and no sinks by default)."""
+    inline = {"budget": budget, "window": window, "n_sinks": n_sinks, "uncompressed_layers": uncompressed_layers}
+    if isinstance(policy, (EvictionPolicy, LayerwisePolicy)):
+        given = sorted(k for k, v in inline.items() if v is not None)
+        if given:
+            raise TypeError(f"pass {', '.join(given)} inside the policy, not next to it")
+        return policy
+    if not isinstance(policy, Scorer):
+        raise TypeError(f"scorer must be a qfilters.scorers.Scorer or an EvictionPolicy, got {type(policy).__name__}")
+    if budget is None:
+        raise TypeError("a budget is needed: QFiltersCache(model, scorer, budget=512)")
+    return EvictionPolicy(policy, budget, 64 if window is None else window, n_sinks or 0,
+                          tuple(uncompressed_layers or ()))

@@ -23,25 +23,19 @@ from torch import Tensor
 _BLOCK_ELEMENTS = 1 << 25
 
 
-def check_budget(budget: int, window: int, n_sinks: int = 0) -> None:
-    """Validate eviction hyper-parameters (ValueError with the fix in the message)."""
-    for name, value in (("budget", budget), ("window", window), ("n_sinks", n_sinks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if budget <= window + n_sinks:
-        raise ValueError(
-            f"budget ({budget}) must exceed window + n_sinks ({window} + {n_sinks}): otherwise no slot is left for "
-            "the scorer to choose; raise budget or lower window"
-        )
+def force_sinks(scores: Tensor, positions: Tensor, n_sinks: int) -> Tensor:
+    """Scores with the ``n_sinks`` first positions set to +inf: with the earlier-wins tie-break, all are kept.
+    The one place sinks are applied (eviction policies and the StreamingLLM scorer both call it)."""
+    if n_sinks <= 0:
+        return scores
+    sink = (positions.to(scores.device) < n_sinks)[None, None, :]  # [1, 1, T]
+    return scores.masked_fill(sink, float("inf"))
 
 
 def prepare_scores(scores: Tensor, positions: Tensor, n_sinks: int = 0) -> Tensor:
     """float32 scores with sinks forced to +inf and NaN (never a valid ranking) sent to -inf; [B, H, T] -> same."""
     scores = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    if n_sinks > 0:
-        sink = (positions.to(scores.device) < n_sinks)[None, None, :]  # [1, 1, T]
-        scores = scores.masked_fill(sink, float("inf"))
-    return scores
+    return force_sinks(scores, positions, n_sinks)
 
 
 def select_kept(scores: Tensor, n_keep: int) -> Tensor:
@@ -102,35 +96,3 @@ def _kth_beater_dense(scores: Tensor, k: int) -> Tensor:
         e[..., start:stop] = (count < k).sum(dim=-1)
         del beats, count
     return e
-
-
-def mask_from_horizon(horizon: Tensor) -> Tensor:
-    """bool [B, H, T, T] from horizons [B, H, T]: query t sees key j iff j <= t <= horizon[j]."""
-    t = torch.arange(horizon.shape[-1], device=horizon.device)
-    causal = t[:, None] >= t[None, :]  # [T(query), T(key)]
-    return causal & (t[None, None, :, None] <= horizon[:, :, None, :])  # [B, H, T, T]
-
-
-def visibility_mask(scores: Tensor, budget: int, window: int) -> Tensor:
-    """bool [B, H, T, T]: query t sees key j under greedy eviction (sinks already folded into ``scores``)."""
-    return mask_from_horizon(eviction_horizon(scores, budget - window, window))
-
-
-def simulate_visibility(scores: Tensor, budget: int, window: int) -> Tensor:
-    """Brute-force reference for :func:`visibility_mask`: run the cache policy one token at a time.
-
-    Same tie-break and selection code as the cache (``select_kept``); O(T^2 log T), for tests only.
-    """
-    batch, heads, length = scores.shape
-    vis = torch.zeros(batch, heads, length, length, dtype=torch.bool)
-    for b in range(batch):
-        for h in range(heads):
-            stored: list[int] = []
-            for t in range(length):
-                stored.append(t)
-                vis[b, h, t, stored] = True  # attention of step t sees stored + new
-                if len(stored) > budget:
-                    old = stored[: len(stored) - window]
-                    keep = select_kept(scores[b, h, old][None, None], budget - window)[0, 0].tolist()
-                    stored = [old[i] for i in keep] + stored[len(stored) - window :]
-    return vis

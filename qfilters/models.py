@@ -183,29 +183,18 @@ def converted_dir(alias: str) -> Path:
     return target
 
 
-def _attention_flags(model: Any) -> tuple[bool, bool]:
-    from qfilters.attention import attention_layers
-
-    layer = attention_layers(model)[0]
-    qk_norm = any(hasattr(layer, n) and getattr(layer, n) is not None for n in ("q_norm", "k_norm"))
-    q_proj = getattr(layer, "q_proj", None)
-    qkv_bias = bool(q_proj is not None and getattr(q_proj, "bias", None) is not None)
-    return qk_norm, qkv_bias
-
-
 def describe(model: Any, model_id: str, revision: str | None, source: str) -> ModelInfo:
     """Read the facts Q-Filters care about off a loaded model (not only its config: QK-norm is a module)."""
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    layers = int(cfg.num_hidden_layers)
+    from qfilters.architecture import attention_flags, model_dims, text_config
+
+    cfg = text_config(model)
+    layers, kv_heads, head_dim = model_dims(cfg)
     heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
     layer_types = list(getattr(cfg, "layer_types", None) or [])
     sliding = tuple(i for i, t in enumerate(layer_types) if "sliding" in str(t))
     window = getattr(cfg, "sliding_window", None) if sliding else None
     rope = bool(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_theta", None))
-    qk_norm, qkv_bias = _attention_flags(model)
+    qk_norm, qkv_bias = attention_flags(model)
     return ModelInfo(
         model_id=model_id,
         revision=revision,

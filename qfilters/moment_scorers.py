@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -24,7 +24,10 @@ from qfilters.errors import ShapeMismatchError
 from qfilters.moments import QueryMoments
 from qfilters.scorers import Scorer, _check_keys
 
-__all__ = ["MOMENT_SCORERS", "GaussianScorer", "MeanQueryScorer", "make_moment_scorer"]
+if TYPE_CHECKING:
+    from qfilters.policy_table import ScorerInputs
+
+__all__ = ["GaussianScorer", "MeanQueryScorer"]
 
 
 def _check_layer(moments: QueryMoments, keys: Tensor, layer_idx: int) -> None:
@@ -48,6 +51,10 @@ class MeanQueryScorer(Scorer):
         layers, hq, d = self.moments.shape
         g = self.moments.group
         self._mean = self.moments.mean.reshape(layers, hq // g, g, d).mean(dim=2).to(torch.float32)  # [L, Hkv, D]
+
+    @classmethod
+    def from_inputs(cls, inputs: ScorerInputs) -> MeanQueryScorer:
+        return cls(inputs.query_stats)
 
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         self.moments.check_model(num_layers, num_kv_heads, head_dim)
@@ -86,6 +93,10 @@ class GaussianScorer(Scorer):
         self._mean = (s * self.moments.mean).reshape(layers, kv, g, d).to(torch.float32)  # [L, Hkv, G, D]
         self._factor = factor.reshape(layers, kv, g, d, factor.shape[-1]).to(torch.float32)  # [L, Hkv, G, D, r]
 
+    @classmethod
+    def from_inputs(cls, inputs: ScorerInputs) -> GaussianScorer:
+        return cls(inputs.query_stats)
+
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         self.moments.check_model(num_layers, num_kv_heads, head_dim)
 
@@ -102,14 +113,3 @@ class GaussianScorer(Scorer):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "rank": self.rank, "variance_weight": self.variance_weight,
                 "tokens": self.moments.tokens}
-
-
-MOMENT_SCORERS: dict[str, type[Scorer]] = {MeanQueryScorer.name: MeanQueryScorer, GaussianScorer.name: GaussianScorer}
-
-
-def make_moment_scorer(name: str, moments: QueryMoments, **kwargs: Any) -> Scorer:
-    """Build ``meanq`` or ``gaussian`` (kwargs: ``rank``, ``variance_weight``) from calibration moments."""
-    cls = MOMENT_SCORERS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown moment scorer {name!r}; choose one of {sorted(MOMENT_SCORERS)}")
-    return cls(moments, **kwargs)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qfilters.architecture import compressed_layers
 from qfilters.attention import attention_hook
-from qfilters.eviction import prepare_scores
-from qfilters.recipes import LayerPolicy
+from qfilters.policy import EvictionPolicy, LayerwisePolicy
 
 __all__ = ["PasskeyRun", "PasskeyTrial", "SnapKV", "make_trials", "run_passkey", "standard_policies"]
 
@@ -121,14 +121,14 @@ class _Prefill:
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
 
-def _keep_static(policy: LayerPolicy, keys: Tensor, layer: int) -> Tensor:
+def _keep_static(policy: EvictionPolicy, keys: Tensor, layer: int) -> Tensor:
     """bool [B, H, T]: what greedy eviction holds when the context ends (window + sinks + best by score)."""
     length = keys.shape[2]
     positions = torch.arange(length, device=keys.device)
     keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device)
     if length <= policy.budget:
         return keep | True
-    scores = prepare_scores(policy.scorer.score(keys, layer, positions), positions, policy.n_sinks)
+    scores = policy.scores(keys, layer, positions)
     n_old = length - policy.window
     order = torch.sort(scores[..., :n_old], dim=-1, descending=True, stable=True).indices
     best = order[..., :policy.budget - policy.window]
@@ -182,17 +182,14 @@ class _Answer:
 
 @torch.inference_mode()
 def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
-                policies: dict[str, dict[int, LayerPolicy | None] | SnapKV | None],
+                policies: dict[str, LayerwisePolicy | EvictionPolicy | SnapKV | None],
                 progress: Any = None) -> PasskeyRun:
-    """Accuracy of each policy (label -> per-layer policies, a :class:`SnapKV`, or None for the full cache).
-
-    A per-layer dict maps compressed layer indices to their policy (None or absent = that layer kept whole).
-    """
+    """Accuracy of each policy (label -> an eviction policy, a :class:`SnapKV`, or None for the full cache)."""
     from transformers import DynamicCache
 
-    from qfilters.cache import cache_kwargs, layer_kinds
+    from qfilters.cache import cache_kwargs
 
-    compress = [i for i, k in enumerate(layer_kinds(model)) if k == "compress"]
+    compress = compressed_layers(model)
     device = next(model.parameters()).device
     observe = max([p.observe for p in policies.values() if isinstance(p, SnapKV)], default=1)
     run = PasskeyRun(hits={label: [] for label in policies}, logprob={label: [] for label in policies})
@@ -213,8 +210,8 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
                 keys = cache.layers[i].keys[..., :t_c, :]
                 if isinstance(pol, SnapKV):
                     keep[i] = _keep_snapkv(pol, keys, prefill.queries[i], prefill.scaling[i])
-                elif pol is not None and pol.get(i) is not None:
-                    keep[i] = _keep_static(pol[i], keys, i)
+                elif pol is not None and (layer := pol.for_layer(i)) is not None:
+                    keep[i] = _keep_static(layer, keys, i)
             with attention_hook(model, _Answer(keep, t_c)):
                 logits = model(tail, **cache_kwargs(model, cache), use_cache=True, position_ids=positions[None],
                                cache_position=positions).logits  # [1, n, V]
@@ -233,20 +230,16 @@ def standard_policies(model: Any, budgets: Sequence[int], window: int = 64, filt
                       moments: Any = None) -> dict[str, Any]:
     """Full cache, then per budget: StreamingLLM (4 sinks), K-norm, Q-Filters / mean query / Gaussian when given,
     and the SnapKV reference; static scorers keep ``min(window, budget // 2)`` recent keys, uniformly per layer."""
-    from qfilters.cache import layer_kinds
-    from qfilters.scorers import KNormScorer, QFilterScorer, StreamingLLMScorer
+    from qfilters.policy_table import ScorerInputs, build_scorer
 
-    scorers: dict[str, Any] = {"streamingllm": StreamingLLMScorer(4), "knorm": KNormScorer()}
-    if filters is not None:
-        scorers["qfilters"] = QFilterScorer(filters)
-    if moments is not None:
-        from qfilters.moment_scorers import GaussianScorer, MeanQueryScorer
-
-        scorers.update(meanq=MeanQueryScorer(moments), gaussian=GaussianScorer(moments))
-    layers = [i for i, k in enumerate(layer_kinds(model)) if k == "compress"]
+    inputs = ScorerInputs(filters=filters, query_stats=moments, n_sinks=4)
+    names = ["streamingllm", "knorm"] + (["qfilters"] if filters is not None else []) + (
+        ["meanq", "gaussian"] if moments is not None else [])
+    scorers = {name: build_scorer(name, inputs) for name in names}
+    layers = compressed_layers(model)
     out: dict[str, Any] = {"full": None}
     for b in budgets:
         for name, scorer in scorers.items():
-            out[f"{name}@{b}"] = {i: LayerPolicy(scorer, b, min(window, b // 2)) for i in layers}
+            out[f"{name}@{b}"] = LayerwisePolicy.uniform(EvictionPolicy(scorer, b, min(window, b // 2)), layers)
         out[f"snapkv@{b}"] = SnapKV(b)
     return out

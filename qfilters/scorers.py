@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from qfilters.errors import ShapeMismatchError
+from qfilters.eviction import force_sinks
+
+if TYPE_CHECKING:
+    from qfilters.policy_table import ScorerInputs
 
 __all__ = [
     "Scorer",
@@ -25,7 +29,6 @@ __all__ = [
     "KNormScorer",
     "StreamingLLMScorer",
     "RandomScorer",
-    "SCORERS",
     "make_scorer",
 ]
 
@@ -48,6 +51,11 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
         """keys [B, H_kv, T, D] post-RoPE as cached; positions [T] absolute positions (long) -> [B, H_kv, T] float32."""
+
+    @classmethod
+    def from_inputs(cls, inputs: ScorerInputs) -> Scorer:
+        """Build from the policy table's inputs (default: no inputs; override to take filters, statistics...)."""
+        return cls()
 
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         """Raise :class:`ShapeMismatchError` if this scorer cannot score this model's keys (default: any model)."""
@@ -80,6 +88,10 @@ class QFilterScorer(Scorer):
         if not filters.is_floating_point():
             raise TypeError(f"filters must be floating point, got dtype {filters.dtype}")
         self.filters = filters.detach()
+
+    @classmethod
+    def from_inputs(cls, inputs: ScorerInputs) -> QFilterScorer:
+        return cls(inputs.filters)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -134,11 +146,15 @@ class StreamingLLMScorer(Scorer):
         if isinstance(self.n_sinks, bool) or not isinstance(self.n_sinks, int) or self.n_sinks < 0:
             raise ValueError(f"n_sinks must be a non-negative integer, got {self.n_sinks!r}")
 
+    @classmethod
+    def from_inputs(cls, inputs: ScorerInputs) -> StreamingLLMScorer:
+        return cls(n_sinks=inputs.n_sinks)
+
     def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
         _check_keys(keys, positions)
         pos = positions.to(device=keys.device, dtype=torch.float32)
-        pos = torch.where(positions.to(keys.device) < self.n_sinks, torch.full_like(pos, float("inf")), pos)
-        return pos.expand(keys.shape[0], keys.shape[1], -1).clone()  # [T] -> [B, H, T]
+        pos = pos.expand(keys.shape[0], keys.shape[1], -1)  # [T] -> [B, H, T]
+        return force_sinks(pos, positions, self.n_sinks).clone()
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n_sinks": self.n_sinks}
@@ -167,6 +183,10 @@ class RandomScorer(Scorer):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
+    @classmethod
+    def from_inputs(cls, inputs: ScorerInputs) -> RandomScorer:
+        return cls(seed=inputs.seed)
+
     def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
         _check_keys(keys, positions)
         batch, heads = keys.shape[0], keys.shape[1]
@@ -183,21 +203,9 @@ class RandomScorer(Scorer):
         return {"name": self.name, "seed": self.seed}
 
 
-SCORERS: dict[str, type[Scorer]] = {
-    QFilterScorer.name: QFilterScorer,
-    KNormScorer.name: KNormScorer,
-    StreamingLLMScorer.name: StreamingLLMScorer,
-    RandomScorer.name: RandomScorer,
-}
+def make_scorer(name: str, filters: Any = None, **inputs: Any) -> Scorer:
+    """Build a scorer by its policy-table name; ``filters`` for ``qfilters``, other inputs by keyword
+    (``n_sinks``, ``seed``, ``query_stats``; see :class:`qfilters.policy_table.ScorerInputs`)."""
+    from qfilters.policy_table import ScorerInputs, build_scorer
 
-
-def make_scorer(name: str, filters: Any = None, **kwargs: Any) -> Scorer:
-    """Build a scorer by name (``SCORERS`` keys); ``filters`` is required for ``qfilters`` and ignored otherwise."""
-    cls = SCORERS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown scorer {name!r}; choose one of {sorted(SCORERS)}")
-    if cls is QFilterScorer:
-        if filters is None:
-            raise ValueError("the 'qfilters' scorer needs filters (a [L, H_kv, D] tensor or a QFilters)")
-        return QFilterScorer(filters, **kwargs)
-    return cls(**kwargs)
+    return build_scorer(name, ScorerInputs(filters=filters, **inputs))

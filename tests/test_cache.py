@@ -8,16 +8,12 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from qfilters.cache import EvictingLayer, QFiltersCache, cache_kwargs, layer_kinds
+from eviction_reference import simulate_visibility, stored_lengths, visibility_mask
+from qfilters.architecture import layer_kinds
+from qfilters.cache import EvictingLayer, QFiltersCache, cache_kwargs
 from qfilters.errors import ShapeMismatchError
-from qfilters.eviction import (
-    _kth_beater_dense,
-    _kth_beater_sweep,
-    check_budget,
-    prepare_scores,
-    simulate_visibility,
-    visibility_mask,
-)
+from qfilters.eviction import _kth_beater_dense, _kth_beater_sweep, prepare_scores
+from qfilters.policy import EvictionPolicy, check_budget
 from qfilters.scorers import KNormScorer, QFilterScorer, Scorer, StreamingLLMScorer
 
 
@@ -57,7 +53,7 @@ def _random_case(gen: torch.Generator) -> tuple[torch.Tensor, int, int, int]:
 def _visible_by_decoding(table: torch.Tensor, budget: int, window: int, n_sinks: int, chunks: list[int]):
     """Drive an EvictingLayer; keys carry their position in channel 0 so the returned keys reveal what is seen."""
     batch, heads, length = table.shape
-    layer = EvictingLayer(0, TableScorer(table), budget, window, n_sinks)
+    layer = EvictingLayer(0, EvictionPolicy(TableScorer(table), budget, window, n_sinks))
     vis = torch.zeros(batch, heads, length, length, dtype=torch.bool)
     start = 0
     for size in chunks:
@@ -132,7 +128,7 @@ def test_chunked_prefill_then_decoding_stores_the_same_positions() -> None:
 
 def test_prefill_returns_everything_and_mask_sizes_follow_the_true_sequence() -> None:
     table = torch.randn(1, 1, 30)
-    layer = EvictingLayer(0, TableScorer(table), budget=8, window=2)
+    layer = EvictingLayer(0, EvictionPolicy(TableScorer(table), budget=8, window=2))
     keys = torch.randn(1, 1, 20, 4)
     k, v = layer.update(keys, keys)
     assert k.shape[2] == 20 and torch.equal(k, keys)  # the prompt attends to itself in full
@@ -153,7 +149,7 @@ def test_budget_validation() -> None:
 
 
 def test_batch_helpers_move_scores_and_positions_with_the_keys() -> None:
-    layer = EvictingLayer(0, KNormScorer(), budget=6, window=2)
+    layer = EvictingLayer(0, EvictionPolicy(KNormScorer(), budget=6, window=2))
     keys = torch.randn(2, 1, 10, 4)
     layer.update(keys, keys)
     before = layer.positions.clone()
@@ -183,7 +179,7 @@ def test_generate_with_small_budget_keeps_budget_and_changes_output(smollm2) -> 
         out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=new, do_sample=False)
     total = ids.shape[1] + new - 1  # the last generated token is never fed back
     assert cache.get_seq_length() == total
-    assert cache.stored_lengths() == [64] * 30
+    assert stored_lengths(cache) == [64] * 30
     assert all(isinstance(layer, EvictingLayer) for layer in cache.layers)
     assert out.shape == ref.shape and not torch.equal(out, ref)
 
@@ -209,7 +205,7 @@ def test_streamingllm_positions_and_uncompressed_layers(smollm2) -> None:
         model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False)
     seen = cache.get_seq_length()
     assert isinstance(cache.layers[0], DynamicLayer) and not isinstance(cache.layers[0], EvictingLayer)
-    lengths = cache.stored_lengths()
+    lengths = stored_lengths(cache)
     assert lengths[0] == lengths[7] == seen and lengths[1] == 32
     expected = list(range(4)) + list(range(seen - 28, seen))  # sinks + most recent
     assert cache.layers[3].positions[0, 2].tolist() == expected
@@ -236,7 +232,7 @@ def test_gemma3_sliding_layers_keep_transformers_layers(gemma3) -> None:
         model.generate(ids, **cache_kwargs(model, small), max_new_tokens=6, do_sample=False)
     assert torch.equal(same, ref)
     assert isinstance(small.layers[0], DynamicSlidingWindowLayer)
-    assert [small.stored_lengths()[i] for i in (5, 11, 17)] == [40, 40, 40]
+    assert [stored_lengths(small)[i] for i in (5, 11, 17)] == [40, 40, 40]
     assert small.get_seq_length() == ids.shape[1] + 5
 
 
@@ -247,5 +243,5 @@ def test_tiny_model_generate_batch(tiny_llama) -> None:
         cache = QFiltersCache(model, KNormScorer(), budget=20, window=4, n_sinks=2)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache),
                              max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert out.shape == (3, 55) and cache.stored_lengths() == [20, 20]
+    assert out.shape == (3, 55) and stored_lengths(cache) == [20, 20]
     assert (cache.layers[1].positions[..., :2] == torch.tensor([0, 1])).all()

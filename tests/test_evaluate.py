@@ -15,15 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from qfilters.evaluate import (
-    EvalResult,
-    encode_document,
-    evicted_attention,
-    evaluate_policies,
-    perplexity,
-    perplexity_reference,
-)
-from qfilters.eviction import eviction_horizon, mask_from_horizon
+from eviction_reference import mask_from_horizon
+from qfilters.evaluate import EvalResult, encode_document, evaluate_policies, perplexity, perplexity_reference
+from qfilters.eviction import eviction_horizon
+from qfilters.onepass import evicted_attention
+from qfilters.policy import EvictionPolicy
 from qfilters.scorers import KNormScorer, QFilterScorer, RandomScorer, Scorer, StreamingLLMScorer
 
 
@@ -81,15 +77,15 @@ def test_one_pass_equals_token_by_token_on_smollm2(smollm2, smollm2_f64) -> None
                QFilterScorer(torch.randn(30, 3, 64, generator=torch.Generator().manual_seed(2)))]
     batch = seq.repeat(len(scorers), 1)  # [4, T]: row i uses scorer i
     scorer = PerRowScorer(scorers, rows_per_scorer=1)
-    fast = perplexity(smollm2_f64, batch, scorer, budget, window, score_last=128)
-    slow = perplexity_reference(smollm2_f64, batch, scorer, budget, window, score_last=128)
+    fast = perplexity(smollm2_f64, batch, EvictionPolicy(scorer, budget, window), score_last=128)
+    slow = perplexity_reference(smollm2_f64, batch, EvictionPolicy(scorer, budget, window), score_last=128)
     assert fast.n_tokens == slow.n_tokens == 4 * 128
     for i, (a, b) in enumerate(zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity)):
         assert _rel(a, b) < 1e-4, (type(scorers[i]).__name__, a, b)
-    full = perplexity(smollm2_f64, seq, None, budget, window, score_last=128)
+    full = perplexity(smollm2_f64, seq, None, score_last=128)
     assert all(_rel(a, full.perplexity) > 1e-3 for a in fast.per_sequence_perplexity)  # eviction really happened
     # a policy alone (batch of 1, no PerRowScorer) gives the same as its row in the batch
-    alone = perplexity(smollm2_f64, seq, scorers[3], budget, window, score_last=128)
+    alone = perplexity(smollm2_f64, seq, EvictionPolicy(scorers[3], budget, window), score_last=128)
     assert _rel(alone.perplexity, fast.per_sequence_perplexity[3]) < 1e-9
 
 
@@ -100,11 +96,11 @@ def test_one_pass_equals_token_by_token_on_gemma3_with_sliding_layers(gemma3) ->
     model.config.sliding_window = 24
     ids = torch.tensor([encode_document(gemma3.tokenizer, TEXT * 2, 96)])
     scorer = QFilterScorer(torch.randn(18, 1, 256, generator=torch.Generator().manual_seed(0)))
-    fast = perplexity(model, ids, scorer, 40, 8, score_last=16)
-    slow = perplexity_reference(model, ids, scorer, 40, 8, score_last=16)
+    fast = perplexity(model, ids, EvictionPolicy(scorer, 40, 8), score_last=16)
+    slow = perplexity_reference(model, ids, EvictionPolicy(scorer, 40, 8), score_last=16)
     assert _rel(fast.perplexity, slow.perplexity) < 1e-4
     model.config.sliding_window = 512  # the shrunk window was really in force (in both paths)
-    assert _rel(perplexity(model, ids, scorer, 40, 8, score_last=16).perplexity, fast.perplexity) > 1e-6
+    assert _rel(perplexity(model, ids, EvictionPolicy(scorer, 40, 8), score_last=16).perplexity, fast.perplexity) > 1e-6
 
 
 def _sdpa(module, q, k, v, mask, **kwargs):  # stands in for transformers' kernel: GQA repeat, [B, T, H, D] out
@@ -141,21 +137,21 @@ def test_one_pass_equals_token_by_token_on_tiny_llama(tiny_llama, n_sinks, uncom
     model = copy.deepcopy(tiny_llama.model).to(torch.float64)
     ids = torch.randint(4, 90, (3, 80), generator=torch.Generator().manual_seed(n_sinks))
     scorer = QFilterScorer(torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(1)))
-    fast = perplexity(model, ids, scorer, 24, 6, n_sinks=n_sinks, uncompressed_layers=uncompressed)
-    slow = perplexity_reference(model, ids, scorer, 24, 6, n_sinks=n_sinks, uncompressed_layers=uncompressed)
+    fast = perplexity(model, ids, EvictionPolicy(scorer, 24, 6, n_sinks=n_sinks, uncompressed_layers=uncompressed))
+    slow = perplexity_reference(model, ids, EvictionPolicy(scorer, 24, 6, n_sinks=n_sinks, uncompressed_layers=uncompressed))
     for a, b in zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity):
         assert _rel(a, b) < 1e-9
-    full = perplexity(model, ids, None, 24, 6)
+    full = perplexity(model, ids, None)
     assert (_rel(fast.perplexity, full.perplexity) < 1e-12) == (uncompressed == (0, 1))
 
 
 def test_budget_covering_the_sequence_is_exactly_full_cache(tiny_llama) -> None:
     model = tiny_llama.model
     ids = torch.randint(4, 90, (2, 40), generator=torch.Generator().manual_seed(0))
-    full = perplexity(model, ids, None, 40, 8, score_last=20)
-    assert perplexity(model, ids, KNormScorer(), 40, 8, score_last=20).nll_sum == full.nll_sum
-    assert perplexity(model, ids, KNormScorer(), 16, 8, score_last=20).nll_sum != full.nll_sum  # eviction is on
-    ref = perplexity_reference(model, ids, None, 40, 8, score_last=20)  # DynamicCache token by token
+    full = perplexity(model, ids, None, score_last=20)
+    assert perplexity(model, ids, EvictionPolicy(KNormScorer(), 40, 8), score_last=20).nll_sum == full.nll_sum
+    assert perplexity(model, ids, EvictionPolicy(KNormScorer(), 16, 8), score_last=20).nll_sum != full.nll_sum  # eviction is on
+    ref = perplexity_reference(model, ids, None, score_last=20)  # DynamicCache token by token
     assert _rel(ref.perplexity, full.perplexity) < 1e-5
 
 
@@ -165,14 +161,14 @@ def test_score_last_selects_the_tail(tiny_llama) -> None:
     with torch.no_grad():
         logits = model(ids).logits[0].double()  # [T, V]
     nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
-    res = perplexity(model, ids, None, 64, 8, score_last=10)
+    res = perplexity(model, ids, None, score_last=10)
     assert res.n_tokens == 10 and abs(res.nll_sum - float(nll[-10:].sum())) < 1e-3
-    assert perplexity(model, ids, None, 64, 8).n_tokens == 29
+    assert perplexity(model, ids, None).n_tokens == 29
     for bad in (0, 30, 2.5):
         with pytest.raises(ValueError, match="score_last"):
-            perplexity(model, ids, None, 64, 8, score_last=bad)
+            perplexity(model, ids, None, score_last=bad)
     with pytest.raises(ValueError, match="must exceed window"):
-        perplexity(model, ids, KNormScorer(), 8, 8)
+        perplexity(model, ids, EvictionPolicy(KNormScorer(), 8, 8))
 
 
 @pytest.mark.slow
@@ -207,7 +203,7 @@ def test_evaluate_policies_rows_table_json_and_plot(smollm2, artifacts_dir) -> N
         assert abs(row.gap - (row.perplexity - result.full_perplexity)) < 1e-9
     # pooled numbers are the per-document perplexity() numbers, pooled
     ids = [torch.tensor([encode_document(smollm2.tokenizer, d.text, 128)]) for d in (docs[0], docs[2])]
-    direct = [perplexity(smollm2.model, x, StreamingLLMScorer(n_sinks=4), 40, 16, score_last=48) for x in ids]
+    direct = [perplexity(smollm2.model, x, EvictionPolicy(StreamingLLMScorer(n_sinks=4), 40, 16), score_last=48) for x in ids]
     pooled = sum(r.nll_sum for r in direct) / 96
     assert abs(result.perplexity("streamingllm", 40) - math.exp(pooled)) < 1e-9
     ratio = result.gap_ratio("qfilters", "streamingllm", 40)
@@ -252,4 +248,4 @@ def test_one_pass_refuses_kernels_that_take_no_mask(tiny_llama) -> None:
     model.config._attn_implementation = "flash_attention_2"  # not installed here: only the check is exercised
     ids = torch.randint(4, 90, (1, 40))
     with pytest.raises(ModelError, match="attn_implementation 'sdpa'"):
-        perplexity(model, ids, KNormScorer(), 16, 4)
+        perplexity(model, ids, EvictionPolicy(KNormScorer(), 16, 4))

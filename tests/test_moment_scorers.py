@@ -12,8 +12,9 @@ import torch
 from qfilters.artifact import QFilters
 from qfilters.errors import ArtifactError, ShapeMismatchError
 from qfilters.evaluate import perplexity, perplexity_reference
-from qfilters.moment_scorers import GaussianScorer, MeanQueryScorer, make_moment_scorer
+from qfilters.moment_scorers import GaussianScorer, MeanQueryScorer
 from qfilters.moments import STATS_NAME, QueryMoments, load_moments, save_moments
+from qfilters.policy import EvictionPolicy
 from qfilters.query_stats import QueryStatistics
 
 
@@ -68,18 +69,18 @@ def test_one_pass_is_exact_for_moment_scorers(tiny_llama, name, kwargs) -> None:
     """The evaluator's closed form holds for the new scorers: same per-sequence perplexity as decoding."""
     model = copy.deepcopy(tiny_llama.model).to(torch.float64)
     ids = torch.randint(4, 90, (2, 72), generator=torch.Generator().manual_seed(5))
-    scorer = make_moment_scorer(name, _moments(), **kwargs)
-    fast = perplexity(model, ids, scorer, 24, 6, n_sinks=2)
-    slow = perplexity_reference(model, ids, scorer, 24, 6, n_sinks=2)
+    scorer = {"meanq": MeanQueryScorer, "gaussian": GaussianScorer}[name](_moments(), **kwargs)
+    fast = perplexity(model, ids, EvictionPolicy(scorer, 24, 6, n_sinks=2))
+    slow = perplexity_reference(model, ids, EvictionPolicy(scorer, 24, 6, n_sinks=2))
     for a, b in zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity):
         assert abs(a / b - 1) < 1e-9
-    assert fast.nll_sum != perplexity(model, ids, None, 24, 6).nll_sum  # eviction happened
+    assert fast.nll_sum != perplexity(model, ids, None).nll_sum  # eviction happened
 
 
 def test_moments_for_another_model_are_refused(tiny_llama) -> None:
     scorer = GaussianScorer(_moments(layers=3))
     with pytest.raises(ShapeMismatchError, match="another model"):
-        perplexity(tiny_llama.model, torch.randint(4, 90, (1, 40)), scorer, 16, 4)
+        perplexity(tiny_llama.model, torch.randint(4, 90, (1, 40)), EvictionPolicy(scorer, 16, 4))
 
 
 def test_artifact_carries_moments_and_kvpress_files_stay_unchanged(tmp_path) -> None:

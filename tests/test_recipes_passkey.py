@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qfilters.attention import attention_hook
-from qfilters.cache import cache_kwargs
-from qfilters.evaluate import _result
+from qfilters.cache import QFiltersCache, cache_kwargs
+from qfilters.onepass import nll_result, perplexity
 from qfilters.passkey import (
     PasskeyTrial,
     SnapKV,
@@ -17,14 +17,8 @@ from qfilters.passkey import (
     make_trials,
     run_passkey,
 )
-from qfilters.recipes import (
-    LayerPolicy,
-    Recipe,
-    allocate,
-    layer_policies,
-    recipe_cache,
-    recipe_perplexity,
-)
+from qfilters.policy import EvictionPolicy, LayerwisePolicy
+from qfilters.recipes import Recipe, allocate, layer_policies
 from qfilters.scorers import KNormScorer, RandomScorer, StreamingLLMScorer
 
 
@@ -39,7 +33,7 @@ def test_allocations_spend_exactly_the_total() -> None:
         allocate("sensitivity", 64, 4, 6)
     # keeping a layer whole is paid for at the sequence length
     pols = layer_policies(Recipe("knorm", 0.25, 2, "uniform", full_layers=1), KNormScorer(), 40, [0, 1, 2], 64)
-    assert pols[0] is None and pols[1].budget + pols[2].budget == 3 * 40 - 64
+    assert pols.layers[0] is None and pols.layers[1].budget + pols.layers[2].budget == 3 * 40 - 64
     with pytest.raises(ValueError, match="whole"):
         layer_policies(Recipe("knorm", full_layers=1), KNormScorer(), 20, [0, 1], 64)
 
@@ -48,18 +42,19 @@ def test_recipe_one_pass_equals_token_by_token_decoding(tiny_llama) -> None:
     """Different budget, window, sinks and scorer per layer: the closed form still holds layer by layer."""
     model = copy.deepcopy(tiny_llama.model).to(torch.float64)
     ids = torch.randint(4, 90, (2, 64), generator=torch.Generator().manual_seed(2))
-    policies = {0: LayerPolicy(KNormScorer(), 30, 8, 2), 1: LayerPolicy(RandomScorer(seed=3), 18, 4, 0)}
-    fast = recipe_perplexity(model, ids, policies, score_last=40)
-    cache = recipe_cache(model, policies)
+    policies = LayerwisePolicy({0: EvictionPolicy(KNormScorer(), 30, 8, 2),
+                                1: EvictionPolicy(RandomScorer(seed=3), 18, 4, 0)})
+    fast = perplexity(model, ids, policies, score_last=40)
+    cache = QFiltersCache(model, policies)
     logits = []
     with torch.inference_mode():
         for t in range(63):
             out = model(ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True)
             logits.append(out.logits[:, -1])
-    slow = _result(torch.stack(logits[-40:], 1), ids[:, -40:])  # same NLL arithmetic as the evaluator
+    slow = nll_result(torch.stack(logits[-40:], 1), ids[:, -40:])  # same NLL arithmetic as the evaluator
     assert abs(fast.nll_sum / slow.nll_sum - 1) < 1e-9
     assert cache.layers[0].keys.shape[2] == 30 and cache.layers[1].keys.shape[2] == 18
-    assert recipe_perplexity(model, ids, {}, score_last=40).nll_sum != fast.nll_sum
+    assert perplexity(model, ids, LayerwisePolicy(), score_last=40).nll_sum != fast.nll_sum
 
 
 def _dense_reference(model, trial: PasskeyTrial, keep: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -88,7 +83,7 @@ def test_passkey_compress_once_matches_a_dense_masked_forward(tiny_llama) -> Non
     trials = make_trials(tok, filler, 3, 200, seed=1)
     assert len({t.key for t in trials}) == 3 and all(t.answer for t in trials)
     assert all(tok.decode(t.answer).replace(" ", "") == t.key for t in trials)  # only the key's digits are scored
-    policy = {0: LayerPolicy(KNormScorer(), 48, 8, 2), 1: LayerPolicy(StreamingLLMScorer(4), 40, 8, 4)}
+    policy = LayerwisePolicy({0: EvictionPolicy(KNormScorer(), 48, 8, 2), 1: EvictionPolicy(StreamingLLMScorer(4), 40, 8, 4)})
     trial = trials[0]
     with torch.inference_mode():
         ctx = torch.tensor([trial.context])
@@ -96,7 +91,7 @@ def test_passkey_compress_once_matches_a_dense_masked_forward(tiny_llama) -> Non
 
         cache = DynamicCache(config=model.config)
         model(ctx, **cache_kwargs(model, cache), use_cache=True)
-        keep = {i: _keep_static(p, cache.layers[i].keys, i) for i, p in policy.items()}
+        keep = {i: _keep_static(p, cache.layers[i].keys, i) for i, p in policy.layers.items()}
     assert int(keep[0].sum(-1).max()) == 48 and int(keep[1].sum(-1).max()) == 40
     n_c, n_q = len(trial.context), len(trial.question)
     target = torch.tensor(trial.answer)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qfilters.errors import ShapeMismatchError
+from qfilters.policy_table import POLICY_TABLE
 from qfilters.scorers import (
-    SCORERS,
     KNormScorer,
     QFilterScorer,
     RandomScorer,
@@ -17,6 +17,8 @@ from qfilters.scorers import (
 )
 
 L, H, D = 3, 2, 8
+# every static scorer of the policy table that filters alone can build
+SCORERS = {n: e.scorer_class() for n, e in POLICY_TABLE.items() if e.scorer is not None and set(e.needs) <= {"filters"}}
 
 
 def _filters(seed: int = 0) -> torch.Tensor:

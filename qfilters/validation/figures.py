@@ -20,18 +20,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from qfilters.policy_table import policy_color, policy_label, policy_order
 from qfilters.validation.schema import PerplexityReport, SamplingStability, StabilityReport, TransferMatrix
 
 DPI = 150  # pixels per inch of the PNGs; pages show them at 96 CSS px per inch (sharp on high-density screens)
 CSS_DPI = 96
 PAGE_WIDTH_IN = 10.5
 
-POLICY_STYLE: dict[str, tuple[str, str]] = {
-    "qfilters": ("Q-Filters", "#d62728"),
-    "knorm": ("K-norm", "#1f77b4"),
-    "streamingllm": ("StreamingLLM", "#2ca02c"),
-    "random": ("Random", "#7f7f7f"),
-}
 BELOW = "#e0001b"  # outline of heads under the threshold
 NINES_FLOOR = 1e-4  # 1 - cosine below this is drawn as 0.9999 (the top of the scale)
 PRIMARY_TICKS = (0.9999, 0.999, 0.99, 0.9)  # one unit apart on the nines scale
@@ -358,29 +353,33 @@ def _thousands() -> Any:
     return FuncFormatter(fmt)
 
 
-def _policy_order(policies: Sequence[str]) -> list[str]:
-    known = [p for p in POLICY_STYLE if p in policies]
-    return known + sorted(p for p in set(policies) if p not in POLICY_STYLE and p != "full")
-
-
 def perplexity_plot(ppl: PerplexityReport, reference_budget: int | None = None) -> Png:
-    """Perplexity vs KV budget (log x) per policy; the full cache as a dashed horizontal line."""
+    """Perplexity vs KV budget (log x) per policy of a report; the full cache as a dashed horizontal line."""
     rows = [r for r in ppl.rows if r.policy != "full" and r.budget is not None and _finite(r.perplexity)]
-    budgets = sorted({int(r.budget) for r in rows})
-    values = [float(r.perplexity) for r in rows] + ([float(ppl.full_perplexity)] if _finite(ppl.full_perplexity)
-                                                    else [])
+    series = {p: sorted((int(r.budget), float(r.perplexity)) for r in rows if r.policy == p)  # type: ignore[arg-type]
+              for p in policy_order(r.policy for r in rows)}
+    return budget_plot(series, float(ppl.full_perplexity) if _finite(ppl.full_perplexity) else None,
+                       title=f"Perplexity vs KV budget on {short_label(ppl.dataset.spec, 40)}",
+                       reference_budget=reference_budget)
+
+
+def budget_plot(series: dict[str, list[tuple[int, float]]], full: float | None, *, title: str,
+                xlabel: str = "KV budget per head (tokens kept, log scale)", ylabel: str = "perplexity",
+                reference_budget: int | None = None) -> Png:
+    """The one perplexity-vs-budget figure (reports and ``qfilters eval --plot``): a line per policy over the
+    budgets (log x, colours and order from the policy table), the full cache as a dashed horizontal line."""
+    budgets = sorted({b for points in series.values() for b, _ in points})
+    values = [v for points in series.values() for _, v in points] + ([full] if full is not None else [])
     positive = [v for v in values if v > 0]
     log_y = bool(positive) and len(positive) == len(values) and max(positive) / min(positive) > 4
     with _style():
         fig = _figure(8.0, 4.4)
         ax = fig.subplots()
-        for policy in _policy_order([r.policy for r in rows]):
-            label, color = POLICY_STYLE.get(policy, (policy, None))
-            points = sorted((int(r.budget), float(r.perplexity)) for r in rows if r.policy == policy)
-            ax.plot(*zip(*points), marker="o", markersize=4.5, linewidth=1.8, color=color, label=label)
-        if _finite(ppl.full_perplexity):
-            ax.axhline(float(ppl.full_perplexity), linestyle="--", color="black", linewidth=1.2,
-                       label=f"full cache ({float(ppl.full_perplexity):.2f})")
+        for policy in policy_order(series):
+            ax.plot(*zip(*series[policy]), marker="o", markersize=4.5, linewidth=1.8, color=policy_color(policy),
+                    label=policy_label(policy))
+        if full is not None:
+            ax.axhline(full, linestyle="--", color="black", linewidth=1.2, label=f"full cache ({full:.2f})")
         if reference_budget is not None and reference_budget in budgets:
             ax.axvline(reference_budget, linestyle=":", color="#555555", linewidth=1,
                        label=f"reference budget {reference_budget}")
@@ -396,9 +395,9 @@ def perplexity_plot(ppl: PerplexityReport, reference_budget: int | None = None) 
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_locator(LogLocator(subs="auto"))
             ax.yaxis.set_minor_formatter(_blank())
-        ax.set_xlabel("KV budget per head (tokens kept, log scale)")
-        ax.set_ylabel("perplexity" + (" (log scale)" if log_y else "") + "  (lower is better)")
-        ax.set_title(f"Perplexity vs KV budget on {short_label(ppl.dataset.spec, 40)}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel + (" (log scale)" if log_y else "") + "  (lower is better)")
+        ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best")
         return _png(fig)

@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
+from qfilters.policy_table import policy_label, policy_order
 from qfilters.validation.schema import PerplexityReport, ValidationReport
 
-POLICY_NAMES = {"full": "Full cache", "qfilters": "Q-Filters", "knorm": "K-norm", "streamingllm": "StreamingLLM",
-                "random": "Random"}
 COMPARISON_SIGNS = {">=": "\u2265", "<=": "\u2264", "<": "<", ">": ">"}
 DEFAULT_REPO = "<repo id or directory of these filters>"
 
@@ -55,12 +54,6 @@ def gate_threshold(gate: object) -> str:
     sign = COMPARISON_SIGNS.get(getattr(gate, "comparison", None) or "", "")
     value = f"{gate.threshold:g}"  # type: ignore[attr-defined]
     return f"{sign} {value}" if sign else value
-
-
-def policy_order(policies: Iterable[str]) -> list[str]:
-    present = list(dict.fromkeys(policies))
-    known = [p for p in POLICY_NAMES if p in present]
-    return known + sorted(p for p in present if p not in known)
 
 
 def ppl_cell(ppl: PerplexityReport, policy: str, budget: int | None) -> tuple[float | None, float | None]:
@@ -154,7 +147,7 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
               f"{s.score_last} tokens of {s.eval_seq_len}-token sequences. Cells: perplexity (gap vs full cache). "
               "Gap ratio below 1: Q-Filters lose less than StreamingLLM.", ""]
     policies = [p for p in policy_order(r.policy for p in report.perplexity for r in p.rows) if p != "full"]
-    lines.append(_row(["Evaluation dataset", "Full cache", *[POLICY_NAMES.get(p, md(p)) for p in policies],
+    lines.append(_row(["Evaluation dataset", "Full cache", *[md(policy_label(p)) for p in policies],
                        "Gap ratio Q-Filters / StreamingLLM"]))
     lines.append("| --- | ---: |" + " ---: |" * len(policies) + " ---: |")
     for p in report.perplexity:

@@ -19,14 +19,13 @@ from pydantic import ValidationError
 
 from qfilters.errors import ArtifactError
 from qfilters.validation import figures
+from qfilters.policy_table import policy_label, policy_order
 from qfilters.validation.markdown import (
-    POLICY_NAMES,
     _finite,
     count,
     gate_threshold,
     layer_ranges,
     num,
-    policy_order,
     ppl_cell,
     render_markdown,
 )
@@ -274,7 +273,8 @@ def _summary(report: ValidationReport) -> str:
                           f"last {s.score_last}" + (f", at most {s.max_docs} documents" if s.max_docs else ""))),
         ("KV budgets", _e(", ".join(str(b) for b in s.budgets) + " tokens per head")),
         ("Reference budget", _e(f"{s.reference_budget} tokens (gates are read here)")),
-        ("Always kept", _e(f"the last {s.window} tokens (window) and the first {s.n_sinks} (sinks)")),
+        ("Always kept", _e(f"the last {s.window} tokens (window; at most half the budget: see each budget's window) and "
+                           f"the first {s.n_sinks} (sinks, StreamingLLM only)")),
         ("Gate thresholds", _e(", ".join(f"{k} {v:g}" for k, v in s.gates.items()) or "\u2014")),
     ]
 
@@ -395,7 +395,7 @@ def _perplexity(report: ValidationReport) -> str:
                                 for b in budgets]
         rows = []
         for policy in policy_order(r.policy for r in ppl.rows):
-            name = _e(POLICY_NAMES.get(policy, policy))
+            name = _e(policy_label(policy))
             if policy == "full":
                 rows.append([name] + [_e(num(ppl.full_perplexity, 2))] * len(budgets))
                 continue

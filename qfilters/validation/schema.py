@@ -8,14 +8,22 @@ the JSON byte for byte apart from that field. Matrices are nested lists (rows fi
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
-from typing import Literal
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field
+from qfilters.policy_table import POLICY_TABLE
 
 SCHEMA_VERSION = "1"
 
-Policy = Literal["full", "qfilters", "knorm", "streamingllm", "random"]
+
+def _known_policy(name: str) -> str:
+    if name not in POLICY_TABLE:
+        raise ValueError(f"unknown policy {name!r}; the policy table has {list(POLICY_TABLE)}")
+    return name
+
+
+Policy = Annotated[str, AfterValidator(_known_policy)]  # a name from qfilters.policy_table
 
 
 class _Strict(BaseModel):
