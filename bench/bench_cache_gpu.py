@@ -60,7 +60,7 @@ def main() -> int:
 
     import torch
 
-    from qfilters.eviction import check_budget
+    from qfilters.policy import check_budget
 
     for b in args.budget:
         check_budget(b, args.window)  # fail before minutes of model loading

@@ -2,7 +2,7 @@
 
 Every step writes JSON under --out (one file per step, deterministic content; timings in a separate file), so the
 steps can run one after the other or be resumed. All perplexities use the exact one-pass evaluator
-(qfilters.recipes.recipe_perplexity), budgets are per layer on average at a fixed total KV memory.
+(qfilters.evaluate.perplexity with a LayerwisePolicy), budgets are per layer on average at a fixed total KV memory.
 
     python bench/research_recipes.py calibrate --artifact A          # filters + query_stats.safetensors (handbook:en)
     python bench/research_recipes.py search    --artifact A --out R  # sensitivity + coordinate search, handbook:en
@@ -54,14 +54,14 @@ def scorers(filters: Any, moments: Any) -> dict[str, Any]:
 
 
 def compress_layers(model: Any) -> list[int]:
-    from qfilters.cache import layer_kinds
+    from qfilters.architecture import compressed_layers
 
-    return [i for i, k in enumerate(layer_kinds(model)) if k == "compress"]
+    return compressed_layers(model)
 
 
 def chunks(lm: Any, spec: str, docs: int, seq_len: int = SEQ_LEN) -> tuple[list[str], list[torch.Tensor]]:
     from qfilters.data import load_corpus
-    from qfilters.evaluate import encode_document
+    from qfilters.data.chunks import encode_document
 
     titles, out = [], []
     for doc in load_corpus(spec).documents:
@@ -74,18 +74,18 @@ def chunks(lm: Any, spec: str, docs: int, seq_len: int = SEQ_LEN) -> tuple[list[
     return titles, out
 
 
-def stock_policies(model: Any, scorer: Any, budget: int) -> dict[int, Any]:
+def stock_policies(model: Any, scorer: Any, budget: int) -> Any:
     """The paper's/kvpress's setting as evaluated on main: uniform budget, window min(64, b/2), no forced sinks
     (StreamingLLM forces its 4 sinks itself)."""
-    from qfilters.recipes import LayerPolicy
+    from qfilters.policy import EvictionPolicy, LayerwisePolicy
 
-    return {i: LayerPolicy(scorer, budget, stock_window(budget)) for i in compress_layers(model)}
+    return LayerwisePolicy.uniform(EvictionPolicy(scorer, budget, stock_window(budget)), compress_layers(model))
 
 
-def nll(model: Any, data: list[torch.Tensor], policies: dict[int, Any]) -> float:
-    from qfilters.recipes import recipe_perplexity
+def nll(model: Any, data: list[torch.Tensor], policies: Any) -> float:
+    from qfilters.onepass import perplexity
 
-    return sum(recipe_perplexity(model, ids, policies, SCORE_LAST).nll_sum for ids in data)
+    return sum(perplexity(model, ids, policies, SCORE_LAST).nll_sum for ids in data)
 
 
 def ppl(total_nll: float, data: list[torch.Tensor]) -> float:

@@ -15,6 +15,8 @@ _LAZY = {
     "QFilters": "qfilters.artifact",
     "QFiltersCache": "qfilters.cache",
     "cache_kwargs": "qfilters.cache",
+    "EvictionPolicy": "qfilters.policy",
+    "LayerwisePolicy": "qfilters.policy",
     "Scorer": "qfilters.scorers",
     "QFilterScorer": "qfilters.scorers",
     "KNormScorer": "qfilters.scorers",
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qfilters.calibrate import calibrate
     from qfilters.data import load_corpus
     from qfilters.models import load_model
+    from qfilters.policy import EvictionPolicy, LayerwisePolicy
     from qfilters.scorers import KNormScorer, QFilterScorer, RandomScorer, Scorer, StreamingLLMScorer
 
 

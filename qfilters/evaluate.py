@@ -22,7 +22,14 @@ from qfilters.policy import EvictionPolicy, PolicyLike, check_budget
 from qfilters.policy_table import FULL, POLICY_TABLE, ScorerInputs, build_scorer, compared_policies
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
     from rich.table import Table
+    from torch import Tensor
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from qfilters.artifact import QFilters
+    from qfilters.data import Corpus
+    from qfilters.moments import QueryMoments
 
 __all__ = ["EvalChunks", "EvalResult", "EvalRow", "PerplexityResult", "encode_document", "evaluate_chunks",
            "evaluate_policies", "perplexity", "perplexity_reference", "select_chunks"]
@@ -144,7 +151,7 @@ def _json_float(x: float) -> float | None:
 
 
 def evaluate_chunks(
-    model: Any,
+    model: PreTrainedModel,
     chunks: EvalChunks,
     policies: Mapping[tuple[str, int], PolicyLike],
     *,
@@ -167,7 +174,7 @@ def evaluate_chunks(
         policy.check_model(model)  # fail before hours of passes, not after
     passes, total = 0, len(chunks) * ((full_nll is None) + len(policies))
 
-    def run(bar: Any, label: str, policy: PolicyLike | None) -> list[float]:
+    def run(bar: Progress, label: str, policy: PolicyLike | None) -> list[float]:
         nonlocal passes
         task, out = bar.add_task(label, total=len(chunks)), []
         for ids in chunks.ids:
@@ -187,10 +194,10 @@ def evaluate_chunks(
 
 
 def evaluate_policies(
-    model: Any,
-    tokenizer: Any,
-    corpus: Any,
-    filters: Any,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    corpus: Corpus,
+    filters: QFilters | Tensor | None,
     *,
     budgets: list[int],
     window: int,
@@ -203,7 +210,7 @@ def evaluate_policies(
     uncompressed_layers: Sequence[int] = (),
     model_id: str | None = None,
     on_step: OnStep | None = None,
-    query_stats: Any = None,
+    query_stats: QueryMoments | None = None,
 ) -> EvalResult:
     """Perplexity of each named policy at each budget on the first ``seq_len`` tokens of each document.
 

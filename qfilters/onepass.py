@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from qfilters.architecture import COMPRESS, layer_kinds
-from qfilters.attention import attention_hook
+from qfilters.attention import AttentionFn, AttentionHook, attention_hook
 from qfilters.errors import ModelError
 from qfilters.eviction import eviction_horizon
 from qfilters.policy import EvictionPolicy, LayerwisePolicy, PolicyLike
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import Cache, PreTrainedModel
 
 __all__ = ["PerplexityResult", "eviction_hook", "evicted_attention", "perplexity", "perplexity_reference",
            "scored_tokens"]
@@ -84,8 +88,8 @@ def _given_block(given: Tensor, t0: int, t1: int, idx: Tensor) -> Tensor:
 
 
 def evicted_attention(
-    module: Any, query: Tensor, key: Tensor, value: Tensor, given_mask: Tensor | None, horizon: Tensor,
-    base_fn: Any, block: int, **kwargs: Any,
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, given_mask: Tensor | None, horizon: Tensor,
+    base_fn: AttentionFn, block: int, **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """Attention where query t sees key j iff j <= t <= horizon[j], by blocks of queries over compacted keys.
 
@@ -124,12 +128,12 @@ def evicted_attention(
     return torch.cat(outputs, dim=1), None
 
 
-def eviction_hook(model: Any, policy: PolicyLike) -> Any:
+def eviction_hook(model: PreTrainedModel, policy: PolicyLike) -> AttentionHook:
     """Attention hook applying greedy eviction to the layers ``policy`` compresses (others untouched)."""
     kinds = layer_kinds(model)
 
-    def hook(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, base_fn: Any,
-             **kwargs: Any) -> Any:
+    def hook(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+             base_fn: AttentionFn, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         layer = policy.for_layer(module.layer_idx) if kinds[module.layer_idx] == COMPRESS else None
         if layer is None:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
@@ -147,7 +151,7 @@ def eviction_hook(model: Any, policy: PolicyLike) -> Any:
     return hook
 
 
-def _check_inputs(model: Any, input_ids: Tensor, policy: PolicyLike | None) -> None:
+def _check_inputs(model: PreTrainedModel, input_ids: Tensor, policy: PolicyLike | None) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
     if policy is not None:
@@ -158,7 +162,7 @@ def _check_inputs(model: Any, input_ids: Tensor, policy: PolicyLike | None) -> N
 
 
 @torch.inference_mode()
-def perplexity(model: Any, input_ids: Tensor, policy: PolicyLike | None, score_last: int | None = None
+def perplexity(model: PreTrainedModel, input_ids: Tensor, policy: PolicyLike | None, score_last: int | None = None
                ) -> PerplexityResult:
     """Exact perplexity of token-by-token decoding under ``policy``, in one forward pass (``None``: full cache).
 
@@ -182,7 +186,7 @@ def perplexity(model: Any, input_ids: Tensor, policy: PolicyLike | None, score_l
 
 
 @torch.inference_mode()
-def perplexity_reference(model: Any, input_ids: Tensor, policy: PolicyLike | None, score_last: int | None = None
+def perplexity_reference(model: PreTrainedModel, input_ids: Tensor, policy: PolicyLike | None, score_last: int | None = None
                          ) -> PerplexityResult:
     """Same quantity as :func:`perplexity`, by decoding one token at a time with :class:`QFiltersCache` (slow)."""
     from transformers import DynamicCache
@@ -193,7 +197,7 @@ def perplexity_reference(model: Any, input_ids: Tensor, policy: PolicyLike | Non
     length = input_ids.shape[1]
     n = scored_tokens(length, score_last)
     input_ids = input_ids.to(next(model.parameters()).device)
-    cache: Any = DynamicCache(config=model.config) if policy is None else QFiltersCache(model, policy)
+    cache: Cache = DynamicCache(config=model.config) if policy is None else QFiltersCache(model, policy)
     skip_head = torch.empty(0, dtype=torch.long, device=input_ids.device)  # no LM head on unscored steps
     pass_cache = cache_kwargs(model, cache)
     logits = []

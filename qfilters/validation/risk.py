@@ -25,13 +25,13 @@ LOW_POSITIVE_SHARE = 0.75
 def compressed_layers_of(info: ModelInfo, model: Any = None) -> list[int]:
     """Layers whose KV cache Q-Filters evict: the full-attention layers.
 
-    With the model at hand this is exactly what the cache and the evaluator use (``qfilters.cache.layer_kinds``);
+    With the model at hand this is exactly what the cache and the evaluator use (``qfilters.architecture``);
     from ``ModelInfo`` alone, every layer that is not a sliding-window layer.
     """
     if model is not None:
-        from qfilters.cache import layer_kinds
+        from qfilters.architecture import compressed_layers
 
-        return [i for i, kind in enumerate(layer_kinds(model)) if kind == "compress"]
+        return compressed_layers(model)
     sliding = set(info.sliding_layers)
     return [i for i in range(info.num_layers) if i not in sliding]
 
