@@ -388,25 +388,19 @@ def budget_plot(series: dict[str, list[tuple[int, float]]], full: float | None, 
             ax.set_xticks(budgets, [str(b) for b in budgets])
             ax.minorticks_off()
         if log_y:
-            from matplotlib.ticker import LogLocator, ScalarFormatter
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
             ax.set_yscale("log")
             ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.yaxis.set_minor_locator(LogLocator(subs="auto"))
-            ax.yaxis.set_minor_formatter(_blank())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel + (" (log scale)" if log_y else "") + "  (lower is better)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best")
         return _png(fig)
-
-
-def _blank() -> Any:
-    from matplotlib.ticker import NullFormatter
-
-    return NullFormatter()
 
 
 def transfer_heatmap(transfer: TransferMatrix) -> Png:
