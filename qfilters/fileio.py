@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_directory", "fsync_dir", "DEFAULT_MODE"]
+__all__ = ["DEFAULT_MODE", "atomic_directory", "atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
 
 DEFAULT_MODE = 0o644
 
@@ -63,9 +63,8 @@ def atomic_path(target: str | os.PathLike[str], *, mode: int = DEFAULT_MODE, dur
 def atomic_write_bytes(target: str | os.PathLike[str], data: bytes, *, mode: int = DEFAULT_MODE,
                        durable: bool = True) -> Path:
     """Replace ``target`` with ``data`` atomically (see :func:`atomic_path`); returns the target path."""
-    with atomic_path(target, mode=mode, durable=durable) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
+    with atomic_path(target, mode=mode, durable=durable) as tmp, open(tmp, "wb") as f:
+        f.write(data)
     return Path(target)
 
 

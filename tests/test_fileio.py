@@ -39,18 +39,16 @@ def test_writes_and_replaces_bytes_and_text(tmp_path: Path) -> None:
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path: Path, error: BaseException) -> None:
     target = tmp_path / "report.json"
     target.write_text("old")
-    with pytest.raises(type(error)):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half of the ne")  # a writer dies half-way
-            raise error
+    with pytest.raises(type(error)), atomic_path(target) as tmp:
+        tmp.write_text("half of the ne")  # a writer dies half-way
+        raise error
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
 def test_a_failed_first_write_creates_nothing(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError):
-        with atomic_path(tmp_path / "new.bin"):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "new.bin"):
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -94,10 +92,9 @@ def test_atomic_directory_replaces_a_folder_as_a_whole(tmp_path: Path) -> None:
     with atomic_directory(target) as tmp:
         (tmp / "a").write_text("1")
     assert [p.name for p in target.iterdir()] == ["a"]
-    with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
-            (tmp / "b").write_text("2")
-            raise RuntimeError("crash mid-save")
+    with pytest.raises(RuntimeError), atomic_directory(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError("crash mid-save")
     assert [p.name for p in target.iterdir()] == ["a"]  # the old folder, untouched
     with atomic_directory(target) as tmp:
         (tmp / "b").write_text("2")

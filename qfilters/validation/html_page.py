@@ -24,7 +24,7 @@ from qfilters.validation.markdown import (
 )
 from qfilters.validation.schema import ValidationReport
 
-__all__ = ["render_html", "CSS"]
+__all__ = ["CSS", "render_html"]
 
 
 def _e(text: object) -> str:

@@ -18,7 +18,7 @@ from qfilters.validation.html_page import render_html
 from qfilters.validation.markdown import render_markdown
 from qfilters.validation.schema import SCHEMA_VERSION, ValidationReport
 
-__all__ = ["load_report", "render_html", "render_markdown", "report_json", "write_report_files", "REPORT_FILES"]
+__all__ = ["REPORT_FILES", "load_report", "render_html", "render_markdown", "report_json", "write_report_files"]
 
 REPORT_FILES = {"json": "report.json", "html": "report.html", "md": "report.md"}
 
