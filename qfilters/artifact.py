@@ -15,12 +15,10 @@ oriented along them), and a key ``k`` scores ``-(f . k)`` exactly as in kvpress:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +29,22 @@ from qfilters.artifact_format import (
     CONFIG_KEYS,
     CONFIG_NAME,
     FORMAT_VERSION,
-    INT_DTYPES,
     METADATA_NAME,
     TENSOR_NAME,
     WEIGHTS_NAME,
+    check_artifact,
     check_digest,
     check_finite,
-    read_bytes,
-    read_config,
-    read_metadata,
-    read_tensor,
+    read_files,
     sha256_file,
 )
 from qfilters.errors import ArtifactError, ArtifactNotFoundError, ShapeMismatchError
+from qfilters.fileio import atomic_directory, atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 _IN_MEMORY = "<in-memory Q-Filters>"
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 class QFilters:
@@ -65,7 +62,7 @@ class QFilters:
                 f"Q-Filters must be a non-empty 3-D tensor [num_layers, num_kv_heads, head_dim], "
                 f"got shape {tuple(filters.shape)}"
             )
-        if not (filters.is_floating_point() or filters.dtype in INT_DTYPES):
+        if not (filters.is_floating_point() or filters.dtype in _INT_DTYPES):
             raise ArtifactError(_IN_MEMORY, f"filters must hold real numbers, got dtype {filters.dtype}")
         filters = filters.detach().to(torch.float32).contiguous()
         check_finite(filters, _IN_MEMORY)
@@ -138,27 +135,6 @@ class QFilters:
         grouped = query_filters.detach().to(torch.float32).reshape(num_layers, num_kv_heads, group, head_dim)
         return cls(-grouped.mean(dim=2), provenance=provenance)
 
-    # ------------------------------------------------------------------ scoring
-    def key_scores(self, keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Score cached keys ``[B, H_kv, T, D]`` -> ``[B, H_kv, T]``; higher = keep.
-
-        Same expression and operation order as kvpress ``QFilterPress.score`` (``-(f * K).sum(-1)`` with the filter
-        cast to the keys' dtype and device), so rankings agree with kvpress bit for bit.
-        """
-        if keys.dim() != 4:
-            raise ShapeMismatchError(f"keys must be [batch, kv_heads, seq_len, head_dim], got {tuple(keys.shape)}")
-        if not -self.num_layers <= layer_idx < self.num_layers:
-            raise ShapeMismatchError(
-                f"layer_idx {layer_idx} out of range: these filters cover {self.num_layers} layers"
-            )
-        if keys.shape[1] != self.num_kv_heads or keys.shape[3] != self.head_dim:
-            raise ShapeMismatchError(
-                f"keys have {keys.shape[1]} KV heads of dim {keys.shape[3]}, the filters expect "
-                f"{self.num_kv_heads} heads of dim {self.head_dim}"
-            )
-        q_filter = self.filters[layer_idx][None, :, None].to(device=keys.device, dtype=keys.dtype)
-        return -(q_filter * keys).sum(dim=-1)
-
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
         """Write the artifact (``config.json``, ``model.safetensors``, ``qfilters.json``) and return its directory.
@@ -166,7 +142,8 @@ class QFilters:
         Atomic: everything is written to a sibling temporary directory that then replaces ``save_directory``, so a
         failure never leaves a half-written artifact (files in an existing directory that are not artifact files,
         such as a README.md model card, are carried over). Deterministic: the same tensor gives the same bytes,
-        hence the same sha256, wherever and whenever it is saved.
+        hence the same sha256, wherever and whenever it is saved. The files get ordinary permissions (0644 minus the
+        umask), like any file the user writes.
         """
         target = Path(save_directory).expanduser()
         if target.is_symlink():
@@ -186,18 +163,10 @@ class QFilters:
             ) from e
 
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-        os.mkdir(tmp)  # honours the umask, unlike tempfile.mkdtemp's 0700
-        try:
+        with atomic_directory(target) as tmp:
             self._write_files(tmp, provenance_json)
             if target.is_dir():
                 _carry_over_foreign_files(target, tmp)
-            _fsync_dir(tmp)
-            _swap_in(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(target.parent)
         logger.info("Saved Q-Filters %s to %s", self.shape, target)
         return target
 
@@ -206,11 +175,11 @@ class QFilters:
 
         weights = directory / WEIGHTS_NAME
         # No metadata: byte-identical to what PyTorchModelHubMixin (safetensors.torch.save_model) writes.
-        safetensors.torch.save_file({TENSOR_NAME: self.filters.detach().cpu().contiguous()}, str(weights))
-        _fsync_file(weights)
+        with atomic_path(weights) as tmp:  # ordinary permissions, not the 0600 safetensors gives its own files
+            safetensors.torch.save_file({TENSOR_NAME: self.filters.detach().cpu().contiguous()}, str(tmp))
         config = {"kv_head_dim": self.head_dim, "num_kv_heads": self.num_kv_heads, "num_layers": self.num_layers}
         # Same serialisation as PyTorchModelHubMixin.save_pretrained, so config.json is byte-identical too.
-        _write_text(directory / CONFIG_NAME, json.dumps(config, sort_keys=True, indent=2))
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config, sort_keys=True, indent=2))
         from qfilters import __version__
 
         metadata = {
@@ -224,7 +193,8 @@ class QFilters:
             **config,
             "provenance": provenance,
         }
-        _write_text(directory / METADATA_NAME, json.dumps(metadata, sort_keys=True, indent=2, allow_nan=False) + "\n")
+        atomic_write_text(directory / METADATA_NAME,
+                          json.dumps(metadata, sort_keys=True, indent=2, allow_nan=False) + "\n")
 
     def push_to_hub(self, repo_id: str, *, report_dir: str | os.PathLike[str] | None = None, tag: str | None = None,
                     token: str | bool | None = None, endpoint: str | None = None, private: bool = False,
@@ -309,55 +279,12 @@ class QFilters:
     ) -> "QFilters":
         """Strictly load the artifact files; ``declared``: hashes a server or registry gave for them (checked)."""
         declared = declared or {}
-        config_path, weights_path, meta_path = files[CONFIG_NAME], files[WEIGHTS_NAME], files[METADATA_NAME]
-        for name, path in ((CONFIG_NAME, config_path), (WEIGHTS_NAME, weights_path)):
-            if path is None or not path.is_file():
-                raise ArtifactError(
-                    labels[name],
-                    f"is missing; a Q-Filters artifact needs {CONFIG_NAME} and {WEIGHTS_NAME} "
-                    f"(re-save it with QFilters.save_pretrained, or check the path / repo id)",
-                )
-        assert config_path is not None and weights_path is not None
-        # Each file is read once; every check below works on those bytes (no second read to race with).
-        raw = {CONFIG_NAME: read_bytes(config_path, labels[CONFIG_NAME]),
-               WEIGHTS_NAME: read_bytes(weights_path, labels[WEIGHTS_NAME])}
-        if meta_path is not None and meta_path.is_file():
-            raw[METADATA_NAME] = read_bytes(meta_path, labels[METADATA_NAME])
+        raw = read_files(files, labels)
         digests = {name: _checked_digest(data, files[name], declared[name], labels[name], declared_by)  # type: ignore[arg-type]
                    for name, data in raw.items() if name in declared}
-        config = read_config(raw[CONFIG_NAME], labels[CONFIG_NAME])
-        config_shape = (config["num_layers"], config["num_kv_heads"], config["kv_head_dim"])
-
-        info: dict[str, Any] = {}
-        provenance: dict[str, Any] = {}
-        if METADATA_NAME in raw:
-            info = read_metadata(raw[METADATA_NAME], labels[METADATA_NAME], config_shape, labels[CONFIG_NAME])
-            provenance = info.pop("provenance", {})
-            actual = digests.get(WEIGHTS_NAME) or hashlib.sha256(raw[WEIGHTS_NAME]).hexdigest()
-            if actual != info["tensor_sha256"]:
-                raise ArtifactError(
-                    labels[WEIGHTS_NAME],
-                    f"sha256 {actual} does not match tensor_sha256 {info['tensor_sha256']} recorded in "
-                    f"{METADATA_NAME}: the file was modified or corrupted after saving. Re-download it "
-                    f"(force_download=True) or re-save the filters.",
-                )
-
-        tensor = read_tensor(raw[WEIGHTS_NAME], labels[WEIGHTS_NAME])
-        if tuple(tensor.shape) != config_shape:
-            raise ArtifactError(
-                labels[WEIGHTS_NAME],
-                f"tensor '{TENSOR_NAME}' has shape {list(tensor.shape)} but {labels[CONFIG_NAME]} declares "
-                f"[num_layers, num_kv_heads, kv_head_dim] = {list(config_shape)}; the two files do not belong together",
-            )
-        if expected_shape is not None and tuple(expected_shape) != config_shape:
-            raise ShapeMismatchError(
-                f"{labels[WEIGHTS_NAME]}: filters have shape [num_layers, num_kv_heads, head_dim] = "
-                f"{list(config_shape)} but {list(expected_shape)} was expected; these filters were calibrated for a "
-                f"different model"
-            )
-        check_finite(tensor, labels[WEIGHTS_NAME])
-        filters = cls._checked(tensor.contiguous(), dict(provenance))  # float32, 3-D, finite: checked above
-        filters.artifact_info = info
+        checked = check_artifact(raw, labels, weights_sha256=digests.get(WEIGHTS_NAME), expected_shape=expected_shape)
+        filters = cls._checked(checked.tensor, checked.provenance)  # float32, 3-D, finite: checked above
+        filters.artifact_info = checked.info
         return filters
 
 
@@ -401,31 +328,6 @@ def _as_local_dir(repo_or_dir: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _carry_over_foreign_files(old: Path, new: Path) -> None:
     """Copy entries of ``old`` that are not artifact files (README.md, ...) into ``new`` before the swap."""
     for entry in old.iterdir():
@@ -435,21 +337,6 @@ def _carry_over_foreign_files(old: Path, new: Path) -> None:
             shutil.copytree(entry, new / entry.name, symlinks=True)
         else:
             shutil.copy2(entry, new / entry.name, follow_symlinks=False)
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` directory to ``target``, replacing any previous one; restore it on failure."""
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    os.rename(target, old)
-    try:
-        os.rename(tmp, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["QFilters", "sha256_file", "CONFIG_NAME", "WEIGHTS_NAME", "METADATA_NAME", "TENSOR_NAME", "CONFIG_KEYS",

@@ -1,7 +1,8 @@
-"""The artifact format's constants and its strict readers: every file is checked before a tensor is trusted.
+"""The artifact format, owned here: file names, strict readers, and the checks every artifact passes before use.
 
-Kept apart from :mod:`qfilters.artifact` (the ``QFilters`` class) so the Hub and registry fetchers can name the
-files without the class, and each module reads in one sitting.
+Kept apart from :mod:`qfilters.artifact` (the ``QFilters`` class) so the Hub fetcher and the registry name the files
+and check an artifact with the same code, without the class. Importing it is cheap (torch loads on first check), so
+the registry's web process can name the files without pulling torch in.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ import json
 import math
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
+from qfilters.errors import ArtifactError, ShapeMismatchError
 
-from qfilters.errors import ArtifactError
+if TYPE_CHECKING:
+    import torch
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-METADATA_NAME = "qfilters.json"
+#: The files of an artifact: the kvpress / Hub layout (config, weights) plus our provenance. A ``Literal`` so that
+#: an API can validate a requested file name against the format itself.
+ArtifactFileName = Literal["config.json", "model.safetensors", "qfilters.json"]
+ARTIFACT_FILES: tuple[str, ...] = get_args(ArtifactFileName)
+CONFIG_NAME, WEIGHTS_NAME, METADATA_NAME = ARTIFACT_FILES
+REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # third-party artifacts (kvpress, official repos) have no qfilters.json
 TENSOR_NAME = "q_filters"
 CONFIG_KEYS = ("kv_head_dim", "num_kv_heads", "num_layers")
-ARTIFACT_FILES = (CONFIG_NAME, WEIGHTS_NAME, METADATA_NAME)
 FORMAT_VERSION = 1
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -39,10 +45,10 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-
-
 def check_finite(tensor: torch.Tensor, label: str) -> None:
+    """Refuse a tensor holding NaN or inf, naming the first (layer, KV head) that does."""
+    import torch
+
     if math.isfinite(float(tensor.sum())):
         return  # any NaN or inf makes the sum non-finite (a finite sum that overflows is checked element-wise)
     bad = ~torch.isfinite(tensor)
@@ -80,6 +86,7 @@ def check_digest(data: bytes, declared: str, label: str, declared_by: str) -> st
 
 
 def read_bytes(path: Path, label: str) -> bytes:
+    """A file's bytes; an unreadable file is an :class:`ArtifactError` naming it."""
     try:
         return path.read_bytes()
     except OSError as e:
@@ -97,6 +104,7 @@ def _read_json_object(raw: bytes, label: str) -> dict[str, Any]:
 
 
 def read_config(raw: bytes, label: str) -> dict[str, int]:
+    """The three positive ints of a Q-Filters ``config.json``; any other key means it is not one (a model's?)."""
     data = _read_json_object(raw, label)
     expected = ", ".join(f'"{k}"' for k in CONFIG_KEYS)
     missing = [k for k in CONFIG_KEYS if k not in data]
@@ -119,6 +127,7 @@ def read_config(raw: bytes, label: str) -> dict[str, int]:
 
 
 def read_metadata(raw: bytes, label: str, config_shape: tuple[int, int, int], config_label: str) -> dict[str, Any]:
+    """``qfilters.json``: a format this library reads, a well-formed sha256, and a shape agreeing with the config."""
     info = _read_json_object(raw, label)
     version = info.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int):
@@ -189,3 +198,99 @@ def read_tensor(raw: bytes, label: str) -> torch.Tensor:
             f"[num_layers, num_kv_heads, kv_head_dim]",
         )
     return tensor
+
+
+# ---------------------------------------------------------------------------------------------- whole artifacts
+
+
+@dataclass(frozen=True)
+class CheckedArtifact:
+    """An artifact that passed every check: its files' bytes, config, ``qfilters.json`` and float32 tensor.
+
+    ``info`` is ``qfilters.json`` without its provenance (empty for third-party artifacts, which have none).
+    """
+
+    raw: dict[str, bytes]
+    config: dict[str, int]
+    info: dict[str, Any]
+    provenance: dict[str, Any]
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``[num_layers, num_kv_heads, kv_head_dim]``, as the config declares and the tensor has."""
+        return (self.config["num_layers"], self.config["num_kv_heads"], self.config["kv_head_dim"])
+
+
+def read_files(files: Mapping[str, Path | None], labels: Mapping[str, str]) -> dict[str, bytes]:
+    """Each artifact file's bytes, read once (every check works on them: no second read to race with).
+
+    The required files must be there; ``qfilters.json`` is read when present. ``labels`` names files in errors.
+    """
+    for name in REQUIRED_FILES:
+        path = files.get(name)
+        if path is None or not path.is_file():
+            raise ArtifactError(
+                labels[name],
+                f"is missing; a Q-Filters artifact needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+                f"(re-save it with QFilters.save_pretrained, or check the path / repo id)",
+            )
+    raw: dict[str, bytes] = {}
+    for name in ARTIFACT_FILES:
+        path = files.get(name)
+        if path is not None and (name in REQUIRED_FILES or path.is_file()):
+            raw[name] = read_bytes(path, labels[name])
+    return raw
+
+
+def check_artifact(
+    raw: Mapping[str, bytes],
+    labels: Mapping[str, str],
+    *,
+    weights_sha256: str | None = None,
+    expected_shape: tuple[int, int, int] | None = None,
+) -> CheckedArtifact:
+    """Check an artifact's bytes as a whole: each file strictly, then that they belong together.
+
+    ``weights_sha256``: the weights' digest if already computed (skips hashing them again). ``expected_shape``
+    disagreeing with the artifact raises :class:`ShapeMismatchError` (filters for another model).
+    """
+    config = read_config(raw[CONFIG_NAME], labels[CONFIG_NAME])
+    config_shape = (config["num_layers"], config["num_kv_heads"], config["kv_head_dim"])
+    info: dict[str, Any] = {}
+    provenance: dict[str, Any] = {}
+    if METADATA_NAME in raw:
+        info = read_metadata(raw[METADATA_NAME], labels[METADATA_NAME], config_shape, labels[CONFIG_NAME])
+        provenance = info.pop("provenance", {})
+        actual = weights_sha256 or hashlib.sha256(raw[WEIGHTS_NAME]).hexdigest()
+        if actual != info["tensor_sha256"]:
+            raise ArtifactError(
+                labels[WEIGHTS_NAME],
+                f"sha256 {actual} does not match tensor_sha256 {info['tensor_sha256']} recorded in "
+                f"{METADATA_NAME}: the file was modified or corrupted after saving. Re-download it "
+                f"(force_download=True) or re-save the filters.",
+            )
+    tensor = read_tensor(raw[WEIGHTS_NAME], labels[WEIGHTS_NAME])
+    if tuple(tensor.shape) != config_shape:
+        raise ArtifactError(
+            labels[WEIGHTS_NAME],
+            f"tensor '{TENSOR_NAME}' has shape {list(tensor.shape)} but {labels[CONFIG_NAME]} declares "
+            f"[num_layers, num_kv_heads, kv_head_dim] = {list(config_shape)}; the two files do not belong together",
+        )
+    if expected_shape is not None and tuple(expected_shape) != config_shape:
+        raise ShapeMismatchError(
+            f"{labels[WEIGHTS_NAME]}: filters have shape [num_layers, num_kv_heads, head_dim] = "
+            f"{list(config_shape)} but {list(expected_shape)} was expected; these filters were calibrated for a "
+            f"different model"
+        )
+    check_finite(tensor, labels[WEIGHTS_NAME])
+    return CheckedArtifact(raw=dict(raw), config=config, info=info, provenance=dict(provenance),
+                           tensor=tensor.contiguous())
+
+
+def read_artifact_dir(directory: str | os.PathLike[str]) -> CheckedArtifact:
+    """Read and check the artifact in a local folder (as ``QFilters.from_pretrained`` would, without the class)."""
+    root = Path(directory)
+    files: dict[str, Path | None] = {name: root / name for name in ARTIFACT_FILES}
+    labels = {name: str(root / name) for name in ARTIFACT_FILES}
+    return check_artifact(read_files(files, labels), labels)

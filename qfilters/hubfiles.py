@@ -17,6 +17,7 @@ from typing import Any
 
 from qfilters.artifact_format import ARTIFACT_FILES, CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME
 from qfilters.errors import ArtifactError, ArtifactNotFoundError
+from qfilters.offline import hf_offline
 
 _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -48,7 +49,7 @@ def download(
 
     shown = revision if asked_revision is _SAME else asked_revision
     assert shown is None or isinstance(shown, str)
-    if (local_files_only or hub_offline()) and not force_download:
+    if (local_files_only or hf_offline()) and not force_download:
         from huggingface_hub import try_to_load_from_cache
 
         try:
@@ -122,7 +123,7 @@ def fetch_artifact(
         config_path = download(repo_id, CONFIG_NAME, revision=revision, **common)
     # Pin the other files to the commit config.json came from, so a concurrent push cannot mix two versions.
     commit = commit_of(config_path)
-    offline = (local_files_only or hub_offline()) and not force_download
+    offline = (local_files_only or hf_offline()) and not force_download
     if offline and commit is not None and (config_path.parent / WEIGHTS_NAME).is_file():
         # Cached snapshot: its siblings are the same commit's files; a missing qfilters.json was never fetched.
         weights_path = config_path.parent / WEIGHTS_NAME
@@ -166,7 +167,7 @@ def _optional_file_absent(cause: BaseException | None, local_files_only: bool) -
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     remote_absent = isinstance(cause, EntryNotFoundError) and not isinstance(cause, LocalEntryNotFoundError)
-    cached_absent = isinstance(cause, LocalEntryNotFoundError) and (local_files_only or hub_offline())
+    cached_absent = isinstance(cause, LocalEntryNotFoundError) and (local_files_only or hf_offline())
     return remote_absent or cached_absent
 
 
@@ -180,13 +181,6 @@ def served_digest(path: Path) -> str | None:
     except OSError:
         return None
     return name if _SHA256_RE.match(name) or _COMMIT_RE.match(name) else None
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    check = getattr(constants, "is_offline_mode", None)
-    return bool(check() if callable(check) else constants.HF_HUB_OFFLINE)
 
 
 def translate_hub_error(
@@ -220,7 +214,7 @@ def translate_hub_error(
     cache = cache_dir or constants.HF_HUB_CACHE
 
     if isinstance(error, cls("LocalEntryNotFoundError")):
-        if local_files_only or hub_offline():
+        if local_files_only or hf_offline():
             why = "local_files_only=True" if local_files_only else "HF_HUB_OFFLINE is set"
             return ArtifactNotFoundError(
                 f"Q-Filters repo {where}: {filename} is not in the local Hugging Face cache ({cache}) and downloads "
@@ -294,4 +288,4 @@ def _loaded_module(name: str) -> Any:
 
 
 
-__all__ = ["download", "fetch_artifact", "hub_offline", "served_digest", "translate_hub_error"]
+__all__ = ["download", "fetch_artifact", "served_digest", "translate_hub_error"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qfilters.errors import ModelError
+from qfilters.paths import cache_root
 
 CONVERTED_FORMAT = 1  # bump to invalidate cached conversions
 
@@ -94,10 +94,6 @@ class LoadedModel:
     model: Any  # transformers PreTrainedModel (causal LM), eval mode
     tokenizer: Any
     info: ModelInfo
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QFILTERS_CACHE") or Path.home() / ".cache" / "qfilters")
 
 
 def resolve_alias(name: str) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from qfilters.errors import ArtifactError, ShapeMismatchError
+from qfilters.fileio import atomic_path, atomic_write_text
 
 __all__ = ["STATS_NAME", "QueryMoments", "load_moments", "save_moments"]
 
@@ -96,8 +97,9 @@ class QueryMoments:
 def save_moments(directory: str | os.PathLike[str], moments: QueryMoments) -> Path:
     """Add ``query_stats.safetensors`` to an existing artifact and record its sha256 in ``qfilters.json``.
 
-    The public files are untouched apart from that one metadata key. The tensor file is written first to a temporary
-    name, then renamed; the metadata is rewritten the same way, so a crash leaves either the old or the new pair.
+    The public files are untouched apart from that one metadata key. Each file is replaced atomically
+    (:mod:`qfilters.fileio`), the tensor file first: a crash between the two leaves a file whose sha256 the metadata
+    does not record, which :func:`load_moments` refuses rather than trusts.
     """
     import safetensors.torch
 
@@ -112,16 +114,13 @@ def save_moments(directory: str | os.PathLike[str], moments: QueryMoments) -> Pa
             meta.get("num_kv_heads") != moments.num_kv_heads:
         raise ShapeMismatchError(f"query moments {moments.shape} (kv heads {moments.num_kv_heads}) do not match the "
                                  f"artifact at {root}")
-    tmp = root / f".{STATS_NAME}.tmp"
     tensors = {"mean": moments.mean.contiguous(), "second": moments.second.contiguous(),
                "tokens": torch.tensor([moments.tokens], dtype=torch.int64),
                "num_kv_heads": torch.tensor([moments.num_kv_heads], dtype=torch.int64)}
-    safetensors.torch.save_file(tensors, str(tmp))
-    meta[STATS_SHA_KEY] = sha256_file(tmp)
-    os.replace(tmp, root / STATS_NAME)
-    tmp_meta = root / f".{METADATA_NAME}.tmp"
-    tmp_meta.write_text(json.dumps(meta, sort_keys=True, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp_meta, meta_path)
+    with atomic_path(root / STATS_NAME) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp))
+        meta[STATS_SHA_KEY] = sha256_file(tmp)
+    atomic_write_text(meta_path, json.dumps(meta, sort_keys=True, indent=2, allow_nan=False) + "\n")
     return root / STATS_NAME
 
 

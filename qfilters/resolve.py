@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -30,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from qfilters import hubfiles
-from qfilters.artifact_format import CONFIG_NAME, METADATA_NAME, WEIGHTS_NAME
+from qfilters.artifact_format import ARTIFACT_FILES, CONFIG_NAME, REQUIRED_FILES
 from qfilters.errors import ArtifactError, ArtifactNotFoundError, FiltersNotFoundError
+from qfilters.fileio import atomic_write_bytes
+from qfilters.offline import hf_offline
 from qfilters.verified import client_dir
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ MAX_FILE_BYTES = 1 << 30  # a filter tensor is KBs to a few MBs; anything near t
 HTTP_TIMEOUT_S = 30.0
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
-_FILES = (CONFIG_NAME, WEIGHTS_NAME, METADATA_NAME)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class _Options:
 
     @property
     def offline(self) -> bool:
-        return self.local_files_only or hubfiles.hub_offline()
+        return self.local_files_only or hf_offline()
 
     @property
     def hub(self) -> str:
@@ -270,14 +270,14 @@ def _from_registry(registry: str, identifier: str, opts: _Options, tried: list[s
         if record is None:
             tried.append(f"{where}: {why_cached}, and no earlier answer is recorded in {client_dir()}")
             return None
-    paths: dict[str, Path | None] = {name: None for name in _FILES}
+    paths: dict[str, Path | None] = {name: None for name in ARTIFACT_FILES}
     for name, sha in record["files"].items():
         blob = _blob_path(sha)
         if not blob.is_file():
             tried.append(f"{where}: {why_cached}, and the recorded {name} (sha256 {sha}) is not in {blob.parent}")
             return None
         paths[name] = blob
-    labels = {name: f"{where} {identifier}/{name}" for name in _FILES}
+    labels = {name: f"{where} {identifier}/{name}" for name in ARTIFACT_FILES}
     source = {"kind": "registry", "registry": registry, "base_model": identifier,
               "filter_set": record.get("filter_set"), "alias": record.get("alias"), "revision": opts.revision}
     return Located(paths, labels, source, dict(record["files"]), declared_by="the registry")
@@ -291,7 +291,7 @@ def _registry_files(answer: dict[str, Any], registry: str, where: str) -> dict[s
     files: dict[str, tuple[str, str]] = {}
     for entry in entries:
         name = entry.get("name") if isinstance(entry, dict) else None
-        if name not in _FILES:
+        if name not in ARTIFACT_FILES:
             continue  # reports and other files are not needed to load
         sha, url = entry.get("sha256"), entry.get("url")
         if not isinstance(sha, str) or not _SHA256_RE.match(sha) or not isinstance(url, str):
@@ -300,7 +300,7 @@ def _registry_files(answer: dict[str, Any], registry: str, where: str) -> dict[s
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise ArtifactError(where, f"listed {name} at a non-HTTP URL {url!r}")
         files[name] = (sha, url)
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n not in files]
+    missing = [n for n in REQUIRED_FILES if n not in files]
     if missing:
         raise ArtifactError(where, f"resolved to a filter set without {missing}; it cannot be loaded")
     return files
@@ -368,7 +368,7 @@ def _fetch_blob(sha: str, url: str, registry: str, label: str) -> Path:
         raise ArtifactError(label, f"downloaded bytes have sha256 {actual}, the registry listed {sha}: the file was "
                                    f"corrupted or changed in transit; nothing was cached, try again")
     blob.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(blob, data)
+    atomic_write_bytes(blob, data, durable=False)  # content-addressed: a lost blob is fetched again
     return blob
 
 
@@ -395,18 +395,7 @@ def _read_record(key: tuple[str, ...]) -> dict[str, Any] | None:
 def _write_record(key: tuple[str, ...], record: dict[str, Any]) -> None:
     path = _record_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps({"key": list(key), **record}, sort_keys=True).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, json.dumps({"key": list(key), **record}, sort_keys=True).encode(), durable=False)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from pathlib import Path
+
+from qfilters.fileio import atomic_write_text
+from qfilters.paths import cache_root
 
 RACY_S = 2.0
 
 
 def client_dir() -> Path:
     """``$QFILTERS_CACHE/client`` (default ``~/.cache/qfilters/client``): resolution records, registry blobs, stamps."""
-    root = os.environ.get("QFILTERS_CACHE") or os.path.join("~", ".cache", "qfilters")
-    return Path(os.path.expanduser(os.path.join(root, "client")))
+    return cache_root() / "client"
 
 
 def _fingerprint(path: Path) -> str | None:
@@ -67,9 +68,6 @@ def remember_digest(path: Path, digest: str) -> None:
     record = _record(path)
     try:
         record.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=record.parent, prefix=".stamp.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(f"{fingerprint} {digest}")
-        os.replace(tmp, record)
+        atomic_write_text(record, f"{fingerprint} {digest}", encoding="ascii", durable=False)  # a hint: no fsync
     except OSError:
         pass

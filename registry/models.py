@@ -19,7 +19,6 @@ JOB_STATUSES = ("queued", "running", "validating", "publishing", "succeeded", "f
 # Steps of a job run by the worker pool: waiting (for earlier steps), queued (a message is out), running, then final.
 TASK_STATUSES = ("waiting", "queued", "running", "done", "failed", "cancelled")
 ACTIVE_STATUSES = ("running", "validating", "publishing")
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 def utcnow() -> dt.datetime:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from qfilters.fileio import atomic_write_bytes
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -41,28 +42,13 @@ class ArtifactStore:
             self._write_atomic(target, data)
         return sha, len(data)
 
-    def put_file(self, path: str | os.PathLike[str]) -> tuple[str, int]:
-        return self.put_bytes(Path(path).read_bytes())
-
     def read_bytes(self, sha256: str) -> bytes:
         return self.path_for(sha256).read_bytes()
-
-    def exists(self, sha256: str) -> bool:
-        return self.path_for(sha256).is_file()
 
     def _write_atomic(self, target: Path, data: bytes) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner only, like the database next to it
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(target, data, mode=0o600)  # private, like the root folder
 
 
 class RemoteArtifactStore(ArtifactStore):
@@ -88,6 +74,3 @@ class RemoteArtifactStore(ArtifactStore):
 
     def read_bytes(self, sha256: str) -> bytes:
         return self.fs.cat_file(self._key(sha256))
-
-    def exists(self, sha256: str) -> bool:
-        return self.fs.isfile(self._key(sha256))

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from fake_hub import FakeHub
 from qfilters.artifact import QFilters, sha256_file
 from qfilters.errors import ArtifactError, ArtifactNotFoundError, ShapeMismatchError
+from qfilters.scorers import QFilterScorer
 
 L, H, D = 3, 2, 8
 
@@ -95,11 +96,16 @@ def test_from_query_filters_gqa_mean_and_public_sign() -> None:
         QFilters.from_query_filters(torch.ones(1, 3, 2), num_kv_heads=2)
 
 
+def _key_scores(qf: QFilters, keys: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    """How the cache scores an artifact's keys: its ``QFilterScorer`` (positions do not matter to Q-Filters)."""
+    return QFilterScorer(qf).score(keys, layer_idx, torch.arange(keys.shape[2]))
+
+
 def test_key_scores_rank_keys_along_the_queries_first() -> None:
     # Queries point along +x; the public filter is -x; kvpress scores -(f . k) = +x-component of k.
     qf = QFilters.from_query_filters(torch.tensor([[[1.0, 0.0]]]), num_kv_heads=1)
     keys = torch.tensor([[[[2.0, 0.0], [-1.0, 5.0], [0.5, -3.0]]]])  # [B=1, H=1, T=3, D=2]
-    scores = qf.key_scores(keys, layer_idx=0)
+    scores = _key_scores(qf, keys, layer_idx=0)
     assert scores.shape == (1, 1, 3)
     assert torch.equal(scores, torch.tensor([[[2.0, -1.0, 0.5]]]))
     assert scores.topk(2, dim=-1).indices.tolist() == [[[0, 2]]]  # higher = kept
@@ -109,11 +115,12 @@ def test_key_scores_match_the_kvpress_expression_and_dtype() -> None:
     qf = make_filters(seed=3)
     keys = torch.randn(2, H, 17, D, dtype=torch.bfloat16)
     f = qf.filters[1].to(torch.bfloat16)[None, :, None]
-    assert torch.equal(qf.key_scores(keys, 1), -(f * keys).sum(dim=-1))
+    # computed in the keys' dtype as kvpress does, then widened exactly to float32
+    assert torch.equal(_key_scores(qf, keys, 1), (-(f * keys).sum(dim=-1)).float())
     with pytest.raises(ShapeMismatchError):
-        qf.key_scores(torch.randn(1, H + 1, 4, D), 0)
+        _key_scores(qf, torch.randn(1, H + 1, 4, D), 0)
     with pytest.raises(ShapeMismatchError):
-        qf.key_scores(torch.randn(1, H, 4, D), L)
+        _key_scores(qf, torch.randn(1, H, 4, D), L)
 
 
 # ---------------------------------------------------------------------------------------------- strict loading
@@ -285,6 +292,20 @@ def test_failed_overwrite_keeps_the_previous_artifact(
     assert sorted(p.name for p in art.parent.iterdir()) == ["art"]
     monkeypatch.undo()
     assert torch.equal(QFilters.from_pretrained(art).filters, qf.filters)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path: Path) -> None:
+    """Users share artifacts: every file is 0644 minus the umask (safetensors alone would make the weights 0600)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        art = make_filters().save_pretrained(tmp_path / "art")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in art.iterdir()} == {
+        "config.json": 0o644, "model.safetensors": 0o644, "qfilters.json": 0o644}
+    assert stat.S_IMODE(art.stat().st_mode) == 0o755
 
 
 def test_overwrite_replaces_artifact_and_keeps_foreign_files(saved: tuple[QFilters, Path]) -> None:

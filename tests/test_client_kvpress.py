@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from fake_hub import FakeHub
 from kvpress_env import KvpressEnv, ensure_kvpress_env, run_in_env
 from qfilters.artifact import QFilters
+from qfilters.scorers import QFilterScorer
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS, KV_HEADS, HEAD_DIM, T = 2, 2, 16, 40
@@ -109,6 +110,7 @@ def test_kvpress_adapter_compresses_a_real_prefill_with_filters_from_anywhere(
         for layer in range(LAYERS):
             full, kept = result[f"full_{layer}"], result[f"{name}_kept_{layer}"]
             assert full.shape[2] == T and kept.shape[2] == T // 2, name  # the prefill really was compressed
-            top = expected.key_scores(full, layer).topk(kept.shape[2], dim=-1).indices
+            scores = QFilterScorer(expected).score(full, layer, torch.arange(full.shape[2]))
+            top = scores.topk(kept.shape[2], dim=-1).indices
             assert torch.equal(full.gather(2, top.unsqueeze(-1).expand(-1, -1, -1, HEAD_DIM)), kept), (name, layer)
     assert not torch.equal(result["repo_kept_0"], result["repo_v1_kept_0"])  # the pinned revision is another set

@@ -234,14 +234,15 @@ def test_document_is_immutable() -> None:
 
 
 def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qfilters import paths
     from qfilters.data import cache
 
-    monkeypatch.setattr(cache, "CACHE_DIR_OVERRIDE", None)
+    monkeypatch.setattr(paths, "CACHE_DIR_OVERRIDE", None)
     monkeypatch.delenv("QFILTERS_CACHE", raising=False)
     assert cache.corpora_dir() == Path.home() / ".cache" / "qfilters" / "corpora"
     monkeypatch.setenv("QFILTERS_CACHE", str(tmp_path / "env"))
     assert cache.corpora_dir() == tmp_path / "env" / "corpora"
-    monkeypatch.setattr(cache, "CACHE_DIR_OVERRIDE", tmp_path / "module")
+    monkeypatch.setattr(paths, "CACHE_DIR_OVERRIDE", tmp_path / "module")
     assert cache.corpora_dir() == tmp_path / "module" / "corpora"
     assert cache.corpora_dir(tmp_path / "arg") == tmp_path / "arg" / "corpora"
 

@@ -5,7 +5,7 @@ built on first use, about a minute from local wheels) and talks to this process 
 
 (a) our ``save_pretrained`` output is loaded by kvpress, both from a directory and through its own Hub path
     (``post_init_from_model`` -> ``nthngdy/<model>_qfilt``, served by a fake Hub), and kvpress's ``score`` /
-    ``compress`` agree bit for bit with ``QFilters.key_scores`` and its top-k;
+    ``compress`` agree bit for bit with ``QFilterScorer`` and its top-k;
 (b) kvpress's own ``save_pretrained`` output loads unchanged with ``QFilters.from_pretrained``, and our writer
     produces byte-identical ``config.json`` / ``model.safetensors`` for the same tensor.
 """
@@ -24,6 +24,7 @@ from fake_hub import FakeHub
 import kvpress_env as builder
 from kvpress_env import KvpressEnv, ensure_kvpress_env, run_in_env
 from qfilters.artifact import QFilters, sha256_file
+from qfilters.scorers import QFilterScorer
 
 L, H, D, T = 4, 2, 16, 37
 
@@ -109,10 +110,10 @@ def test_kvpress_loads_our_artifact_and_ranks_keys_like_us(kvpress_env: KvpressE
         assert torch.equal(theirs["q_filters"], ours.filters.to(dtype).float()), name
         for layer in range(L):
             k = keys[name][f"keys_{layer}"]
-            mine = ours.key_scores(k, layer)
+            mine = QFilterScorer(ours).score(k, layer, torch.arange(T))  # computed in k's dtype, widened exactly
             kv_scores = theirs[f"scores_{layer}"]
-            assert kv_scores.dtype == mine.dtype == dtype
-            torch.testing.assert_close(mine, kv_scores, rtol=0, atol=0, msg=f"{name} layer {layer}")
+            assert kv_scores.dtype == k.dtype == dtype
+            torch.testing.assert_close(mine, kv_scores.float(), rtol=0, atol=0, msg=f"{name} layer {layer}")
             assert torch.equal(mine.argsort(dim=-1, descending=True, stable=True),
                                kv_scores.argsort(dim=-1, descending=True, stable=True))
             kept = theirs[f"kept_{layer}"]

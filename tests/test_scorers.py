@@ -76,11 +76,12 @@ def test_qfilter_score_is_kvpress_expression_and_accepts_qfilters_objects() -> N
     assert s[0] > s[2] > s[1]
 
 
-def test_qfilter_scorer_agrees_with_artifact_key_scores() -> None:
+def test_qfilter_scorer_of_an_artifact_scores_with_its_stored_tensor() -> None:
     artifact = pytest.importorskip("qfilters.artifact")
     f, keys = _filters(), _keys()
     qf = artifact.QFilters(f)
-    assert torch.equal(QFilterScorer(qf).score(keys, 2, torch.arange(12)), qf.key_scores(keys, 2).float())
+    expected = (-(qf.filters[2].to(keys.dtype)[None, :, None] * keys).sum(dim=-1)).float()  # kvpress's expression
+    assert torch.equal(QFilterScorer(qf).score(keys, 2, torch.arange(12)), expected)
 
 
 def test_qfilter_shape_mismatches_name_both_shapes() -> None:

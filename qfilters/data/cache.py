@@ -1,6 +1,7 @@
-"""Where corpora are cached, and how cache files are written so a crash never leaves half a file behind.
+"""Where corpora are cached, and the parsed-document cache (written atomically: a crash never leaves half a file).
 
-Layout under ``<root>/corpora/`` (root: ``cache_dir`` argument, else ``$QFILTERS_CACHE``, else ``~/.cache/qfilters``):
+Layout under ``<root>/corpora/`` (root: :func:`qfilters.paths.cache_root`: the ``cache_dir`` argument, else
+``$QFILTERS_CACHE``, else ``~/.cache/qfilters``):
 
 * ``debian/<package>_<version>/`` -- a ``dpkg -x`` extraction of one Debian package (see :mod:`.debian`);
 * ``parsed/<key>.json`` -- documents already parsed from such extractions, keyed by package versions and parser
@@ -13,21 +14,13 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from qfilters.data.corpus import Document
-
-#: Set to a path to override ``$QFILTERS_CACHE`` for this process (tests, embedding applications).
-CACHE_DIR_OVERRIDE: str | os.PathLike[str] | None = None
+from qfilters.fileio import atomic_write_text
+from qfilters.paths import cache_root
 
 _CACHE_FORMAT = 1  # bump when the parsed-cache JSON layout changes
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The qfilters cache root: explicit argument, module override, ``$QFILTERS_CACHE``, then ``~/.cache/qfilters``."""
-    chosen = cache_dir or CACHE_DIR_OVERRIDE or os.environ.get("QFILTERS_CACHE")
-    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "qfilters"
 
 
 def corpora_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -38,19 +31,6 @@ def corpora_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 def safe_name(text: str) -> str:
     """A file-name-safe rendering of ``text`` (Debian versions contain ``:`` and ``+``; keep them readable)."""
     return re.sub(r"[^A-Za-z0-9.+_-]", lambda m: f"%{ord(m.group()):02x}", text)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_parsed(path: Path, key: str) -> list[Document] | None:
@@ -68,4 +48,5 @@ def save_parsed(path: Path, key: str, documents: list[Document]) -> None:
     """Store parsed documents atomically; a cache that cannot be written only costs speed, so errors are ignored."""
     payload = {"format": _CACHE_FORMAT, "key": key, "documents": [[d.title, d.text] for d in documents]}
     with contextlib.suppress(OSError):
-        atomic_write_text(path, json.dumps(payload, ensure_ascii=False))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(payload, ensure_ascii=False), durable=False)

@@ -6,21 +6,15 @@ Each non-blank row of the text column becomes one document, in the dataset's own
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from qfilters.data.corpus import Document
 from qfilters.data.spec import HFSpec, check_hub_dataset_name
 from qfilters.errors import DatasetSpecError, DatasetUnavailableError
+from qfilters.offline import hf_offline
 
 #: ``datasets`` takes a path with this prefix from the Hub only (``remote_only``), even if a local directory matches.
 HUB_PREFIX = "hf://datasets/"
-_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def hub_offline() -> bool:
-    """Whether the user told the Hugging Face libraries to stay offline."""
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in _OFFLINE_VARIABLES)
 
 
 def load_hf(spec: HFSpec) -> tuple[list[Document], str]:
@@ -39,7 +33,7 @@ def load_hf(spec: HFSpec) -> tuple[list[Document], str]:
     try:
         table: Any = datasets.load_dataset(path, spec.config, split=spec.split)
     except ConnectionError as err:  # datasets raises this both offline and when the Hub is unreachable
-        if hub_offline():
+        if hf_offline(from_environment=True):
             reason = ("Hugging Face offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and this dataset is "
                       "not in the local datasets cache. Unset offline mode with network access, or download it once "
                       "on a connected machine")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
+from qfilters.artifact_format import WEIGHTS_NAME, read_artifact_dir
+from qfilters.errors import ArtifactError
 from registry.errors import Conflict, NotFound, Unprocessable
 from registry.models import (
     Alias,
@@ -28,7 +29,6 @@ from registry.services.query import page, where_equal
 from registry.services.upsert import insert_ignore
 from registry.store import ArtifactStore
 
-ARTIFACT_FILES = ("config.json", "model.safetensors", "qfilters.json")  # the kvpress/Hub layout plus provenance
 AUTO_ALIAS = "latest"  # moved by the system to every new version whose verdict passes
 DEFAULT_RESOLVE_ALIASES = ("stable", "latest")
 
@@ -128,25 +128,29 @@ def _put_blob(session: Session, store: ArtifactStore, data: bytes, media_type: s
 
 def create_filter_set(session: Session, store: ArtifactStore, job: Job, artifact_dir: Path,
                       report_files: dict[str, bytes], report: Any) -> FilterSet:
-    """Store the artifact files and report, and register the next immutable version for the job's model."""
-    files = {name: _put_blob(session, store, (artifact_dir / name).read_bytes(),
+    """Store the artifact files and report, and register the next immutable version for the job's model.
+
+    The artifact is read and checked by the library's own format code (the bytes stored are the bytes checked), so
+    the registry never holds filters that ``QFilters.from_pretrained`` would refuse.
+    """
+    try:
+        artifact = read_artifact_dir(artifact_dir)
+    except ArtifactError as e:
+        raise Unprocessable(f"{artifact_dir} is not a valid filter artifact: {e}") from e
+    files = {name: _put_blob(session, store, data,
                              "application/json" if name.endswith(".json") else "application/octet-stream")
-             for name in ARTIFACT_FILES if (artifact_dir / name).is_file()}
-    if "model.safetensors" not in files or "config.json" not in files:
-        raise Unprocessable(f"{artifact_dir} is not a complete filter artifact (config.json + model.safetensors)")
+             for name, data in artifact.raw.items()}
     report_json = _put_blob(session, store, report_files["json"], "application/json")
     report_html = _put_blob(session, store, report_files["html"], "text/html; charset=utf-8")
     report_md = _put_blob(session, store, report_files["md"], "text/markdown; charset=utf-8")
-    config = json.loads((artifact_dir / "config.json").read_text())
-    metadata = json.loads((artifact_dir / "qfilters.json").read_text()) if "qfilters.json" in files else {}
-    provenance = metadata.get("provenance") or {}
+    num_layers, num_kv_heads, head_dim = artifact.shape
     # Versions are numbered per model; the unique constraint makes a concurrent writer fail loudly, not duplicate.
     version = (session.scalar(select(func.max(FilterSet.version)).where(FilterSet.model_id == job.model_id)) or 0) + 1
     fs = FilterSet(
-        model_id=job.model_id, version=version, job_id=job.id, sha256=files["model.safetensors"],
-        num_layers=config["num_layers"], num_kv_heads=config["num_kv_heads"], head_dim=config["kv_head_dim"],
+        model_id=job.model_id, version=version, job_id=job.id, sha256=files[WEIGHTS_NAME],
+        num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
         verdict=report.verdict.status, verdict_detail=report.verdict.model_dump(mode="json"),
-        provenance=provenance, dataset_specs=list(report.settings.calibration),
+        provenance=artifact.provenance, dataset_specs=list(report.settings.calibration),
         report_json_sha256=report_json, report_html_sha256=report_html, report_md_sha256=report_md,
     )
     session.add(fs)

@@ -49,9 +49,9 @@ def hub_problem(kind: str, repo_id: str, revision: str | None, timeout: float) -
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from qfilters.data.hf import hub_offline
+    from qfilters.offline import hf_offline
 
-    if hub_offline():
+    if hf_offline(from_environment=True):
         return "the Hugging Face Hub is not consulted (offline mode)"
     try:
         HfApi().repo_info(repo_id, repo_type=kind, revision=revision, timeout=timeout)

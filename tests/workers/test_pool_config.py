@@ -104,6 +104,18 @@ def test_the_api_in_celery_mode_imports_neither_torch_nor_task_code(tmp_path: Pa
     assert result == {"status": 201, "queue_metric": True, "loaded": []}
 
 
+def test_the_local_store_keeps_blobs_private(tmp_path: Path) -> None:
+    import stat
+
+    from registry.store import open_store
+
+    store = open_store(tmp_path / "artifacts")
+    sha, _ = store.put_bytes(b"filters")
+    assert stat.S_IMODE(store.path_for(sha).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "artifacts").stat().st_mode) == 0o700
+    assert [p.name for p in store.path_for(sha).parent.iterdir()] == [sha]  # no temporary file left
+
+
 def test_an_fsspec_url_gives_the_same_content_addressed_store() -> None:
     import hashlib
 
@@ -114,8 +126,9 @@ def test_an_fsspec_url_gives_the_same_content_addressed_store() -> None:
     sha, size = store.put_bytes(b"per-dataset calibration")
     assert (sha, size) == (hashlib.sha256(b"per-dataset calibration").hexdigest(), 23)
     assert store.put_bytes(b"per-dataset calibration") == (sha, size)  # the same bytes are stored once
-    assert store.exists(sha) and store.read_bytes(sha) == b"per-dataset calibration"
-    assert not store.exists("0" * 64)
+    assert store.read_bytes(sha) == b"per-dataset calibration"
+    with pytest.raises(FileNotFoundError):  # content never stored is not there
+        store.read_bytes("0" * 64)
     with pytest.raises(ValueError, match="sha256"):
         store.read_bytes("../../etc/passwd")
     assert type(open_store("/tmp/x")) is ArtifactStore and type(open_store("file:///tmp/x")) is ArtifactStore

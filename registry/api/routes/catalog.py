@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
+from qfilters.artifact_format import ArtifactFileName
 from registry.api.deps import Admin, JobViewer, PublicRead, Publisher, SessionDep, StateDep
 from registry.api.present import base_url, filter_set_public, job_public, model_public, resolved
 from registry.config import Settings
@@ -38,7 +39,7 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
 ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem},
           422: {"model": Problem}}
-FileName = Literal["config.json", "model.safetensors", "qfilters.json"]
+FileName = ArtifactFileName  # the format's own list of file names: the library owns it
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
