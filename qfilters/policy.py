@@ -114,7 +114,7 @@ class LayerwisePolicy:
         return self.layers.get(layer_idx)
 
     def check_model(self, model_or_config: Any) -> None:
-        from qfilters.architecture import COMPRESS, layer_kinds
+        from qfilters.architecture import COMPRESS, layer_kinds, model_dims
 
         kinds = layer_kinds(model_or_config)
         wrong = sorted(i for i, p in self.layers.items()
@@ -122,8 +122,9 @@ class LayerwisePolicy:
         if wrong:
             raise ValueError(f"layers {wrong} are not full-attention layers of this model; only those can be "
                              "compressed")
-        for policy in {id(p): p for p in self.layers.values() if p is not None}.values():
-            policy.scorer.check_model(*_dims(model_or_config))
+        dims = model_dims(model_or_config)
+        for scorer in {id(p.scorer): p.scorer for p in self.layers.values() if p is not None}.values():
+            scorer.check_model(*dims)
 
     def describe(self) -> dict[str, Any]:
         return {"layers": {str(i): None if p is None else p.describe() for i, p in self.layers.items()}}
@@ -132,12 +133,6 @@ class LayerwisePolicy:
     def uniform(cls, policy: EvictionPolicy, layers: Sequence[int]) -> LayerwisePolicy:
         """``policy`` on each of ``layers``, the others kept whole."""
         return cls({i: policy for i in layers})
-
-
-def _dims(model_or_config: Any) -> tuple[int, int, int]:
-    from qfilters.architecture import model_dims
-
-    return model_dims(model_or_config)
 
 
 PolicyLike = Union[EvictionPolicy, LayerwisePolicy]
