@@ -239,12 +239,13 @@ def main() -> None:
     ratios = {}
     for baseline in ("hf_hub_download x3", "hf_hub_download x3 (local_files_only=True)"):
         for ours in ("from_pretrained(repo id)", "from_pretrained(base model id)"):
-            rounds = [o / b for o, b in zip(per_round[ours], per_round[baseline])]
+            rounds = [o / b for o, b in zip(per_round[ours], per_round[baseline], strict=True)]
             ratios[f"{ours} / {baseline}"] = {"of_medians": round(warm[ours] / warm[baseline], 3),
                                               "per_round_median": round(med(rounds), 3),
                                               "per_round_max": round(max(rounds), 3)}
     summary = {
-        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()})",
+        "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, "
+                   f"Python {platform.python_version()})",
         "venv": built, "sizes": sizes, "leaked_heavy_modules": leaked,
         "cold_median_s": {kind: {k: round(med([r[k] for r in runs]), 3) for k in runs[0]}
                           for kind, runs in cold.items()},

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qfilters.evaluate import encode_document, perplexity, perplexity_reference  # noqa: E402
-from qfilters.models import load_model  # noqa: E402
-from qfilters.policy import EvictionPolicy  # noqa: E402
-from qfilters.scorers import make_scorer  # noqa: E402
+from qfilters.evaluate import encode_document, perplexity, perplexity_reference
+from qfilters.models import load_model
+from qfilters.policy import EvictionPolicy
+from qfilters.scorers import make_scorer
 
 
 def _text() -> tuple[str, str]:
@@ -33,7 +33,8 @@ def _text() -> tuple[str, str]:
         return doc.text, f"austen: {doc.title}"
     except Exception as e:  # noqa: BLE001 - the bench must run even where the corpus package is missing
         root = Path(__file__).resolve().parent.parent / "qfilters"
-        return "\n".join(p.read_text() for p in sorted(root.rglob("*.py"))), f"qfilters sources ({e.__class__.__name__})"
+        text = "\n".join(p.read_text() for p in sorted(root.rglob("*.py")))
+        return text, f"qfilters sources ({e.__class__.__name__})"
 
 
 def _max_rss_mib() -> float:
@@ -49,7 +50,8 @@ def main() -> None:
     ap.add_argument("--score-last", type=int, default=1024)
     ap.add_argument("--scorer", default="qfilters", help="qfilters (random filters), knorm, streamingllm, random")
     ap.add_argument("--skip-reference", action="store_true", help="time the one-pass path only")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both paths (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for both paths (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,13 +77,15 @@ def main() -> None:
 
     t0 = time.perf_counter()
     full = perplexity(model, ids, None, score_last=args.score_last)
-    print(f"full cache    : {time.perf_counter() - t0:8.2f} s   ppl {full.perplexity:.6f}   (plain forward, no eviction)")
+    t_full = time.perf_counter() - t0
+    print(f"full cache    : {t_full:8.2f} s   ppl {full.perplexity:.6f}   (plain forward, no eviction)")
     if args.skip_reference:
         return
     t0 = time.perf_counter()
     ref = perplexity_reference(model, ids, EvictionPolicy(scorer, args.budget, args.window), score_last=args.score_last)
     t_ref = time.perf_counter() - t0
-    print(f"token-by-token: {t_ref:8.2f} s   ppl {ref.perplexity:.6f}   ({t_ref / (ids.shape[1] - 1) * 1e3:.1f} ms/token)")
+    per_token_ms = t_ref / (ids.shape[1] - 1) * 1e3
+    print(f"token-by-token: {t_ref:8.2f} s   ppl {ref.perplexity:.6f}   ({per_token_ms:.1f} ms/token)")
     print(f"speed-up {t_ref / t_fast:.1f}x   relative ppl difference {abs(fast.perplexity / ref.perplexity - 1):.2e}")
 
 

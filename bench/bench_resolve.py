@@ -507,7 +507,7 @@ def main() -> None:
             reg, mlf = results["registry"], results["mlflow"]
             results["ratio_throughput"] = round(reg["throughput_rps"] / mlf["throughput_rps"], 3)
             results["ratio_throughput_rounds"] = [round(a["throughput_rps"] / b["throughput_rps"], 3)
-                                                  for a, b in zip(rounds["registry"], rounds["mlflow"])]
+                                                  for a, b in zip(rounds["registry"], rounds["mlflow"], strict=True)]
             results["ratio_p50"] = round(mlf["p50_ms"] / reg["p50_ms"], 3)
             results["ratio_p99"] = round(mlf["p99_ms"] / reg["p99_ms"], 3)
             results["ratio_cpu"] = round(mlf["median_server_cpu_ms_per_request"]

@@ -27,7 +27,10 @@ _LAZY = {
     "load_corpus": "qfilters.data",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [  # spelled out (not derived from _LAZY) so linters and type checkers see the public names
+    "EvictionPolicy", "KNormScorer", "LayerwisePolicy", "QFilterScorer", "QFilters", "QFiltersCache", "RandomScorer",
+    "Scorer", "StreamingLLMScorer", "__version__", "cache_kwargs", "calibrate", "load_corpus", "load_model",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from qfilters.artifact import QFilters
@@ -37,6 +40,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from qfilters.models import load_model
     from qfilters.policy import EvictionPolicy, LayerwisePolicy
     from qfilters.scorers import KNormScorer, QFilterScorer, RandomScorer, Scorer, StreamingLLMScorer
+
+
+assert set(__all__) == {"__version__", *_LAZY}, "keep __all__ and _LAZY in step"
 
 
 def __getattr__(name: str) -> Any:

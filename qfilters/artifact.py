@@ -71,7 +71,7 @@ class QFilters:
         self._set(filters, dict(provenance or {}))
 
     @classmethod
-    def _checked(cls, filters: torch.Tensor, provenance: dict[str, Any]) -> "QFilters":
+    def _checked(cls, filters: torch.Tensor, provenance: dict[str, Any]) -> QFilters:
         """An instance from a tensor the loader already checked (float32, contiguous, 3-D, finite): no second pass."""
         instance = cls.__new__(cls)
         instance._set(filters, provenance)
@@ -112,7 +112,7 @@ class QFilters:
     @classmethod
     def from_query_filters(
         cls, query_filters: torch.Tensor, num_kv_heads: int, provenance: dict[str, Any] | None = None
-    ) -> "QFilters":
+    ) -> QFilters:
         """Build the stored tensor from per-query-head filters.
 
         ``query_filters`` is ``[L, H_q, D]``: the sign-fixed ``v1+`` of each query head (pointing *along* its
@@ -223,7 +223,7 @@ class QFilters:
         endpoint: str | None = None,
         force_download: bool = False,
         expected_shape: tuple[int, int, int] | None = None,
-    ) -> "QFilters":
+    ) -> QFilters:
         """Load filters from a filter repo, a base model id, or a local directory.
 
         ``repo_or_dir`` is (c) a local directory; (a) a filter repo on the Hub endpoint (ours, kvpress's or an
@@ -276,7 +276,7 @@ class QFilters:
         expected_shape: tuple[int, int, int] | None,
         declared: dict[str, str] | None = None,
         declared_by: str = "its server",
-    ) -> "QFilters":
+    ) -> QFilters:
         """Strictly load the artifact files; ``declared``: hashes a server or registry gave for them (checked)."""
         declared = declared or {}
         raw = read_files(files, labels)

@@ -168,7 +168,7 @@ class QFiltersCache(Cache):
         policy.check_model(model_or_config)
         _, layer_kwargs = layer_types(model_or_config)
         layers: list[Any] = []
-        for idx, (kind, kw) in enumerate(zip(layer_kinds(model_or_config), layer_kwargs)):
+        for idx, (kind, kw) in enumerate(zip(layer_kinds(model_or_config), layer_kwargs, strict=True)):
             layer_policy = policy.for_layer(idx) if kind == COMPRESS else None
             if layer_policy is not None:
                 layers.append(EvictingLayer(idx, layer_policy))

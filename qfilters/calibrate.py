@@ -255,7 +255,7 @@ def _provenance(lm, corpora, config, stats, directions, checkpoints, tokens_per_
         "calibration": {
             "datasets": [
                 {"spec": c.spec, "sha256": c.sha256, "source": c.source, "documents": n_docs, "tokens": n_tok}
-                for c, n_docs, n_tok in zip(corpora, docs, tokens_per_dataset)
+                for c, n_docs, n_tok in zip(corpora, docs, tokens_per_dataset, strict=True)
             ],
             "tokens": stats.tokens,
             "sequences": sequences,
@@ -327,7 +327,7 @@ def load_result(data: bytes, device: torch.device | str = "cpu") -> CalibrationR
         tensors = safetensors.torch.load(data)
         header_len = int.from_bytes(data[:8], "little")  # safetensors: u64 header size, then the JSON header
         meta = json.loads(json.loads(data[8:8 + header_len])["__metadata__"]["qfilters_calibration"])
-    except Exception as e:  # noqa: BLE001 - any decoding failure means the stored bytes are not a result
+    except Exception as e:
         raise CalibrationError(f"stored calibration result cannot be read ({type(e).__name__}: {e})") from e
     if meta.get("format") != _RESULT_FORMAT:
         raise CalibrationError(f"stored calibration result has format {meta.get('format')}, expected {_RESULT_FORMAT}")

@@ -6,8 +6,6 @@ Every command prints a human table by default and machine-readable JSON with ``-
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 

@@ -263,7 +263,7 @@ def with_retries(action: Callable[[], T], *, repo_id: str, endpoint: str, retrie
             return action()
         except HubError as e:
             error, cause = e, None
-        except Exception as e:  # noqa: BLE001 - translated below or re-raised unchanged
+        except Exception as e:
             translated = translate_error(e, repo_id=repo_id, endpoint=endpoint)
             if translated is None:
                 raise

@@ -134,7 +134,7 @@ def _gguf_path(spec: EmbeddedModel) -> Path:
     target = cache_root() / "gguf" / spec.gguf_file
     try:
         return Path(assembler.assemble(target))
-    except Exception as e:  # noqa: BLE001 - third-party code, translate whatever it raises
+    except Exception as e:
         raise ModelError(f"could not assemble {spec.gguf_file} from {versions}: {e}") from e
 
 
@@ -254,7 +254,8 @@ def load_model(
             if local_files_only is not None:
                 kwargs["local_files_only"] = local_files_only
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **{k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")})
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")}
+        tokenizer = AutoTokenizer.from_pretrained(location, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         hint = ""

@@ -186,8 +186,9 @@ def perplexity(model: PreTrainedModel, input_ids: Tensor, policy: PolicyLike | N
 
 
 @torch.inference_mode()
-def perplexity_reference(model: PreTrainedModel, input_ids: Tensor, policy: PolicyLike | None, score_last: int | None = None
-                         ) -> PerplexityResult:
+def perplexity_reference(
+    model: PreTrainedModel, input_ids: Tensor, policy: PolicyLike | None, score_last: int | None = None
+) -> PerplexityResult:
     """Same quantity as :func:`perplexity`, by decoding one token at a time with :class:`QFiltersCache` (slow)."""
     from transformers import DynamicCache
 

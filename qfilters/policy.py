@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -135,4 +135,4 @@ class LayerwisePolicy:
         return cls({i: policy for i in layers})
 
 
-PolicyLike = Union[EvictionPolicy, LayerwisePolicy]
+PolicyLike = EvictionPolicy | LayerwisePolicy

@@ -59,7 +59,7 @@ class QueryStatistics:
         self._probed = torch.zeros(num_layers, dtype=torch.int64, device=device)
 
     @classmethod
-    def merged(cls, parts: list["QueryStatistics"]) -> "QueryStatistics":
+    def merged(cls, parts: list[QueryStatistics]) -> QueryStatistics:
         """Statistics of the union of the parts' tokens (sums are exact; halves stay halves)."""
         first = parts[0]
         out = cls(first.num_layers, first.second_moment.shape[2], first.second_moment.shape[-1], first.count.device)
@@ -82,8 +82,9 @@ class QueryStatistics:
         """Tokens seen per layer (the same for every layer once a forward pass is complete)."""
         return int(self.count[:, 0].sum())
 
-    def add(self, layer: int, queries: torch.Tensor, half_of_row: torch.Tensor, token_mask: torch.Tensor | None) -> None:
-        """Add queries [B, Hq, T, D] of one layer; ``half_of_row`` [B] in {0, 1}; ``token_mask`` [B, T] (True = real)."""
+    def add(self, layer: int, queries: torch.Tensor, half_of_row: torch.Tensor,
+            token_mask: torch.Tensor | None) -> None:
+        """Add queries [B, Hq, T, D] of one layer; ``half_of_row`` [B] in {0, 1}; ``token_mask`` [B, T] (True: real)."""
         q = queries.transpose(1, 2)  # [B, T, Hq, D]
         if token_mask is None:
             token_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)

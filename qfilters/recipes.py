@@ -109,7 +109,7 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     sens = None if sensitivity is None else list(sensitivity)[recipe.full_layers:]
     budgets = allocate(recipe.allocation, budget, len(rest), minimum, sens, total)
     out: dict[int, EvictionPolicy | None] = {i: None for i in whole}
-    for i, b in zip(rest, budgets):
+    for i, b in zip(rest, budgets, strict=True):
         window = min(b - recipe.n_sinks - 1, round(recipe.window_share * b))
         out[i] = EvictionPolicy(scorer, b, window, recipe.n_sinks)
     return LayerwisePolicy(out)

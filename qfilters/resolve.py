@@ -330,11 +330,13 @@ def _registry_json(url: str, registry: str) -> dict[str, Any]:
 
 
 def _open(url: str, registry: str) -> Any:
-    request = urllib.request.Request(url, headers={"Accept": "application/json, */*"})
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise OSError(f"refusing to open {url!r}: only http(s) URLs are fetched")
+    request = urllib.request.Request(url, headers={"Accept": "application/json, */*"})  # noqa: S310 - checked above
     token = os.environ.get(REGISTRY_TOKEN_ENV)
     if token and _same_origin(url, registry):  # never hand the registry's token to another host
         request.add_header("Authorization", f"Bearer {token}")
-    return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - http(s) checked by the caller
+    return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - http(s) checked above
 
 
 def _same_origin(url: str, other: str) -> bool:

@@ -57,7 +57,7 @@ class Scorer(ABC):
         """Build from the policy table's inputs (default: no inputs; override to take filters, statistics...)."""
         return cls()
 
-    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:  # noqa: B027 - optional hook
         """Raise :class:`ShapeMismatchError` if this scorer cannot score this model's keys (default: any model)."""
 
     def describe(self) -> dict[str, Any]:

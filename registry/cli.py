@@ -56,7 +56,7 @@ def _redact(url: str) -> str:
         return url.split("@")[-1]
 
 
-def _factory():  # noqa: ANN202
+def _factory():
     from registry.config import get_settings
     from registry.db import make_engine, make_session_factory
     from registry.migrate import upgrade
@@ -69,7 +69,8 @@ def _factory():  # noqa: ANN202
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Argument(help="A name people recognise, e.g. ci or alice.")],
-    scope: Annotated[list[str], typer.Option("--scope", "-s", help="read, submit, publish or admin; repeat.")] = ["read"],  # noqa: B006
+    scope: Annotated[list[str], typer.Option("--scope", "-s",
+                                             help="read, submit, publish or admin; repeat.")] = ["read"],  # noqa: B006
 ) -> None:
     """Create a token and print it once: it is stored only as a hash."""
     from registry.db import session_scope

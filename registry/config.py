@@ -90,7 +90,8 @@ class Settings(BaseSettings):
             raise ValueError("QFILTERS_HUB_ENDPOINT=self publishes to this registry's own Hub endpoint: set "
                              "QFILTERS_BASE_URL to the URL it is reached at (e.g. http://registry.internal:8000)")
         if self.environment == "production" and self.database_url.startswith("sqlite"):
-            raise ValueError("QFILTERS_DATABASE_URL must point at PostgreSQL in production (SQLite is the embedded default)")
+            raise ValueError("QFILTERS_DATABASE_URL must point at PostgreSQL in production "
+                             "(SQLite is the embedded default)")
         return self
 
     @field_validator("queues")

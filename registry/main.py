@@ -9,14 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 
 import registry
+from registry import metrics, pages
 from registry.api import problems
-from registry.api.headers import SecurityHeaders
 from registry.api.admission import ConcurrencyLimit, ensure_worker_threads
+from registry.api.headers import SecurityHeaders
 from registry.api.routes import catalog, hub, jobs
 from registry.config import Settings, get_settings
-from registry.errors import Unprocessable
 from registry.dispatch import make_dispatcher
-from registry import metrics, pages
+from registry.errors import Unprocessable
 from registry.state import RegistryState
 
 log = logging.getLogger("qfilters.registry")

@@ -58,7 +58,7 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
-class BaseModel_(Base):
+class BaseModel_(Base):  # noqa: N801 - the trailing _ keeps it apart from pydantic.BaseModel
     """A base model at a revision, with the architecture facts that decide whether Q-Filters apply."""
 
     __tablename__ = "models"

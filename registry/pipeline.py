@@ -130,7 +130,7 @@ class Heartbeat:
                 with self.factory() as session:
                     if not jobs.heartbeat(session, self.job_id, self.runner_id):
                         return  # the job ended or was taken from this runner
-            except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+            except Exception:
                 log.warning("heartbeat of job %s failed", self.job_id, exc_info=True)
 
 
@@ -205,7 +205,7 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
         return "cancelled", None
     except QFiltersError as e:
         return "failed", f"{type(e).__name__}: {e}"
-    except Exception as e:  # noqa: BLE001 - a job must end in a final state, whatever went wrong
+    except Exception as e:
         log.exception("job %s failed", job_id)
         return "failed", f"internal error ({type(e).__name__}): {e}"
 

@@ -83,6 +83,6 @@ class JobRunner:
             try:
                 if self.run_once() is None:
                     self._stop.wait(self.poll_seconds)
-            except Exception:  # noqa: BLE001 - the runner thread must survive a database hiccup
+            except Exception:
                 log.exception("job runner error; retrying in %.0f s", self.poll_seconds)
                 self._stop.wait(self.poll_seconds)

@@ -105,10 +105,9 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobCreate:
+        from qfilters.models import resolve_alias
         from qfilters.validation.gates import ValidationInputError
         from qfilters.validation.run import check_settings
-
-        from qfilters.models import resolve_alias
 
         if len(set(self.datasets)) != len(self.datasets):
             raise ValueError("calibration datasets must be distinct")

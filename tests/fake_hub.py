@@ -35,10 +35,10 @@ class FakeHub:
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+            def do_HEAD(self) -> None:
                 hub._answer(self, body=False)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 hub._answer(self, body=True)
 
             def log_message(self, *args: object) -> None:  # keep pytest output clean
@@ -71,7 +71,7 @@ class FakeHub:
         if last_modified is not None:
             self.last_modified[repo_id] = last_modified
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         self._thread.start()
         return self
 
@@ -130,7 +130,8 @@ class FakeHub:
         handler.wfile.write(payload)
 
     @staticmethod
-    def _error(handler: BaseHTTPRequestHandler, status: int, code: str, message: str, commit: str | None = None) -> None:
+    def _error(handler: BaseHTTPRequestHandler, status: int, code: str, message: str,
+               commit: str | None = None) -> None:
         payload = f'{{"error": "{message}"}}'.encode()
         handler.send_response(status)
         handler.send_header("X-Error-Code", code)

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from eviction_reference import simulate_visibility, stored_lengths, visibility_mask
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from eviction_reference import simulate_visibility, stored_lengths, visibility_mask
 from qfilters.architecture import layer_kinds
 from qfilters.cache import EvictingLayer, QFiltersCache, cache_kwargs
 from qfilters.errors import ShapeMismatchError

@@ -10,13 +10,13 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
-
 from fake_hub import FakeHub
+
 from qfilters.artifact import QFilters
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from fake_hub import FakeHub
 from kvpress_env import KvpressEnv, ensure_kvpress_env, run_in_env
+from safetensors.torch import load_file
+
 from qfilters.artifact import QFilters
 from qfilters.scorers import QFilterScorer
 
@@ -70,7 +70,7 @@ save_file(out, job["out"])
 def kvpress_env() -> KvpressEnv:
     try:
         return ensure_kvpress_env()
-    except Exception as e:  # a build problem must be visible, not skipped
+    except Exception as e:  # noqa: BLE001 - a build problem must be visible, not skipped
         pytest.fail(f"could not build the isolated kvpress venv: {e}", pytrace=False)
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_hub import FakeHub
 from safetensors.torch import save_file
 
-from fake_hub import FakeHub
 from qfilters.artifact import QFilters
 from qfilters.errors import ArtifactError, ArtifactNotFoundError, FiltersNotFoundError
 

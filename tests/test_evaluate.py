@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from eviction_reference import mask_from_horizon
+
 from qfilters.evaluate import EvalResult, encode_document, evaluate_policies, perplexity, perplexity_reference
 from qfilters.eviction import eviction_horizon
 from qfilters.onepass import evicted_attention
@@ -80,7 +80,7 @@ def test_one_pass_equals_token_by_token_on_smollm2(smollm2, smollm2_f64) -> None
     fast = perplexity(smollm2_f64, batch, EvictionPolicy(scorer, budget, window), score_last=128)
     slow = perplexity_reference(smollm2_f64, batch, EvictionPolicy(scorer, budget, window), score_last=128)
     assert fast.n_tokens == slow.n_tokens == 4 * 128
-    for i, (a, b) in enumerate(zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity)):
+    for i, (a, b) in enumerate(zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity, strict=True)):
         assert _rel(a, b) < 1e-4, (type(scorers[i]).__name__, a, b)
     full = perplexity(smollm2_f64, seq, None, score_last=128)
     assert all(_rel(a, full.perplexity) > 1e-3 for a in fast.per_sequence_perplexity)  # eviction really happened
@@ -137,9 +137,10 @@ def test_one_pass_equals_token_by_token_on_tiny_llama(tiny_llama, n_sinks, uncom
     model = copy.deepcopy(tiny_llama.model).to(torch.float64)
     ids = torch.randint(4, 90, (3, 80), generator=torch.Generator().manual_seed(n_sinks))
     scorer = QFilterScorer(torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(1)))
-    fast = perplexity(model, ids, EvictionPolicy(scorer, 24, 6, n_sinks=n_sinks, uncompressed_layers=uncompressed))
-    slow = perplexity_reference(model, ids, EvictionPolicy(scorer, 24, 6, n_sinks=n_sinks, uncompressed_layers=uncompressed))
-    for a, b in zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity):
+    policy = EvictionPolicy(scorer, 24, 6, n_sinks=n_sinks, uncompressed_layers=uncompressed)
+    fast = perplexity(model, ids, policy)
+    slow = perplexity_reference(model, ids, policy)
+    for a, b in zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity, strict=True):
         assert _rel(a, b) < 1e-9
     full = perplexity(model, ids, None)
     assert (_rel(fast.perplexity, full.perplexity) < 1e-12) == (uncompressed == (0, 1))
@@ -150,7 +151,8 @@ def test_budget_covering_the_sequence_is_exactly_full_cache(tiny_llama) -> None:
     ids = torch.randint(4, 90, (2, 40), generator=torch.Generator().manual_seed(0))
     full = perplexity(model, ids, None, score_last=20)
     assert perplexity(model, ids, EvictionPolicy(KNormScorer(), 40, 8), score_last=20).nll_sum == full.nll_sum
-    assert perplexity(model, ids, EvictionPolicy(KNormScorer(), 16, 8), score_last=20).nll_sum != full.nll_sum  # eviction is on
+    evicting = perplexity(model, ids, EvictionPolicy(KNormScorer(), 16, 8), score_last=20)
+    assert evicting.nll_sum != full.nll_sum  # eviction is on
     ref = perplexity_reference(model, ids, None, score_last=20)  # DynamicCache token by token
     assert _rel(ref.perplexity, full.perplexity) < 1e-5
 
@@ -199,11 +201,12 @@ def test_evaluate_policies_rows_table_json_and_plot(smollm2, artifacts_dir) -> N
     assert result.policies == ["qfilters", "knorm", "streamingllm"] and result.budgets == [40, 80]
     rows = {(r.policy, r.budget): r for r in result.rows}
     assert len(rows) == 8 and rows["full", 40].gap == 0.0
-    for (policy, budget), row in rows.items():
+    for row in rows.values():
         assert abs(row.gap - (row.perplexity - result.full_perplexity)) < 1e-9
     # pooled numbers are the per-document perplexity() numbers, pooled
     ids = [torch.tensor([encode_document(smollm2.tokenizer, d.text, 128)]) for d in (docs[0], docs[2])]
-    direct = [perplexity(smollm2.model, x, EvictionPolicy(StreamingLLMScorer(n_sinks=4), 40, 16), score_last=48) for x in ids]
+    streaming = EvictionPolicy(StreamingLLMScorer(n_sinks=4), 40, 16)
+    direct = [perplexity(smollm2.model, x, streaming, score_last=48) for x in ids]
     pooled = sum(r.nll_sum for r in direct) / 96
     assert abs(result.perplexity("streamingllm", 40) - math.exp(pooled)) < 1e-9
     ratio = result.gap_ratio("qfilters", "streamingllm", 40)

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+from report_fixtures import make_report
 
 from qfilters import QFilters
 from qfilters.errors import HubAuthError, HubConflictError, HubUnavailableError
 from qfilters.hub import collect_files, default_repo_id, publish
 from qfilters.modelcard import build_model_card
 from qfilters.validation.output import write_report
-from report_fixtures import make_report
 
 REPO = "acme/SmolLM2-135M-Instruct-qfilters"
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -112,8 +112,8 @@ def test_publish_download_offline_and_idempotent(live, filters_dir: Path, report
 
     # after one online fetch, the same calls work offline from the cache (a fresh process: the flag is read at import)
     script = ("import sys, json; from huggingface_hub import snapshot_download; "
-              "print(json.dumps([snapshot_download(sys.argv[1], revision=r, endpoint=sys.argv[2], cache_dir=sys.argv[3])"
-              " for r in sys.argv[4:]]))")
+              "print(json.dumps([snapshot_download(sys.argv[1], revision=r, endpoint=sys.argv[2], "
+              "cache_dir=sys.argv[3]) for r in sys.argv[4:]]))")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", script, REPO, "http://127.0.0.1:9", str(cache), "v1",
                           result.commit_sha], env=env, capture_output=True, text=True, timeout=120, check=True)

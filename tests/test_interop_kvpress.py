@@ -16,13 +16,13 @@ import json
 import threading
 from pathlib import Path
 
+import kvpress_env as builder
 import pytest
 import torch
+from fake_hub import FakeHub
+from kvpress_env import KvpressEnv, ensure_kvpress_env, run_in_env
 from safetensors.torch import load_file, save_file
 
-from fake_hub import FakeHub
-import kvpress_env as builder
-from kvpress_env import KvpressEnv, ensure_kvpress_env, run_in_env
 from qfilters.artifact import QFilters, sha256_file
 from qfilters.scorers import QFilterScorer
 
@@ -64,7 +64,7 @@ for job in json.loads(sys.argv[1]):
 def kvpress_env() -> KvpressEnv:
     try:
         env = ensure_kvpress_env()
-    except Exception as e:  # a build problem must be visible, not skipped
+    except Exception as e:  # noqa: BLE001 - a build problem must be visible, not skipped
         pytest.fail(f"could not build the isolated kvpress venv: {e}", pytrace=False)
     if env.build_seconds is not None:
         print(f"\nbuilt the kvpress venv at {env.root} in {env.build_seconds}s: {env.versions}")
@@ -104,7 +104,7 @@ def test_kvpress_loads_our_artifact_and_ranks_keys_like_us(kvpress_env: KvpressE
         _run_kvpress(kvpress_env, jobs, tmp_path, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
         assert any(path.startswith("/nthngdy/Tiny-Model_qfilt/") for _, path in hub.requests)
 
-    for name, (via, dtype) in cases.items():
+    for name, (_via, dtype) in cases.items():
         theirs = load_file(tmp_path / f"{name}.out.safetensors")
         # kvpress loads with strict=False: make sure it really holds our tensor, not its random init
         assert torch.equal(theirs["q_filters"], ours.filters.to(dtype).float()), name

@@ -72,7 +72,7 @@ def test_one_pass_is_exact_for_moment_scorers(tiny_llama, name, kwargs) -> None:
     scorer = {"meanq": MeanQueryScorer, "gaussian": GaussianScorer}[name](_moments(), **kwargs)
     fast = perplexity(model, ids, EvictionPolicy(scorer, 24, 6, n_sinks=2))
     slow = perplexity_reference(model, ids, EvictionPolicy(scorer, 24, 6, n_sinks=2))
-    for a, b in zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity):
+    for a, b in zip(fast.per_sequence_perplexity, slow.per_sequence_perplexity, strict=True):
         assert abs(a / b - 1) < 1e-9
     assert fast.nll_sum != perplexity(model, ids, None).nll_sum  # eviction happened
 

@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import pytest
 import torch
+from eviction_reference import stored_lengths
 from torch import Tensor
 
-from eviction_reference import stored_lengths
 from qfilters.cache import QFiltersCache, cache_kwargs
 from qfilters.data import Corpus, Document
 from qfilters.evaluate import evaluate_policies, perplexity, perplexity_reference

@@ -83,7 +83,8 @@ def test_passkey_compress_once_matches_a_dense_masked_forward(tiny_llama) -> Non
     trials = make_trials(tok, filler, 3, 200, seed=1)
     assert len({t.key for t in trials}) == 3 and all(t.answer for t in trials)
     assert all(tok.decode(t.answer).replace(" ", "") == t.key for t in trials)  # only the key's digits are scored
-    policy = LayerwisePolicy({0: EvictionPolicy(KNormScorer(), 48, 8, 2), 1: EvictionPolicy(StreamingLLMScorer(4), 40, 8, 4)})
+    policy = LayerwisePolicy({0: EvictionPolicy(KNormScorer(), 48, 8, 2),
+                              1: EvictionPolicy(StreamingLLMScorer(4), 40, 8, 4)})
     trial = trials[0]
     with torch.inference_mode():
         ctx = torch.tensor([trial.context])

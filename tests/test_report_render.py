@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from report_fixtures import make_report
 
 from qfilters.errors import ArtifactError
 from qfilters.validation import figures
 from qfilters.validation.render import load_report, render_html, render_markdown, report_json, write_report_files
-from report_fixtures import make_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
@@ -280,7 +280,7 @@ def test_cosine_ticks_do_not_collide():
         coords = [float(figures.nines(t)) for t in ticks]
         span = coords[-1] - coords[0]
         assert 0.9 in ticks and 0.999 in ticks
-        assert all(b - a >= figures.TICK_GAP * span - 1e-9 for a, b in zip(coords, coords[1:]))
+        assert all(b - a >= figures.TICK_GAP * span - 1e-9 for a, b in zip(coords, coords[1:], strict=True))
 
 
 # ------------------------------------------------------------------------------------------------ files, load

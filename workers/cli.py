@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -36,7 +36,7 @@ def celery_command(queue: str, name: str, *, loglevel: str, beat: bool) -> list[
 
 def worker(
     queue: Annotated[str, typer.Option(help="Queue to consume: cpu, gpu, or a name of QFILTERS_QUEUES.")] = "cpu",
-    gpus: Annotated[Optional[str], typer.Option(help="GPU indices, e.g. 0,1: one worker per GPU (see below).")] = None,
+    gpus: Annotated[str | None, typer.Option(help="GPU indices, e.g. 0,1: one worker per GPU (see below).")] = None,
     gpus_per_worker: Annotated[int, typer.Option(help="GPUs each worker owns (the model is sharded).")] = 1,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
     beat: Annotated[bool, typer.Option(help="Also run the periodic sweeper here (one per deployment).")] = False,

@@ -138,7 +138,7 @@ class CalibrationReporter:
             with self.w.factory() as session:
                 ok = steps.progress(session, self.step, self.w.worker_id, tokens_done=min(p.completed, p.total),
                                     phase=f"calibrating on {p.label} ({rate:.0f} tokens/s)", eta_seconds=eta)
-        except Exception:  # noqa: BLE001 - progress is best effort; the compute goes on through a database blip
+        except Exception:
             log.warning("progress write failed for job %s", self.step.job_id, exc_info=True)
             return
         if not ok:

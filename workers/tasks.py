@@ -136,7 +136,7 @@ def _run_step(task: Any, job_id: str, kind: str, position: int, body: Any) -> st
         outcome = "retry"
         log.warning("%s %s/%d: %s; retrying", kind, job_id, position, e)
         raise task.retry(exc=e, countdown=_countdown(task.request.retries)) from None
-    except Exception as e:  # noqa: BLE001 - out of memory, a time limit, a bug: counted, retried, then failed
+    except Exception as e:
         reason = f"{type(e).__name__}: {e}"
         log.exception("%s %s/%d attempt %d failed", kind, job_id, position, step.attempts)
         with w.factory() as session:
@@ -171,7 +171,7 @@ def _quietly(fn: Any) -> None:
     try:
         with context().factory() as session:
             fn(session)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.warning("could not record the end of a step; the sweeper will recover it", exc_info=True)
 
 

@@ -48,7 +48,7 @@ def check_calibrated(calibrated: Sequence[CalibrationResult], corpora: Sequence[
     """Precomputed runs must be of these datasets, in this order, for this model's shape, with their statistics."""
     if len(calibrated) != len(corpora):
         raise ValidationInputError(f"{len(calibrated)} calibration results given for {len(corpora)} datasets")
-    for result, corpus in zip(calibrated, corpora):
+    for result, corpus in zip(calibrated, corpora, strict=True):
         spec = dataset_info(result).spec
         if spec != corpus.spec or result.statistics is None:
             raise ValidationInputError(f"calibration result of {spec!r} given for dataset {corpus.spec!r}, or it "

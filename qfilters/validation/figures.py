@@ -13,10 +13,10 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -184,7 +184,7 @@ def cosine_matrices(stability: StabilityReport) -> Png:
         font = 8.5 if k <= 6 else (7 if k <= 9 else 5.5)
         image = None
         for ax, matrix, title in zip(axes, (stability.mean_cosine, stability.min_cosine),
-                                     ("mean over (layer, KV head)", "lowest (layer, KV head)")):
+                                     ("mean over (layer, KV head)", "lowest (layer, KV head)"), strict=True):
             data = np.ma.masked_invalid(np.array(
                 [[float("nan") if (i == j or not _finite(v)) else float(v) for j, v in enumerate(row)]
                  for i, row in enumerate(matrix)], dtype=float))
@@ -228,7 +228,7 @@ def head_heatmap(stability: StabilityReport, threshold: float, sliding_layers: S
         image = ax.imshow(data, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
         step = 1 if layers <= 40 else (2 if layers <= 80 else 4)
         ax.set_xticks(range(0, layers, step), [str(i) for i in range(0, layers, step)])
-        for tick, layer in zip(ax.get_xticklabels(), range(0, layers, step)):
+        for tick, layer in zip(ax.get_xticklabels(), range(0, layers, step), strict=True):
             if layer in sliding:
                 tick.set_color("#999999")
         hstep = 1 if heads <= 16 else 2
@@ -314,9 +314,9 @@ def sampling_curves(sampling: Sequence[SamplingStability], split_half_threshold:
             agree = [(cp["tokens"], float(cp["agreement_min"])) for cp in points if _finite(cp.get("agreement_min"))]
             split = [(cp["tokens"], float(cp["split_half_min"])) for cp in points if _finite(cp.get("split_half_min"))]
             if agree:
-                left.plot(*zip(*agree), marker="o", markersize=3.5, color=color, label=label)
+                left.plot(*zip(*agree, strict=True), marker="o", markersize=3.5, color=color, label=label)
             if split:
-                right.plot(*zip(*split), marker="o", markersize=3.5, color=color, label=label)
+                right.plot(*zip(*split, strict=True), marker="o", markersize=3.5, color=color, label=label)
         thresholds = sorted({float(s.stable_threshold) for s, _ in series})
         for t in thresholds:
             left.axhline(t, color="black", linestyle="--", linewidth=1, label=f"stable at {t:g}")
@@ -333,7 +333,7 @@ def sampling_curves(sampling: Sequence[SamplingStability], split_half_threshold:
         left.set_title("Agreement with the previous checkpoint")
         right.set_title("Split-half: filters from two halves of the sample")
         handles, labels = left.get_legend_handles_labels()
-        extra = [(h, lab) for h, lab in zip(*right.get_legend_handles_labels()) if lab.startswith("gate ")]
+        extra = [(h, lab) for h, lab in zip(*right.get_legend_handles_labels(), strict=True) if lab.startswith("gate ")]
         handles += [h for h, _ in extra]
         labels += [lab for _, lab in extra]
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 4), frameon=False)
@@ -376,8 +376,8 @@ def budget_plot(series: dict[str, list[tuple[int, float]]], full: float | None, 
         fig = _figure(8.0, 4.4)
         ax = fig.subplots()
         for policy in policy_order(series):
-            ax.plot(*zip(*series[policy]), marker="o", markersize=4.5, linewidth=1.8, color=policy_color(policy),
-                    label=policy_label(policy))
+            ax.plot(*zip(*series[policy], strict=True), marker="o", markersize=4.5, linewidth=1.8,
+                    color=policy_color(policy), label=policy_label(policy))
         if full is not None:
             ax.axhline(full, linestyle="--", color="black", linewidth=1.2, label=f"full cache ({full:.2f})")
         if reference_budget is not None and reference_budget in budgets:

@@ -181,8 +181,8 @@ def _summary(report: ValidationReport) -> str:
                           f"last {s.score_last}" + (f", at most {s.max_docs} documents" if s.max_docs else ""))),
         ("KV budgets", _e(", ".join(str(b) for b in s.budgets) + " tokens per head")),
         ("Reference budget", _e(f"{s.reference_budget} tokens (gates are read here)")),
-        ("Always kept", _e(f"the last {s.window} tokens (window; at most half the budget: see each budget's window) and "
-                           f"the first {s.n_sinks} (sinks, StreamingLLM only)")),
+        ("Always kept", _e(f"the last {s.window} tokens (window; at most half the budget: see each budget's window) "
+                           f"and the first {s.n_sinks} (sinks, StreamingLLM only)")),
         ("Gate thresholds", _e(", ".join(f"{k} {v:g}" for k, v in s.gates.items()) or "\u2014")),
     ]
 

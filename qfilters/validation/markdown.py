@@ -9,7 +9,7 @@ spec can never inject Markdown or HTML into the card.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from qfilters.policy_table import policy_label, policy_order
 from qfilters.validation.schema import PerplexityReport, ValidationReport
@@ -144,7 +144,8 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
                   s.window)
     lines += ["", f"### Perplexity at a KV budget of {ref} tokens per head", "",
               f"Window of {window} recent tokens always kept ({s.n_sinks} sink tokens too for StreamingLLM); "
-              f"perplexity of the last {s.score_last} tokens of {s.eval_seq_len}-token sequences. Cells: perplexity (gap vs full cache). "
+              f"perplexity of the last {s.score_last} tokens of {s.eval_seq_len}-token sequences. "
+              "Cells: perplexity (gap vs full cache). "
               "Gap ratio below 1: Q-Filters lose less than StreamingLLM.", ""]
     policies = [p for p in policy_order(r.policy for p in report.perplexity for r in p.rows) if p != "full"]
     lines.append(_row(["Evaluation dataset", "Full cache", *[md(policy_label(p)) for p in policies],

@@ -82,7 +82,7 @@ def _load_corpora(items: Sequence[DatasetLike], role: str) -> list[Corpus]:
         raise ValidationInputError(f"no {role} dataset given")
     labels = [_label(x) for x in items]
     parsed = [parse_spec(x) if isinstance(x, str) else x for x in items]
-    normalized = [str(x) if isinstance(x, Spec) else lbl for x, lbl in zip(parsed, labels)]
+    normalized = [str(x) if isinstance(x, Spec) else lbl for x, lbl in zip(parsed, labels, strict=True)]
     dupes = sorted({n for n in normalized if normalized.count(n) > 1})
     if dupes:
         raise ValidationInputError(f"{role} dataset listed twice: {', '.join(dupes)}")
@@ -215,7 +215,8 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
     # ---- 3. stability (cross-dataset and within each dataset)
     stability = cross_dataset_stability(calib_specs, [r.filters for r in results],
                                          threshold=thresholds["cross_dataset_cosine"])
-    sampling = [sampling_stability(spec, r, thresholds["split_half_min"]) for spec, r in zip(calib_specs, results)]
+    sampling = [sampling_stability(spec, r, thresholds["split_half_min"])
+                for spec, r in zip(calib_specs, results, strict=True)]
 
     # ---- 4. perplexity sweeps of the published filters, then the transfer matrix
     sweeps = [run_sweep(lm, corpus, published, budgets, settings, notify) for corpus in eval_corpora]
@@ -229,7 +230,7 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
     gate_inputs = GateInputs(
         cross_dataset_cosine=stability.summary.mean,
         reference_gaps=[(c.spec, s.gap("qfilters", reference), s.gap("streamingllm", reference),
-                         s.gap("knorm", reference)) for c, s in zip(eval_corpora, sweeps)],
+                         s.gap("knorm", reference)) for c, s in zip(eval_corpora, sweeps, strict=True)],
         split_half_min=[(s.dataset, s.split_half.min) for s in sampling],
         reference_budget=reference,
     )

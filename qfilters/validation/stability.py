@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from qfilters.query_stats import cosine
-from qfilters.validation.schema import CosineSummary, StabilityReport, rnd  # noqa: F401 - rnd re-exported
+from qfilters.validation.schema import CosineSummary, StabilityReport, rnd
 
 DIGITS = 6
 DEFAULT_COSINE_THRESHOLD = 0.9  # a head "agrees" across datasets (or halves) when its cosine is at least this

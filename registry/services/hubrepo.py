@@ -290,7 +290,8 @@ def _refuse_file_folder_clashes(repo: HubRepo, paths: set[str]) -> None:
 
 def _new_commit(session: Session, repo: HubRepo, parent: str | None, files: dict[str, tuple[str, str, int]],
                 title: str, message: str, author: str, at: dt.datetime) -> str:
-    canonical = json.dumps({"repo": repo.repo_id, "parent": parent, "files": sorted((p, f[1]) for p, f in files.items()),
+    listing = sorted((p, f[1]) for p, f in files.items())
+    canonical = json.dumps({"repo": repo.repo_id, "parent": parent, "files": listing,
                             "title": title, "message": message, "author": author, "at": at.isoformat()},
                            sort_keys=True, separators=(",", ":"))
     sha = hashlib.sha1(canonical.encode()).hexdigest()

@@ -77,8 +77,8 @@ def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: 
     """Create a job, or return the one this token already created with the same ``Idempotency-Key``.
 
     Returns ``(job, created)``. The same key with a different body is a :class:`Conflict`; a body that asks for a
-    privilege the token lacks (``publish_to``, ``force_publish``, looser gates) is :class:`Forbidden`. ``admit`` checks a new job's
-    sources (models, datasets) before anything is written; it raises to refuse.
+    privilege the token lacks (``publish_to``, ``force_publish``, looser gates) is :class:`Forbidden`. ``admit`` checks
+    a new job's sources (models, datasets) before anything is written; it raises to refuse.
     """
     missing = required_scopes(body) - effective_scopes(token.scopes)
     if missing:

@@ -20,7 +20,6 @@ import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from sqlalchemy import or_, select, update
@@ -132,7 +131,7 @@ def publish_publication(factory: sessionmaker[Session], store: ArtifactStore, ta
                 (report / name).write_bytes(store.read_bytes(sha))
             result = publish(artifact, repo_id, report_dir=report, tag=tag, token=token, endpoint=target.endpoint,
                              base_model=base_model, retries=target.retries, backoff=target.backoff)
-    except Exception as e:  # noqa: BLE001 - whatever happened, the row must not stay 'publishing'
+    except Exception as e:
         if not isinstance(e, (QFiltersError, OSError)):
             log.exception("publication %s to %s failed unexpectedly", publication_id, repo_id)
         reason = f"{type(e).__name__}: {e}"

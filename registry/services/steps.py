@@ -82,7 +82,7 @@ def _step(job_id: str, kind: str, position: int, spec: str | None, status: str, 
                    sent_at=sent, task_id=task_id, tokens_done=0, tokens_total=tokens_total)
 
 
-def _key(job_id: str, kind: str, position: int):  # noqa: ANN202
+def _key(job_id: str, kind: str, position: int):
     return and_(JobTask.job_id == job_id, JobTask.kind == kind, JobTask.position == position)
 
 

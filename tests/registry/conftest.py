@@ -158,7 +158,7 @@ def job_body(**changes) -> dict:
     return body
 
 
-def assert_problem(response, status: int) -> dict:  # noqa: ANN001
+def assert_problem(response, status: int) -> dict:
     """The response is an RFC 9457 problem with ``status``; returns its body."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
@@ -170,16 +170,16 @@ def assert_problem(response, status: int) -> dict:  # noqa: ANN001
 class TinyModels:
     """A ModelCache stand-in that serves the tiny random Llama for any model name (unit tests only)."""
 
-    def __init__(self, lm) -> None:  # noqa: ANN001
+    def __init__(self, lm) -> None:
         self.lm = lm
         self.requests: list[tuple[str, str, str]] = []
 
-    def get(self, name: str, revision: str, device: str):  # noqa: ANN201
+    def get(self, name: str, revision: str, device: str):
         self.requests.append((name, revision, device))
         return self.lm
 
 
-def run_queued_jobs(reg: Registry, lm) -> list[str]:  # noqa: ANN001
+def run_queued_jobs(reg: Registry, lm) -> list[str]:
     """Drive the real runner protocol (claim -> execute_job -> finish) until the queue is empty."""
     from registry.runner import JobRunner
 

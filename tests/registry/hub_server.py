@@ -23,7 +23,6 @@ class LiveRegistry:
     def __init__(self, database_url: str, data_dir: Path, **overrides) -> None:
         from registry.main import create_app
         from registry.migrate import upgrade
-
         from tests.registry.conftest import make_settings
 
         upgrade(database_url)

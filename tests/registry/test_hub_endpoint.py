@@ -121,7 +121,7 @@ def test_model_search_ands_tags(live: LiveRegistry) -> None:
     _push(api, "acme/fail-qfilters", {"README.md": CARD.format(verdict="qfilters-verdict:fail").encode()})
     _push(api, "other/unrelated", {"README.md": b"---\ntags: [q-filters]\n---\n"})
 
-    def ids(**kwargs) -> list[str]:  # noqa: ANN003
+    def ids(**kwargs) -> list[str]:
         return sorted(m.id for m in HfApi(endpoint=live.url).list_models(**kwargs))
 
     assert ids(filter=["q-filters", "base_model:acme/base-7b"]) == ["acme/fail-qfilters", "acme/pass-qfilters"]

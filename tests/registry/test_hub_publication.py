@@ -42,7 +42,7 @@ def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LiveRegist
     reg.stop()
 
 
-def _run_job(live: LiveRegistry, lm, **fields) -> tuple[str, str | None, int | None, str | None]:  # noqa: ANN001
+def _run_job(live: LiveRegistry, lm, **fields) -> tuple[str, str | None, int | None, str | None]:
     """Submit over HTTP, run with the real runner (tiny model); (status, error, filter set id, weights sha256)."""
     publishing = "publish_to" in fields or "force_publish" in fields  # a job that publishes needs the publish scope
     submit = live.token("submit", *(["publish"] if publishing else []))
@@ -64,7 +64,8 @@ def _publications(live: LiveRegistry) -> list[Publication]:
         return list(session.scalars(select(Publication).order_by(Publication.id)).all())
 
 
-def test_job_publishes_and_a_fresh_process_loads_the_same_tensor(live: LiveRegistry, tiny_llama, tmp_path: Path) -> None:
+def test_job_publishes_and_a_fresh_process_loads_the_same_tensor(
+        live: LiveRegistry, tiny_llama, tmp_path: Path) -> None:
     status, error, _, weights_sha = _run_job(live, tiny_llama, publish_to=REPO, force_publish=True)
     assert status == "succeeded", error
     (pub,) = _publications(live)

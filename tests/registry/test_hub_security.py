@@ -119,7 +119,8 @@ def test_commit_file_cap_and_deep_json(live: LiveRegistry) -> None:
     HfApi(endpoint=live.url, token=token).create_repo("acme/many")
     url = f"{live.url}/api/models/acme/many/commit/main"
     cap = hubrepo.MAX_COMMIT_FILES
-    too_many = httpx.post(url, headers=_auth(token), content=_ndjson(HEADER, *(_add(f"f{i}", b"x") for i in range(cap + 1))))
+    body = _ndjson(HEADER, *(_add(f"f{i}", b"x") for i in range(cap + 1)))
+    too_many = httpx.post(url, headers=_auth(token), content=body)
     assert too_many.status_code == 413 and f"at most {cap} file operations" in too_many.json()["error"]
     assert too_many.json()["title"] == "Request too large"
     assert HfApi(endpoint=live.url, token=token).list_repo_files("acme/many") == []  # nothing half-written

@@ -292,7 +292,7 @@ def test_a_failing_job_records_the_reason(sqlite_registry) -> None:
     from registry.runner import JobRunner
 
     class Unloadable:
-        def get(self, name: str, revision: str, device: str):  # noqa: ANN201 - the ModelCache interface
+        def get(self, name: str, revision: str, device: str):
             raise ModelError(f"could not load model {name!r}: not in the local cache and the Hub is unreachable")
 
     reg = sqlite_registry

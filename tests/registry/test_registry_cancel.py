@@ -19,7 +19,7 @@ JOB = {"model": "smollm2", "datasets": ["python-code", "handbook:en"], "eval_dat
 CANCEL_WITHIN_S = 10.0
 
 
-def _wait_for(client, job_id: str, until, timeout: float) -> dict:  # noqa: ANN001
+def _wait_for(client, job_id: str, until, timeout: float) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         job = client.get(f"/v1/jobs/{job_id}").json()

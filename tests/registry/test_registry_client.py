@@ -14,18 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fake_hub import FakeHub
+
 from qfilters.artifact import QFilters
 from qfilters.errors import ArtifactError, FiltersNotFoundError
 from tests.registry.conftest import PASSING_GATES, TINY_JOB, run_queued_jobs
 
 
-
 class LiveServer:
     """The registry app under uvicorn on loopback, in a thread."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001
+    def __init__(self, app) -> None:
         import uvicorn
 
         with socket.socket() as s:

@@ -49,7 +49,7 @@ def server(artifacts_dir):
     token = created.stdout.strip()
     assert token.startswith("qft_") and token not in created.stderr
     port = _free_port()
-    log = open(artifacts_dir / "registry_serve.log", "w")
+    log = open(artifacts_dir / "registry_serve.log", "w")  # noqa: SIM115 - the server writes to it until killed
     proc = subprocess.Popen([QFILTERS, "serve", "--port", str(port), "--log-level", "warning"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

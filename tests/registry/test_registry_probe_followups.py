@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-
 from sqlalchemy import select
 
 from tests.registry.conftest import Registry, run_queued_jobs

@@ -30,7 +30,14 @@ from hypothesis import strategies as st
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.python import asgi
 
-from tests.registry.conftest import PASSING_GATES, TINY_JOB, Registry, _create_pg_database, _drop_pg_database, run_queued_jobs
+from tests.registry.conftest import (
+    PASSING_GATES,
+    TINY_JOB,
+    Registry,
+    _create_pg_database,
+    _drop_pg_database,
+    run_queued_jobs,
+)
 
 MAX_EXAMPLES = 25  # per operation in the fuzzing phase; the coverage phase adds its boundary and invalid cases
 SEED = 20240917

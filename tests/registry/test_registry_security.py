@@ -237,7 +237,7 @@ def test_evaluation_reports_every_forward_pass_and_offers_a_stop_between_layers(
     repeats = len(events) - len({(e.phase, e.label, e.completed) for e in events})
     assert repeats >= layers * total
 
-    def stop_in_evaluation(p) -> None:  # noqa: ANN001
+    def stop_in_evaluation(p) -> None:
         if p.phase == "evaluate" and p.completed == 1:
             raise KeyboardInterrupt("stop")
 
@@ -303,7 +303,7 @@ def test_models_that_never_loaded_are_not_listed(sqlite_registry, tiny_llama) ->
     from registry.runner import JobRunner
 
     class Unloadable:
-        def get(self, name: str, revision: str, device: str):  # noqa: ANN201 - the ModelCache interface
+        def get(self, name: str, revision: str, device: str):
             raise ModelError(f"could not load model {name!r}")
 
     reg = sqlite_registry
@@ -334,7 +334,7 @@ def http_server(sqlite_registry, tmp_path):
     env = {**os.environ, "QFILTERS_DATABASE_URL": sqlite_registry.settings.database_url,
            "QFILTERS_DATA_DIR": str(tmp_path / "served"), "QFILTERS_ALLOWED_MODELS": "tiny-llama",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    log = open(tmp_path / "uvicorn.log", "w")
+    log = open(tmp_path / "uvicorn.log", "w")  # noqa: SIM115 - the server writes to it until killed
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "registry.main:app", "--port", str(port),
                              "--http", "registry.api.wire:ProblemH11Protocol", "--log-level", "warning"],
                             env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -222,8 +222,8 @@ class Stack:
         env = {**os.environ, "PYTHONPATH": str(REPO), "QFILTERS_DATA_DIR": str(workdir / "data"),
                "QFILTERS_DATABASE_URL": database_url, "QFILTERS_EXECUTOR": "celery", "QFILTERS_BROKER_URL": broker_url,
                "QFILTERS_QUEUES": "cpu=16", "QFILTERS_SWEEP_SECONDS": "1", "QFILTERS_REQUEUE_AFTER_SECONDS": "5",
-               "QFILTERS_STALE_AFTER_SECONDS": "6", "QFILTERS_HEARTBEAT_SECONDS": "1",
-               "QFILTERS_PROGRESS_SECONDS": "0.05",  # a quiet machine calibrates the tiny job in about a second "QFILTERS_DB_POOL_TIMEOUT": "5",
+               "QFILTERS_STALE_AFTER_SECONDS": "6", "QFILTERS_HEARTBEAT_SECONDS": "1", "QFILTERS_DB_POOL_TIMEOUT": "5",
+               "QFILTERS_PROGRESS_SECONDS": "0.05",  # a quiet machine calibrates the tiny job in about a second
                "HF_HOME": str(hf_home), "TOKENIZERS_PARALLELISM": "false",
                "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                # No Hub here: the test models are allow-listed and load from the HF cache (huggingface.co does not
@@ -258,7 +258,7 @@ class Stack:
 
     # ---- processes
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "ab")
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child process owns it
         return subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_api(self) -> None:

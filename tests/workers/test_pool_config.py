@@ -56,7 +56,7 @@ def test_worker_command_pins_gpus_and_runs_one_task_at_a_time() -> None:
         with pytest.raises(typer.BadParameter):
             gpu_groups(gpus, per)
     cmd = celery_command("gpu", "gpu-gpu0@h", loglevel="info", beat=False)
-    flags = dict(zip(cmd[::1], cmd[1:]))
+    flags = dict(zip(cmd[::1], cmd[1:], strict=True))
     assert flags["--queues"] == "gpu" and flags["--concurrency"] == "1" and flags["--prefetch-multiplier"] == "1"
     assert flags["--pool"] == "prefork"  # the parent never imports torch; CUDA starts in the child only
 

@@ -161,7 +161,7 @@ def test_a_poison_step_fails_after_bounded_attempts_and_bad_input_is_never_retri
     poison = stack.submit(TINY_JOB)["id"]
     spawned = 1
     for attempt in (1, 2, 3):  # the worker running calibration 0 of the poison job dies every time
-        row = wait_until(lambda: stack.sql(
+        row = wait_until(lambda attempt=attempt: stack.sql(
             "SELECT claimed_by FROM job_tasks WHERE job_id = :j AND kind = 'calibrate' AND position = 0 "
             "AND status = 'running' AND attempts = :a", j=poison, a=attempt), 120, f"attempt {attempt}", 0.1)
         name = _worker_of(stack, row[0][0])

@@ -26,7 +26,7 @@ def test_validation_over_stored_per_dataset_runs_equals_the_in_process_one(tiny_
 
 
 def test_results_of_other_datasets_or_without_statistics_are_refused(tiny_llama) -> None:
-    from qfilters.calibrate import CalibrationResult, load_result, dump_result
+    from qfilters.calibrate import CalibrationResult, dump_result, load_result
     from qfilters.errors import CalibrationError
     from qfilters.validation.gates import ValidationInputError
     from qfilters.validation.run import ValidationSettings, calibrate_dataset, run_validation

@@ -15,8 +15,8 @@ from registry.schemas import (
     AliasMoveRequest,
     AliasName,
     AliasPublic,
-    AuditList,
     AuditEventPublic,
+    AuditList,
     DatasetList,
     DatasetPublic,
     FilterSetDetail,
@@ -93,7 +93,7 @@ def alias_history(model_id: Id, name: Annotated[AliasName, Path()], session: Ses
     return [AliasMovePublic.model_validate(m) for m in catalog.alias_history(session, alias)]
 
 
-def _alias_public(alias) -> AliasPublic:  # noqa: ANN001
+def _alias_public(alias) -> AliasPublic:
     return AliasPublic(name=alias.name, filter_set_id=alias.filter_set_id, version=alias.filter_set.version,
                        updated_at=alias.updated_at, updated_by=alias.updated_by)
 
@@ -205,7 +205,7 @@ def request_publication(filter_set_id: Id, body: PublicationCreate, session: Ses
     return PublicationPublic.model_validate(pub)
 
 
-def _blob_response(request: Request, state, sha256: str, media_type: str, filename: str | None = None) -> Response:  # noqa: ANN001
+def _blob_response(request: Request, state, sha256: str, media_type: str, filename: str | None = None) -> Response:
     etag = f'"{sha256}"'
     headers = {"ETag": etag, **cache_headers(state.settings)}
     if filename:
