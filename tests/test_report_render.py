@@ -7,6 +7,7 @@ when that binary is absent. Screenshots go to the ``artifacts_dir`` (test-artifa
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -280,7 +281,7 @@ def test_cosine_ticks_do_not_collide():
         coords = [float(figures.nines(t)) for t in ticks]
         span = coords[-1] - coords[0]
         assert 0.9 in ticks and 0.999 in ticks
-        assert all(b - a >= figures.TICK_GAP * span - 1e-9 for a, b in zip(coords, coords[1:], strict=True))
+        assert all(b - a >= figures.TICK_GAP * span - 1e-9 for a, b in itertools.pairwise(coords))
 
 
 # ------------------------------------------------------------------------------------------------ files, load

@@ -3,6 +3,7 @@ command line, the Celery settings, and an API in celery mode that never imports 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_worker_command_pins_gpus_and_runs_one_task_at_a_time() -> None:
         with pytest.raises(typer.BadParameter):
             gpu_groups(gpus, per)
     cmd = celery_command("gpu", "gpu-gpu0@h", loglevel="info", beat=False)
-    flags = dict(zip(cmd[::1], cmd[1:], strict=True))
+    flags = dict(itertools.pairwise(cmd))
     assert flags["--queues"] == "gpu" and flags["--concurrency"] == "1" and flags["--prefetch-multiplier"] == "1"
     assert flags["--pool"] == "prefork"  # the parent never imports torch; CUDA starts in the child only
 
