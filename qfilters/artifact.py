@@ -7,7 +7,8 @@ The format is the one kvpress's ``QFilterPress`` and the official ``nthngdy/<mod
   into constructor arguments);
 * ``model.safetensors``: one float32 tensor ``q_filters`` of shape ``[L, H, D]``;
 * ``qfilters.json`` (ours only, ignored by the mixin): provenance plus the sha256 of ``model.safetensors``, so a
-  tampered or truncated download is caught instead of silently compressing with garbage.
+  tampered or truncated download is caught instead of silently compressing with garbage; and, when a validation
+  searched one, the eviction ``recipe`` that :class:`~qfilters.cache.QFiltersCache` uses by default.
 
 Sign convention: the stored filter of a KV head is ``-v1+`` (``v1+`` = first right singular vector of its queries,
 oriented along them), and a key ``k`` scores ``-(f . k)`` exactly as in kvpress: higher score = key kept.
@@ -20,7 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,16 +31,21 @@ from qfilters.artifact_format import (
     CONFIG_NAME,
     FORMAT_VERSION,
     METADATA_NAME,
+    RECIPE_KEY,
     TENSOR_NAME,
     WEIGHTS_NAME,
     check_artifact,
     check_digest,
     check_finite,
     read_files,
+    read_recipe,
     sha256_file,
 )
 from qfilters.errors import ArtifactError, ArtifactNotFoundError, ShapeMismatchError
 from qfilters.fileio import atomic_directory, atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    from qfilters.recipes import RecipeBook
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +90,18 @@ class QFilters:
         self.artifact_info: dict[str, Any] = {}
         # Where from_pretrained found the files ({"kind": "local" | "repo" | "registry" | "hub-search" | "official"}).
         self.source: dict[str, Any] = {}
+        # The eviction recipe a validation chose for these filters (qfilters.json "recipe"); None: the stock policy.
+        self.recipe: RecipeBook | None = None
+
+    def with_recipe(self, recipe: RecipeBook | None) -> QFilters:
+        """The same filters carrying ``recipe`` (saved to ``qfilters.json``; ``None`` drops it)."""
+        from qfilters.recipes import RecipeBook
+
+        if recipe is not None and not isinstance(recipe, RecipeBook):
+            raise TypeError(f"recipe must be a qfilters.recipes.RecipeBook or None, got {type(recipe).__name__}")
+        out = QFilters._checked(self.filters, dict(self.provenance))
+        out.artifact_info, out.source, out.recipe = dict(self.artifact_info), dict(self.source), recipe
+        return out
 
     # ------------------------------------------------------------------ shape facts
     @property
@@ -193,6 +211,8 @@ class QFilters:
             **config,
             "provenance": provenance,
         }
+        if self.recipe is not None:
+            metadata[RECIPE_KEY] = self.recipe.to_dict()
         atomic_write_text(directory / METADATA_NAME,
                           json.dumps(metadata, sort_keys=True, indent=2, allow_nan=False) + "\n")
 
@@ -285,6 +305,8 @@ class QFilters:
         checked = check_artifact(raw, labels, weights_sha256=digests.get(WEIGHTS_NAME), expected_shape=expected_shape)
         filters = cls._checked(checked.tensor, checked.provenance)  # float32, 3-D, finite: checked above
         filters.artifact_info = checked.info
+        if checked.info.get(RECIPE_KEY) is not None:
+            filters.recipe = read_recipe(checked.info[RECIPE_KEY], labels.get(METADATA_NAME, METADATA_NAME))
         return filters
 
 

@@ -19,8 +19,13 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from qfilters.errors import ArtifactError, ShapeMismatchError
 
+#: ``qfilters.json`` key of the eviction recipe a validation chose (optional; see :class:`qfilters.recipes.RecipeBook`)
+RECIPE_KEY = "recipe"
+
 if TYPE_CHECKING:
     import torch
+
+    from qfilters.recipes import RecipeBook
 
 #: The files of an artifact: the kvpress / Hub layout (config, weights) plus our provenance. A ``Literal`` so that
 #: an API can validate a requested file name against the format itself.
@@ -150,7 +155,19 @@ def read_metadata(raw: bytes, label: str, config_shape: tuple[int, int, int], co
     provenance = info.get("provenance", {})
     if not isinstance(provenance, dict):
         raise ArtifactError(label, f"'provenance' must be a JSON object, got {type(provenance).__name__}")
+    if info.get(RECIPE_KEY) is not None:
+        read_recipe(info[RECIPE_KEY], label)
     return info
+
+
+def read_recipe(data: Any, label: str) -> RecipeBook:
+    """The eviction recipe a validator stored in ``qfilters.json`` (``recipe``), checked field by field."""
+    from qfilters.recipes import RecipeBook
+
+    try:
+        return RecipeBook.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(label, f"'{RECIPE_KEY}' is malformed ({e}); re-run the validation that chose it") from e
 
 
 def read_tensor(raw: bytes, label: str) -> torch.Tensor:

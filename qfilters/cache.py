@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,6 +28,10 @@ from qfilters.architecture import COMPRESS, KEPT_WHOLE, layer_kinds, layer_types
 from qfilters.eviction import select_kept
 from qfilters.policy import EvictionPolicy, LayerwisePolicy, PolicyLike
 from qfilters.scorers import Scorer
+
+if TYPE_CHECKING:
+    from qfilters.artifact import QFilters
+    from qfilters.recipes import Recipe, RecipeBook
 
 __all__ = ["EvictingLayer", "QFiltersCache", "cache_kwargs"]
 
@@ -151,20 +155,36 @@ class QFiltersCache(Cache):
     ``QFiltersCache(model, QFilterScorer(filters), budget=512, window=64)``; then
     ``model.generate(..., **cache_kwargs(model, cache))`` (plainly ``cache=cache`` on transformers >= 5.24).
     A :class:`~qfilters.policy.LayerwisePolicy` gives each layer its own budget, window, sinks and scorer.
+
+    ``QFiltersCache(model, filters, budget=256)`` with a :class:`~qfilters.artifact.QFilters` uses the eviction recipe
+    its validation chose (``filters.recipe``, stored in ``qfilters.json``) at that budget; ``recipe=None`` gives the
+    stock policy instead (Q-Filters, window 64, no sinks), and so do filters without a recipe. ``context_length``
+    is only needed by a recipe that keeps layers whole (they are paid for at that many tokens).
     """
 
     def __init__(
         self,
         model_or_config: Any,
-        policy: PolicyLike | Scorer,
+        policy: PolicyLike | Scorer | QFilters,
         budget: int | None = None,
         window: int | None = None,
         n_sinks: int | None = None,
         uncompressed_layers: Sequence[int] | None = None,
+        *,
+        recipe: RecipeBook | Recipe | None | Literal["stored"] = "stored",
+        context_length: int | None = None,
     ) -> None:
         from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING
 
-        policy = _as_policy(policy, budget, window, n_sinks, uncompressed_layers)
+        from qfilters.artifact import QFilters
+
+        if isinstance(policy, QFilters):
+            policy = _filters_policy(model_or_config, policy, budget, window, n_sinks, uncompressed_layers, recipe,
+                                     context_length)
+        elif recipe != "stored" or context_length is not None:
+            raise TypeError("recipe= and context_length= apply to a QFilters filter set, not to a scorer or policy")
+        else:
+            policy = _as_policy(policy, budget, window, n_sinks, uncompressed_layers)
         policy.check_model(model_or_config)
         _, layer_kwargs = layer_types(model_or_config)
         layers: list[Any] = []
@@ -180,6 +200,31 @@ class QFiltersCache(Cache):
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         super().__init__(layers=layers)
         self.policy = policy
+
+
+def _filters_policy(model_or_config: Any, filters: QFilters, budget: int | None, window: int | None,
+                    n_sinks: int | None, uncompressed_layers: Sequence[int] | None,
+                    recipe: RecipeBook | Recipe | None | Literal["stored"], context_length: int | None) -> PolicyLike:
+    """The policy of a filter set at ``budget``: its stored recipe (or the one given), else the stock one."""
+    from qfilters.policy_table import ScorerInputs
+    from qfilters.recipes import Recipe, RecipeBook
+    from qfilters.scorers import QFilterScorer
+
+    if budget is None:
+        raise TypeError("a budget is needed: QFiltersCache(model, filters, budget=512)")
+    book = filters.recipe if recipe == "stored" else recipe
+    if isinstance(book, Recipe):
+        book = RecipeBook({budget: book})
+    if book is None:
+        return _as_policy(QFilterScorer(filters), budget, window, n_sinks, uncompressed_layers)
+    inline = sorted(k for k, v in {"window": window, "n_sinks": n_sinks,
+                                    "uncompressed_layers": uncompressed_layers}.items() if v is not None)
+    if inline:
+        raise TypeError(f"{', '.join(inline)} would override the filter set's recipe: pass recipe=None to set "
+                        "them yourself, or a Recipe")
+    if not isinstance(book, RecipeBook):
+        raise TypeError(f"recipe must be 'stored', None, a Recipe or a RecipeBook, got {type(book).__name__}")
+    return book.policy(budget, model_or_config, ScorerInputs(filters=filters), context_length)
 
 
 def _as_policy(policy: PolicyLike | Scorer, budget: int | None, window: int | None, n_sinks: int | None,

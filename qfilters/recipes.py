@@ -14,8 +14,8 @@ greedy eviction with static scores (checked against token-by-token decoding in t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
@@ -23,9 +23,10 @@ from qfilters.policy import EvictionPolicy, LayerwisePolicy
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from qfilters.policy_table import ScorerInputs
     from qfilters.scorers import Scorer
 
-__all__ = ["ALLOCATIONS", "Recipe", "allocate", "layer_policies", "layer_sensitivity"]
+__all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "layer_policies", "layer_sensitivity"]
 
 ALLOCATIONS = ("uniform", "pyramid", "sensitivity")
 
@@ -51,10 +52,113 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        """The recipe of :meth:`to_dict`'s JSON; ValueError naming the field for anything else."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a recipe must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {unknown}")
+        if not isinstance(data.get("scorer"), str):
+            raise ValueError("a recipe needs 'scorer', the name of a scorer in the policy table (e.g. 'qfilters')")
+        for name, kind in (("window_share", (int, float)), ("n_sinks", int), ("full_layers", int),
+                           ("allocation", str)):
+            value = data.get(name)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ValueError(f"recipe field {name!r} has the wrong type ({type(value).__name__})")
+        return cls(**data)
+
     @property
     def label(self) -> str:
         return (f"{self.scorer} w={self.window_share:g} s={self.n_sinks} {self.allocation}"
                 + (f" full={self.full_layers}" if self.full_layers else ""))
+
+    def describe(self) -> str:
+        """One line a report reader understands."""
+        parts = [f"scorer {self.scorer}", f"recent window {self.window_share:.0%} of each layer's budget",
+                 f"{self.n_sinks} sink tokens" if self.n_sinks else "no sink tokens",
+                 {"uniform": "the same budget in every layer", "pyramid": "more budget to early layers",
+                  "sensitivity": "budget by measured layer sensitivity"}[self.allocation]]
+        if self.full_layers:
+            parts.append(f"first {self.full_layers} compressed layer(s) kept whole")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class RecipeBook:
+    """The recipes a search chose, one per searched budget, as stored in an artifact's ``qfilters.json``.
+
+    Any budget can be asked for: it takes the recipe of the nearest searched budget (log scale, ties to the smaller),
+    so a filter set searched at 128 and 512 still has a default at 256. ``sensitivity`` (per compressible layer) is
+    what the ``sensitivity`` allocation spreads the budget by; ``context_length`` is the sequence length whole layers
+    were paid for at during the search (a cache keeping layers whole needs one).
+    """
+
+    by_budget: Mapping[int, Recipe]
+    sensitivity: tuple[float, ...] | None = None
+    context_length: int | None = None
+    searched_on: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.by_budget:
+            raise ValueError("a recipe book needs at least one budget")
+        for budget, recipe in self.by_budget.items():
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
+                raise ValueError(f"recipe budgets must be positive integers, got {budget!r}")
+            if not isinstance(recipe, Recipe):
+                raise ValueError(f"the recipe at budget {budget} is a {type(recipe).__name__}, not a Recipe")
+            if recipe.allocation == "sensitivity" and self.sensitivity is None:
+                raise ValueError(f"the recipe at budget {budget} allocates by sensitivity but none is stored")
+        if self.context_length is not None and self.context_length <= 0:
+            raise ValueError(f"context_length must be positive, got {self.context_length}")
+
+    def recipe_for(self, budget: int) -> Recipe:
+        """The recipe of the searched budget nearest to ``budget`` (log scale; ties go to the smaller budget)."""
+        if budget <= 0:
+            raise ValueError(f"budget must be positive, got {budget}")
+        nearest = min(self.by_budget, key=lambda b: (abs(math.log(b / budget)), b))
+        return self.by_budget[nearest]
+
+    def policy(self, budget: int, model_or_config: Any, inputs: ScorerInputs,
+               context_length: int | None = None) -> LayerwisePolicy:
+        """The per-layer policy at ``budget`` for this model, with scorers built from ``inputs`` (the filters...)."""
+        from qfilters.architecture import compressed_layers
+        from qfilters.policy_table import build_scorer
+
+        recipe = self.recipe_for(budget)
+        seq_len = context_length or self.context_length
+        if recipe.full_layers and seq_len is None:
+            raise ValueError(f"the recipe at budget {budget} keeps {recipe.full_layers} layer(s) whole, paid for at "
+                             "a context length: pass context_length (the number of tokens you expect)")
+        scorer = build_scorer(recipe.scorer, replace(inputs, n_sinks=recipe.n_sinks))
+        return layer_policies(recipe, scorer, budget, compressed_layers(model_or_config), seq_len or budget,
+                              self.sensitivity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by_budget": {str(b): r.to_dict() for b, r in sorted(self.by_budget.items())},
+                "sensitivity": None if self.sensitivity is None else list(self.sensitivity),
+                "context_length": self.context_length, "searched_on": self.searched_on}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RecipeBook:
+        """The book of :meth:`to_dict`'s JSON; ValueError saying what is wrong for anything else."""
+        if not isinstance(data, dict) or not isinstance(data.get("by_budget"), dict):
+            raise ValueError("a recipe book must be a JSON object with 'by_budget': {budget: recipe}")
+        by_budget: dict[int, Recipe] = {}
+        for key, value in data["by_budget"].items():
+            if not (isinstance(key, str) and key.isdigit()):
+                raise ValueError(f"recipe budget {key!r} is not a positive integer")
+            by_budget[int(key)] = Recipe.from_dict(value)
+        sensitivity = data.get("sensitivity")
+        if sensitivity is not None and not (isinstance(sensitivity, list) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in sensitivity)):
+            raise ValueError("recipe 'sensitivity' must be a list of numbers")
+        context_length = data.get("context_length")
+        if context_length is not None and (not isinstance(context_length, int) or isinstance(context_length, bool)):
+            raise ValueError("recipe 'context_length' must be an integer")
+        return cls(by_budget, None if sensitivity is None else tuple(float(x) for x in sensitivity),
+                   context_length, str(data.get("searched_on") or ""))
 
 
 def _round_to_total(weights: Sequence[float], total: int, minimum: int) -> list[int]:

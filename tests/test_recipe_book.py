@@ -1,0 +1,118 @@
+"""The eviction recipe a validation chose travels in qfilters.json and is what QFiltersCache uses by default."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qfilters.artifact import QFilters
+from qfilters.cache import QFiltersCache
+from qfilters.errors import ArtifactError
+from qfilters.policy import EvictionPolicy, LayerwisePolicy
+from qfilters.policy_table import ScorerInputs
+from qfilters.recipes import Recipe, RecipeBook
+from qfilters.scorers import KNormScorer, QFilterScorer
+
+BOOK = RecipeBook({64: Recipe("knorm", 0.25, 2, "uniform"), 256: Recipe("qfilters", 0.5, 0, "pyramid")},
+                  searched_on="handbook:en (calibration text)")
+
+
+def _filters() -> QFilters:
+    return QFilters(torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(3)))
+
+
+def _layer_policies(cache: QFiltersCache) -> list[EvictionPolicy | None]:
+    return [getattr(layer, "policy", None) for layer in cache.layers]
+
+
+def test_nearest_searched_budget_on_a_log_scale() -> None:
+    assert BOOK.recipe_for(64).scorer == "knorm" and BOOK.recipe_for(100).scorer == "knorm"
+    assert BOOK.recipe_for(128).scorer == "knorm"  # equally far from 64 and 256: the smaller wins
+    assert BOOK.recipe_for(129).scorer == "qfilters" and BOOK.recipe_for(4096).scorer == "qfilters"
+    with pytest.raises(ValueError, match="positive"):
+        BOOK.recipe_for(0)
+
+
+def test_round_trip_through_qfilters_json(tmp_path) -> None:
+    filters = _filters().with_recipe(BOOK)
+    filters.save_pretrained(tmp_path / "a")
+    stored = json.loads((tmp_path / "a" / "qfilters.json").read_text())["recipe"]
+    assert stored["by_budget"]["256"] == {"scorer": "qfilters", "window_share": 0.5, "n_sinks": 0,
+                                          "allocation": "pyramid", "full_layers": 0}
+    loaded = QFilters.from_pretrained(tmp_path / "a")
+    assert loaded.recipe == BOOK and torch.equal(loaded.filters, filters.filters)
+    # the public files are untouched: kvpress and the official loader read config.json + model.safetensors only
+    plain = tmp_path / "b"
+    _filters().save_pretrained(plain)
+    for name in ("config.json", "model.safetensors"):
+        assert (plain / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    assert "recipe" not in json.loads((plain / "qfilters.json").read_text())
+    assert QFilters.from_pretrained(plain).recipe is None
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"by_budget": {"64": {"scorer": "knorm", "window_share": 2.0}}}, "window_share"),
+    ({"by_budget": {"x": {"scorer": "knorm"}}}, "not a positive integer"),
+    ({"by_budget": {"64": {"scorer": "knorm", "rm -rf": 1}}}, "unknown recipe field"),
+    ({"by_budget": {}}, "at least one budget"),
+    ({"by_budget": {"64": {"scorer": "knorm", "allocation": "sensitivity"}}}, "sensitivity"),
+    ([1, 2], "JSON object"),
+])
+def test_a_malformed_recipe_is_refused_with_the_reason(tmp_path, bad, message) -> None:
+    _filters().with_recipe(BOOK).save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "qfilters.json").read_text())
+    meta["recipe"] = bad
+    (tmp_path / "qfilters.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=message):
+        QFilters.from_pretrained(tmp_path)
+
+
+def test_cache_from_filters_uses_the_stored_recipe(tiny_llama) -> None:
+    filters = _filters().with_recipe(BOOK)
+    model = tiny_llama.model
+    # budget 64 -> the knorm recipe: window 25% of 64 = 16, 2 sinks, K-norm scorer in every layer
+    cache = QFiltersCache(model, filters, budget=64)
+    policies = _layer_policies(cache)
+    assert all(isinstance(p.scorer, KNormScorer) and (p.budget, p.window, p.n_sinks) == (64, 16, 2)
+               for p in policies)
+    assert policies == list(BOOK.policy(64, model, ScorerInputs(filters=filters)).layers.values())
+    # budget 512 -> the qfilters pyramid recipe: the same total; above 2 keys each, 1.5x vs 0.5x of the rest
+    policies = _layer_policies(QFiltersCache(model, filters, budget=512))
+    assert [p.budget for p in policies] == [2 + 765, 2 + 255]
+    assert all(isinstance(p.scorer, QFilterScorer) for p in policies)
+    # one argument away: the stock policy, or another recipe
+    stock = _layer_policies(QFiltersCache(model, filters, budget=128, recipe=None))
+    assert all(isinstance(p.scorer, QFilterScorer) and (p.budget, p.window, p.n_sinks) == (128, 64, 0) for p in stock)
+    assert _layer_policies(QFiltersCache(model, filters, budget=64, recipe=None, window=8))[0].window == 8
+    other = _layer_policies(QFiltersCache(model, filters, budget=64, recipe=Recipe("qfilters", 0.125)))
+    assert other[0].window == 8 and isinstance(other[0].scorer, QFilterScorer)
+    # filters without a recipe: the stock policy, as before
+    plain = _layer_policies(QFiltersCache(model, _filters(), budget=128))[0]
+    assert isinstance(plain.scorer, QFilterScorer) and (plain.budget, plain.window, plain.n_sinks) == (128, 64, 0)
+
+
+def test_cache_refuses_ambiguous_arguments(tiny_llama) -> None:
+    filters = _filters().with_recipe(BOOK)
+    with pytest.raises(TypeError, match="recipe=None"):
+        QFiltersCache(tiny_llama.model, filters, budget=64, window=8)
+    with pytest.raises(TypeError, match="budget"):
+        QFiltersCache(tiny_llama.model, filters)
+    with pytest.raises(TypeError, match="filter set"):
+        QFiltersCache(tiny_llama.model, KNormScorer(), budget=64, recipe=None)
+    whole = _filters().with_recipe(RecipeBook({64: Recipe("knorm", full_layers=1)}))
+    with pytest.raises(ValueError, match="context_length"):
+        QFiltersCache(tiny_llama.model, whole, budget=64)
+    cache = QFiltersCache(tiny_llama.model, whole, budget=64, context_length=100)
+    assert _layer_policies(cache)[0] is None and _layer_policies(cache)[1].budget == 2 * 64 - 100
+
+
+def test_recipe_cache_generates(tiny_llama) -> None:
+    filters = _filters().with_recipe(BOOK)
+    ids = torch.randint(3, 20, (1, 90), generator=torch.Generator().manual_seed(0))
+    cache = QFiltersCache(tiny_llama.model, filters, budget=64)
+    out = tiny_llama.model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 95)
+    assert all(layer.keys.shape[-2] <= 64 for layer in cache.layers)
+    assert isinstance(BOOK.policy(64, tiny_llama.model, ScorerInputs(filters=filters)), LayerwisePolicy)
