@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,11 @@ from rich.table import Table
 
 from qfilters.errors import QFiltersError
 from qfilters.policy_table import POLICY_TABLE
+
+if TYPE_CHECKING:
+    from qfilters.calibrate import CalibrationProgress
+    from qfilters.data import Corpus
+    from qfilters.models import LoadedModel
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Q-Filters KV-cache compression: calibrate, evaluate, inspect.")
 err = Console(stderr=True)
@@ -28,7 +33,7 @@ AttnOpt = Annotated[str, typer.Option("--attn", help="Attention kernel: sdpa (de
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception) -> NoReturn:
     err.print(f"[bold red]error:[/] {e}")
     raise typer.Exit(code=2)
 
@@ -40,7 +45,7 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _load(model: str, device: str, dtype: str, attn: str):
+def _load(model: str, device: str, dtype: str, attn: str) -> LoadedModel:
     from qfilters.models import load_model
 
     _quiet_transformers()
@@ -48,7 +53,7 @@ def _load(model: str, device: str, dtype: str, attn: str):
         return load_model(model, device=device, dtype=dtype, attn_implementation=attn)
 
 
-def _load_corpora(specs: list[str]):
+def _load_corpora(specs: list[str]) -> list[Corpus]:
     from qfilters.data import load_corpus, parse_spec
 
     for spec in specs:  # every spec is checked before any download or model load
@@ -93,7 +98,7 @@ def calibrate(
         with Progress(*columns, console=err) as progress:
             task = progress.add_task("calibrate", total=tokens, rate=0.0, agree="")
 
-            def on_progress(p) -> None:
+            def on_progress(p: CalibrationProgress) -> None:
                 fields: dict[str, Any] = {"rate": p.tokens_per_s}
                 if p.checkpoint is not None and p.checkpoint.agreement_min is not None:
                     fields["agree"] = f"min cos vs last checkpoint {p.checkpoint.agreement_min:.5f}"

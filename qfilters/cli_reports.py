@@ -5,17 +5,25 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from types import TracebackType
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from qfilters.cli import AttnOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, _fail, _load, app, err
 from qfilters.errors import QFiltersError
+
+if TYPE_CHECKING:
+    from qfilters.validation.gates import Gate
+    from qfilters.validation.progress import Progress as ValidationProgress
+    from qfilters.validation.progress import ProgressFn
+    from qfilters.validation.schema import ValidationReport
 
 GATES_HELP = ("Override a gate threshold, NAME=VALUE; repeat. Gates: cross_dataset_cosine (>=, default 0.9), "
               "gap_ratio_vs_streamingllm (<=, 0.9), gap_vs_knorm (<, 0.0), split_half_min (>=, 0.95).")
@@ -84,17 +92,17 @@ def validate(
 class _validation_progress:  # noqa: N801 - used as a context manager like rich's own helpers
     """Rich progress bars on stderr, one per calibration dataset, evaluation dataset and the transfer matrix."""
 
-    def __enter__(self):
+    def __enter__(self) -> ProgressFn:
         columns = (TextColumn("[bold]{task.fields[phase]:<9}"), TextColumn("{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn())
         self.progress = Progress(*columns, console=err)
         self.start = time.perf_counter()
         self.progress.__enter__()
-        self.tasks: dict[tuple[str, str], Any] = {}
-        self.last = None
+        self.tasks: dict[tuple[str, str], TaskID] = {}
+        self.last: ValidationProgress | None = None
         return self.update
 
-    def update(self, p) -> None:
+    def update(self, p: ValidationProgress) -> None:
         if p == self.last:  # the run repeats its latest event between layers (a point to stop at): nothing new
             return
         self.last = p
@@ -108,11 +116,12 @@ class _validation_progress:  # noqa: N801 - used as a context manager like rich'
             err.print(f"[{elapsed:7.1f}s] {p.phase} {escape(p.label)}: {p.completed}/{p.total} {escape(p.detail)}",
                       highlight=False)
 
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.progress.__exit__(exc_type, exc, traceback)
 
 
-def _print_verdict(report, files: dict[str, Path], gates) -> None:
+def _print_verdict(report: ValidationReport, files: dict[str, Path], gates: Mapping[str, Gate]) -> None:
     console = Console()
     v = report.verdict
     colour = "green" if v.status == "pass" else "red"

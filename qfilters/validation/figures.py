@@ -16,12 +16,15 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
 from qfilters.policy_table import policy_color, policy_label, policy_order
 from qfilters.validation.schema import PerplexityReport, SamplingStability, StabilityReport, TransferMatrix
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 DPI = 150  # pixels per inch of the PNGs; pages show them at 96 CSS px per inch (sharp on high-density screens)
 CSS_DPI = 96
@@ -33,7 +36,7 @@ PRIMARY_TICKS = (0.9999, 0.999, 0.99, 0.9)  # one unit apart on the nines scale
 SECONDARY_TICKS = (0.5, 0.0, -1.0, 0.95, 0.995, 0.8, -0.5)
 TICK_GAP = 0.085  # least distance between two cosine ticks, as a share of the scale
 
-_RC = {
+_RC: dict[RcKeyType, bool | str | float] = {
     "text.parse_math": False,
     "svg.hashsalt": "qfilters",
     "font.family": "DejaVu Sans",
@@ -92,7 +95,7 @@ def short_label(text: str, limit: int = 26) -> str:
     return " " + text if text.startswith("_") else text
 
 
-def _finite(x: float | None) -> bool:
+def _finite(x: float | None) -> TypeGuard[float]:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 

@@ -11,16 +11,17 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from qfilters.errors import QFiltersError
-from qfilters.validation.schema import GateResult, Verdict, rnd
+from qfilters.validation.schema import Comparison, GateResult, Verdict, rnd
 
 
 class ValidationInputError(QFiltersError, ValueError):
     """Bad validation settings or inputs (caught before any forward pass)."""
 
 
-_COMPARE: dict[str, Callable[[float, float], bool]] = {
+_COMPARE: dict[Comparison, Callable[[float, float], bool]] = {
     ">=": operator.ge,
     "<=": operator.le,
     "<": operator.lt,
@@ -32,7 +33,7 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
 class Gate:
     name: str
     default: float
-    comparison: str  # value <comparison> threshold must hold
+    comparison: Comparison  # value <comparison> threshold must hold
     description: str  # one sentence; ``{threshold}`` is filled in
 
 
@@ -81,20 +82,20 @@ def parse_gate_overrides(items: Sequence[str] | Mapping[str, float] | None) -> d
     thresholds = {name: gate.default for name, gate in GATES.items()}
     if not items:
         return thresholds
-    pairs: list[tuple[str, object]] = []
+    pairs: list[tuple[str, float | str]] = []
     if isinstance(items, Mapping):
         pairs = list(items.items())
     else:
         for item in items:
-            name, sep, value = str(item).partition("=")
+            name, sep, text = str(item).partition("=")
             if not sep:
                 raise ValidationInputError(f"--gate {item!r}: expected NAME=VALUE, e.g. gap_ratio_vs_streamingllm=0.8")
-            pairs.append((name.strip(), value.strip()))
+            pairs.append((name.strip(), text.strip()))
     for name, value in pairs:
         if name not in GATES:
             raise ValidationInputError(f"unknown gate {name!r}; gates are: {', '.join(GATES)}")
         try:
-            number = float(value)  # type: ignore[arg-type]
+            number = float(value)
         except (TypeError, ValueError):
             raise ValidationInputError(f"gate {name}: threshold {value!r} is not a number") from None
         if number != number or number in (float("inf"), float("-inf")):
@@ -199,5 +200,5 @@ def decide(inputs: GateInputs, thresholds: Mapping[str, float], warnings: Sequen
             f"filters with cosine as low as {_fmt(worst_s[1])} (required: at least {t}); calibrate on more tokens."
         )
 
-    status = "pass" if all(r.passed for r in results) else "fail"
+    status: Literal["pass", "fail"] = "pass" if all(r.passed for r in results) else "fail"
     return Verdict(status=status, reasons=reasons, warnings=list(warnings), gates=results)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeGuard
 
 from qfilters.policy_table import policy_label, policy_order
 from qfilters.validation.schema import PerplexityReport, ValidationReport
@@ -19,7 +20,7 @@ DEFAULT_REPO = "<repo id or directory of these filters>"
 
 
 # -------------------------------------------------------------------------------------- shared formatting
-def _finite(x: object) -> bool:
+def _finite(x: object) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 

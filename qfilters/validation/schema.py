@@ -8,13 +8,13 @@ the JSON byte for byte apart from that field. Matrices are nested lists (rows fi
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal, overload
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from qfilters.policy_table import POLICY_TABLE
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION: Final = "1"
 
 
 def _known_policy(name: str) -> str:
@@ -24,6 +24,7 @@ def _known_policy(name: str) -> str:
 
 
 Policy = Annotated[str, AfterValidator(_known_policy)]  # a name from qfilters.policy_table
+Comparison = Literal[">=", "<=", "<", ">"]  # how a gate compares its measured value with its threshold
 
 
 class _Strict(BaseModel):
@@ -125,7 +126,7 @@ class GateResult(_Strict):
     threshold: float
     value: float | None
     passed: bool
-    comparison: Literal[">=", "<=", "<", ">"] | None = None  # passed == (value <comparison> threshold)
+    comparison: Comparison | None = None  # passed == (value <comparison> threshold)
 
 
 class Verdict(_Strict):
@@ -170,6 +171,14 @@ class ValidationReport(_Strict):
     transfer: TransferMatrix
     verdict: Verdict
     artifact_sha256: str | None = None  # model.safetensors of the published (combined) filters
+
+
+@overload
+def rnd(x: float, digits: int = 6) -> float: ...
+@overload
+def rnd(x: None, digits: int = 6) -> None: ...
+@overload
+def rnd(x: float | None, digits: int = 6) -> float | None: ...
 
 
 def rnd(x: float | None, digits: int = 6) -> float | None:

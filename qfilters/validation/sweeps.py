@@ -107,7 +107,7 @@ def run_transfer(lm: LoadedModel, results: Sequence[CalibrationResult], sweeps: 
     total = len(results) * sum(len(sw.chunks) for sw in sweeps)
     done, label = 0, "transfer matrix"
     notify(Progress("transfer", label, 0, total))
-    ppl: list[list[float | None]] = []
+    ppl: list[list[float]] = []
     ratio: list[list[float | None]] = []
     for r in results:
         scorer = build_scorer(QFILTERS, ScorerInputs(filters=r.filters))
