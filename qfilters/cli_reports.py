@@ -48,6 +48,8 @@ def validate(
     max_docs: Annotated[Optional[int], typer.Option(help="Evaluate at most this many documents per evaluation dataset.")] = 6,
     gate: Annotated[Optional[list[str]], typer.Option("--gate", help=GATES_HELP)] = None,
     filters: Annotated[Optional[str], typer.Option(help="Validate this existing artifact (directory or Hub id) instead of publishing the combined filters.")] = None,
+    search_recipe: Annotated[bool, typer.Option("--search-recipe", help="Search an eviction recipe (scorer, window share, sinks, per-layer allocation) on calibration text, measure it on the evaluation datasets and store it in the filters' qfilters.json.")] = False,
+    recipe_docs: Annotated[int, typer.Option(help="Documents of each calibration dataset the recipe search evaluates.")] = 1,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     attn: AttnOpt = "sdpa",
@@ -68,7 +70,7 @@ def validate(
             tokens_per_dataset=tokens, calib_seq_len=calib_seq_len, calib_batch_size=batch_size, seed=seed,
             eval_seq_len=eval_seq_len, score_last=score_last, budgets=tuple(budget) if budget else None,
             window=window, n_sinks=sinks, reference_budget=reference_budget, max_docs=max_docs,
-            gates=parse_gate_overrides(gate or []),
+            gates=parse_gate_overrides(gate or []), search_recipe=search_recipe, recipe_docs=recipe_docs,
         )
         check_settings(settings)
         for spec in [*calib, *eval_]:  # typos fail here, before the model loads
@@ -78,7 +80,7 @@ def validate(
             run = run_validation(lm, calib, eval_, settings, filters=filters, on_progress=on_progress)
         report = run.report
         files = write_report(report, out)
-        if filters is None:
+        if filters is None or search_recipe:  # a searched recipe ships with the filters it was searched for
             files["filters"] = run.filters.save_pretrained(out / "filters")
     except QFiltersError as e:
         _fail(e)

@@ -79,6 +79,8 @@ POLICY_TABLE: dict[str, PolicyEntry] = {e.name: e for e in (
     PolicyEntry("gaussian", "Expected attention (Gaussian)", "#ff7f0e", "qfilters.moment_scorers:GaussianScorer",
                 needs=("query_stats",)),
     PolicyEntry("snapkv", "SnapKV-like (needs attention weights)", "#8c564b", None),
+    # a per-layer recipe (qfilters.recipes), not one scorer: the validator's searched recipe, shipped with the filters
+    PolicyEntry("recipe", "Searched recipe", "#e377c2", None),
 )}
 
 

@@ -21,6 +21,7 @@ from qfilters.validation.markdown import (
     num,
     ppl_cell,
 )
+from qfilters.validation.recipe_section import recipe_html
 from qfilters.validation.schema import ValidationReport
 
 __all__ = ["CSS", "render_html"]
@@ -429,6 +430,7 @@ def render_html(report: ValidationReport) -> str:
         _stability(report),
         _sampling(report),
         _perplexity(report),
+        recipe_html(report),
         _transfer(report),
         _architecture(report),
         _datasets(report),

@@ -161,6 +161,10 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
         lines.append(_row([f"`{_code(p.dataset.spec, table=True)}`", num(p.full_perplexity, 2), *cells,
                            num(ratio, 3) if ratio is not None else "undefined"]))
 
+    from qfilters.validation.recipe_section import recipe_markdown
+
+    lines += recipe_markdown(report)
+
     # ---- architecture
     a = report.architecture
     lines += ["", "### Architecture notes", ""]
@@ -179,12 +183,16 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
 
     # ---- how to use
     repo = repo_id or DEFAULT_REPO
+    cache_line = (f"cache = QFiltersCache(model, filters, budget={ref})  # the searched recipe stored with the filters"
+                  if report.recipe is not None else
+                  f"cache = QFiltersCache(model, QFilterScorer(filters), budget={ref}, window={window}, "
+                  f"n_sinks={s.n_sinks})")
     ours = (
         "from transformers import AutoModelForCausalLM\n"
         "from qfilters import QFilters, QFiltersCache, QFilterScorer\n\n"
         f"model = AutoModelForCausalLM.from_pretrained({report.model_id!r})\n"
         f"filters = QFilters.from_pretrained({repo!r})\n"
-        f"cache = QFiltersCache(model, QFilterScorer(filters), budget={ref}, window={window}, n_sinks={s.n_sinks})\n"
+        f"{cache_line}\n"
         "# transformers < 5.24: past_key_values=cache\n"
         "out = model.generate(input_ids, cache=cache, max_new_tokens=256)"
     )

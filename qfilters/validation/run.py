@@ -34,6 +34,7 @@ from qfilters.validation.calibration import (
 )
 from qfilters.validation.gates import GateInputs, ValidationInputError, decide
 from qfilters.validation.progress import Progress, ProgressFn, interruptible, notifier
+from qfilters.validation.recipe_search import recipe_policies, recipe_report, search_recipes
 from qfilters.validation.schema import Settings, ValidationReport
 from qfilters.validation.settings import ValidationSettings, check_settings
 from qfilters.validation.sweeps import evaluation_warnings, perplexity_report, run_sweep, run_transfer
@@ -212,6 +213,14 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
     published = given if given is not None else combined
     calib_specs = [c.spec for c in calib_corpora]
 
+    # ---- 2b. the eviction recipe, searched on calibration text only, shipped with the published filters
+    search = None
+    if settings.search_recipe:
+        search = search_recipes(lm, calib_corpora, published, budgets, settings, notify)
+        published = published.with_recipe(search.book)
+    extra = (recipe_policies(published.recipe, published, lm.model, budgets, settings.eval_seq_len)
+             if published.recipe is not None else None)
+
     # ---- 3. stability (cross-dataset and within each dataset)
     stability = cross_dataset_stability(calib_specs, [r.filters for r in results],
                                          threshold=thresholds["cross_dataset_cosine"])
@@ -219,7 +228,7 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
                 for spec, r in zip(calib_specs, results, strict=True)]
 
     # ---- 4. perplexity sweeps of the published filters, then the transfer matrix
-    sweeps = [run_sweep(lm, corpus, published, budgets, settings, notify) for corpus in eval_corpora]
+    sweeps = [run_sweep(lm, corpus, published, budgets, settings, notify, extra) for corpus in eval_corpora]
     transfer = run_transfer(lm, results, sweeps, reference, settings, notify,
                             last_label=COMBINED if given is None else "given filters")
 
@@ -261,6 +270,8 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
             calib_batch_size=settings.calib_batch_size,
             checkpoint_every=settings.resolved_checkpoint_every(),
             filters=None if filters is None else _filters_label(filters),
+            search_recipe=settings.search_recipe,
+            recipe_docs=settings.recipe_docs,
         ),
         calibration_datasets=[dataset_info(r) for r in results],
         architecture=architecture,
@@ -270,6 +281,7 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
         transfer=transfer,
         verdict=verdict,
         artifact_sha256=safetensors_sha256(published),
+        recipe=None if search is None else recipe_report(search),
     )
     return ValidationRun(report=report, filters=published, combined=combined, per_dataset=results)
 

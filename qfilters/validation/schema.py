@@ -8,7 +8,7 @@ the JSON byte for byte apart from that field. Matrices are nested lists (rows fi
 from __future__ import annotations
 
 import math
-from typing import Annotated, Final, Literal, overload
+from typing import Annotated, Any, Final, Literal, overload
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -153,6 +153,28 @@ class Settings(_Strict):
     calib_batch_size: int = 4
     checkpoint_every: int | None = None  # calibration tokens between convergence checkpoints
     filters: str | None = None  # an existing artifact validated instead of the combined filters (validate --filters)
+    search_recipe: bool = False  # an eviction recipe was searched on calibration text (see ValidationReport.recipe)
+    recipe_docs: int = 1
+
+
+class RecipeChoice(_Strict):
+    """The recipe chosen at one budget, with what it and StreamingLLM scored on the search text."""
+
+    budget: int
+    recipe: dict[str, Any]  # qfilters.recipes.Recipe.to_dict()
+    description: str
+    search_perplexity: float
+    search_streamingllm_perplexity: float
+
+
+class RecipeReport(_Strict):
+    """The eviction recipe searched on calibration text only, stored in the published filters' qfilters.json."""
+
+    searched_on: str
+    documents: list[str]
+    search_full_perplexity: float
+    evaluations: int  # one-pass evaluations the search ran (its cost)
+    chosen: list[RecipeChoice]
 
 
 class ValidationReport(_Strict):
@@ -171,6 +193,7 @@ class ValidationReport(_Strict):
     transfer: TransferMatrix
     verdict: Verdict
     artifact_sha256: str | None = None  # model.safetensors of the published (combined) filters
+    recipe: RecipeReport | None = None  # the searched recipe (validate --search-recipe); its rows are in perplexity
 
 
 @overload

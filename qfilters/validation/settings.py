@@ -32,6 +32,9 @@ class ValidationSettings:
     reference_budget: int | None = None  # default: the budget closest to 16x compression (eval_seq_len / 16)
     max_docs: int | None = 6
     gates: Mapping[str, float] = field(default_factory=dict)  # overrides of the default gate thresholds
+    # search an eviction recipe on calibration text and ship it with the filters (qfilters.validation.recipe_search)
+    search_recipe: bool = False
+    recipe_docs: int = 1  # documents of each calibration dataset the search evaluates
 
     def resolved_budgets(self) -> list[int]:
         budgets = list(self.budgets) if self.budgets else [self.eval_seq_len // d for d in (4, 8, 16, 32)]
@@ -69,6 +72,10 @@ def check_settings(s: ValidationSettings) -> dict[str, float]:
             raise ValidationInputError(f"{name} must be a non-negative integer, got {value!r}")
     if s.checkpoint_every is not None and s.checkpoint_every <= 0:
         raise ValidationInputError(f"checkpoint_every must be positive, got {s.checkpoint_every}")
+    if not isinstance(s.search_recipe, bool):
+        raise ValidationInputError(f"search_recipe must be true or false, got {s.search_recipe!r}")
+    if isinstance(s.recipe_docs, bool) or not isinstance(s.recipe_docs, int) or s.recipe_docs <= 0:
+        raise ValidationInputError(f"recipe_docs must be a positive integer, got {s.recipe_docs!r}")
     if s.max_docs is not None and s.max_docs <= 0:
         raise ValidationInputError(f"max_docs must be positive, got {s.max_docs}")
     if s.tokens_per_dataset < s.calib_seq_len:

@@ -7,7 +7,7 @@ so the numbers are those of ``qfilters eval`` with the same settings. At budget 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from qfilters.data.chunks import EvalChunks
     from qfilters.evaluate import EvalResult
     from qfilters.models import LoadedModel
-    from qfilters.policy import EvictionPolicy
+    from qfilters.policy import EvictionPolicy, PolicyLike
     from qfilters.validation.settings import ValidationSettings
 
 __all__ = ["Sweep", "evaluation_warnings", "perplexity_report", "run_sweep", "run_transfer", "sweep_policies"]
@@ -57,13 +57,15 @@ def sweep_policies(filters: Any, budgets: Sequence[int], settings: ValidationSet
 
 
 def run_sweep(lm: LoadedModel, corpus: Corpus, filters: Any, budgets: Sequence[int], settings: ValidationSettings,
-              notify: ProgressFn) -> Sweep:
-    """Full cache and every compared policy at every budget on ``corpus``'s evaluation chunks; one event per pass."""
+              notify: ProgressFn, extra: Mapping[tuple[str, int], PolicyLike] | None = None) -> Sweep:
+    """Full cache and every compared policy at every budget on ``corpus``'s evaluation chunks; one event per pass.
+
+    ``extra`` adds rows measured the same way (the searched recipe's, at every budget)."""
     from qfilters.data.chunks import select_chunks
     from qfilters.evaluate import evaluate_chunks
 
     chunks = select_chunks(lm.tokenizer, corpus, settings.eval_seq_len, settings.max_docs)
-    policies = sweep_policies(filters, budgets, settings)
+    policies: dict[tuple[str, int], PolicyLike] = {**sweep_policies(filters, budgets, settings), **(extra or {})}
     total = len(chunks) * (1 + len(policies))
     notify(Progress("evaluate", corpus.spec, 0, total, f"budgets {', '.join(map(str, budgets))}"))
     # one event per forward pass: a caller's callback is where it can stop a long sweep between two passes
@@ -78,9 +80,11 @@ def perplexity_report(sweep: Sweep, budgets: Sequence[int], settings: Validation
     full = result.full_perplexity
     rows = [PolicyRow(policy="full", budget=None, window=None, perplexity=rnd(full), gap=0.0)]
     ratios: dict[str, float | None] = {}
+    names = [*compared_policies(), *(p for p in result.policies if p not in compared_policies())]
     for b in budgets:
-        for policy in compared_policies():
-            rows.append(PolicyRow(policy=policy, budget=b, window=settings.window_for(b),
+        for policy in names:
+            window = settings.window_for(b) if policy in compared_policies() else None  # a recipe: per layer
+            rows.append(PolicyRow(policy=policy, budget=b, window=window,
                                   perplexity=rnd(sweep.perplexity(policy, b)), gap=rnd(sweep.gap(policy, b))))
         ratios[str(b)] = rnd(gap_ratio(sweep.gap(QFILTERS, b), sweep.gap(BASELINE, b)))
     return PerplexityReport(

@@ -1,0 +1,141 @@
+"""The validator's recipe search: which eviction recipe to ship with a filter set, chosen on calibration text only.
+
+At each budget of the sweep, a coordinate search (axis by axis, from a fixed start, ties broken by the recipe's
+label so the result is deterministic) over the scorer, the recent-window share, the sinks and the per-layer
+allocation, at the same total KV memory, scored by the exact one-pass perplexity on the first documents of the
+calibration datasets (the text the filters were fitted on: the search never reads evaluation text). The chosen
+recipes are then measured on the held-out evaluation datasets beside the stock policies, like every other row.
+
+Only scorers a filter set carries without extra files are searched (Q-Filters and K-norm), so a published artifact
+stays loadable by kvpress and the official code; its recipe lives in ``qfilters.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from qfilters.policy_table import ScorerInputs
+from qfilters.recipes import Recipe, RecipeBook
+from qfilters.validation.progress import Progress, ProgressFn
+
+if TYPE_CHECKING:
+    from qfilters.data import Corpus
+    from qfilters.data.chunks import EvalChunks
+    from qfilters.models import LoadedModel
+    from qfilters.policy import LayerwisePolicy
+    from qfilters.validation.schema import RecipeReport
+    from qfilters.validation.settings import ValidationSettings
+
+__all__ = ["RECIPE", "RecipeSearch", "recipe_policies", "recipe_report", "search_recipes"]
+
+RECIPE = "recipe"  # the policy-table name of the searched recipe's rows
+START = Recipe("qfilters", window_share=0.25, n_sinks=4, allocation="uniform")
+AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("scorer", ("qfilters", "knorm")),
+    ("window_share", (0.125, 0.25, 0.5)),
+    ("n_sinks", (0, 4)),
+    ("allocation", ("uniform", "pyramid")),
+)
+
+
+@dataclass
+class RecipeSearch:
+    """What the search chose per budget, and everything it measured to choose it."""
+
+    book: RecipeBook
+    documents: list[str]  # "spec: title" of the calibration documents searched on
+    full_perplexity: float
+    streamingllm: dict[int, float]  # the baseline on the same text, per budget
+    trace: list[dict[str, Any]] = field(default_factory=list)  # every (budget, recipe, perplexity) evaluated
+
+    def chosen_perplexity(self, budget: int) -> float:
+        label = self.book.by_budget[budget].label
+        return next(t["perplexity"] for t in self.trace if t["budget"] == budget and t["label"] == label)
+
+
+def recipe_policies(book: RecipeBook, filters: Any, model: Any, budgets: Sequence[int], context_length: int
+                    ) -> dict[tuple[str, int], LayerwisePolicy]:
+    """The chosen recipe at every budget, as rows of the evaluation engine."""
+    inputs = ScorerInputs(filters=filters)
+    return {(RECIPE, b): book.policy(b, model, inputs, context_length) for b in budgets}
+
+
+def _search_chunks(lm: LoadedModel, corpora: Sequence[Corpus], settings: ValidationSettings) -> EvalChunks:
+    from qfilters.data.chunks import EvalChunks, select_chunks
+
+    merged = EvalChunks(settings.eval_seq_len)
+    for corpus in corpora:
+        part = select_chunks(lm.tokenizer, corpus, settings.eval_seq_len, settings.recipe_docs)
+        merged.titles += [f"{corpus.spec}: {t}" for t in part.titles]
+        merged.ids += part.ids
+    return merged
+
+
+def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, budgets: Sequence[int],
+                   settings: ValidationSettings, notify: ProgressFn) -> RecipeSearch:
+    """Coordinate search at every budget on the calibration datasets' first documents (see the module doc)."""
+    from qfilters.evaluate import evaluate_chunks
+    from qfilters.policy import EvictionPolicy
+    from qfilters.scorers import StreamingLLMScorer
+
+    chunks = _search_chunks(lm, corpora, settings)
+    label = f"{len(chunks)} calibration document(s)"
+    steps = 1 + len(budgets) * (1 + sum(len(v) for _, v in AXES))  # an upper bound: repeated recipes are cached
+    done = 0
+
+    def run(policies: dict[tuple[str, int], Any], full_nll: Any = None) -> Any:
+        nonlocal done
+        result = evaluate_chunks(lm.model, chunks, policies, score_last=settings.score_last, full_nll=full_nll)
+        done += 1
+        notify(Progress("recipe", label, min(done, steps), steps))
+        return result
+
+    notify(Progress("recipe", label, 0, steps, f"budgets {', '.join(map(str, budgets))}"))
+    full = run({})
+    streaming: dict[int, float] = {}
+    trace: list[dict[str, Any]] = []
+    chosen: dict[int, Recipe] = {}
+    for budget in sorted(budgets):
+        baseline = EvictionPolicy(StreamingLLMScorer(n_sinks=settings.n_sinks), budget, settings.window_for(budget))
+        streaming[budget] = run({("streamingllm", budget): baseline}, full.full_nll).perplexity("streamingllm", budget)
+        seen: dict[Recipe, float] = {}
+
+        def score(recipe: Recipe, budget: int = budget, seen: dict[Recipe, float] = seen) -> float:
+            if recipe not in seen:
+                try:
+                    policy = RecipeBook({budget: recipe}).policy(budget, lm.model, ScorerInputs(filters=filters),
+                                                                 settings.eval_seq_len)
+                    seen[recipe] = run({(RECIPE, budget): policy}, full.full_nll).perplexity(RECIPE, budget)
+                except ValueError:  # not feasible at this budget (a window or the sinks do not fit)
+                    seen[recipe] = math.inf
+                trace.append({"budget": budget, "label": recipe.label, "recipe": recipe.to_dict(),
+                              "perplexity": seen[recipe]})
+            return seen[recipe]
+
+        best = START
+        for axis, values in AXES:
+            best = min((replace(best, **{axis: v}) for v in values), key=lambda r: (score(r), r.label))
+        chosen[budget] = best
+    notify(Progress("recipe", label, steps, steps))
+    specs = ", ".join(c.spec for c in corpora)
+    book = RecipeBook(chosen, context_length=settings.eval_seq_len,
+                      searched_on=f"{specs} (calibration text: {len(chunks)} x {settings.eval_seq_len} tokens, "
+                                  f"last {settings.score_last} scored)")
+    return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
+                        streamingllm=streaming, trace=trace)
+
+
+def recipe_report(search: RecipeSearch) -> RecipeReport:
+    """The report section of a search: per budget, the chosen recipe and its score beside StreamingLLM's."""
+    from qfilters.validation.schema import RecipeChoice, RecipeReport, rnd
+
+    chosen = [RecipeChoice(budget=b, recipe=r.to_dict(), description=r.describe(),
+                           search_perplexity=rnd(search.chosen_perplexity(b)),
+                           search_streamingllm_perplexity=rnd(search.streamingllm[b]))
+              for b, r in sorted(search.book.by_budget.items())]
+    return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,
+                        search_full_perplexity=rnd(search.full_perplexity), evaluations=len(search.trace),
+                        chosen=chosen)

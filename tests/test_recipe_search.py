@@ -1,0 +1,132 @@
+"""validate --search-recipe: a recipe chosen on calibration text only, checked on held-out text."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from qfilters.artifact import QFilters
+from qfilters.cache import QFiltersCache
+from qfilters.data.chunks import select_chunks
+from qfilters.evaluate import evaluate_chunks
+from qfilters.policy_table import ScorerInputs
+from qfilters.recipes import Recipe, RecipeBook
+from qfilters.validation.markdown import render_markdown
+from qfilters.validation.output import report_json
+from qfilters.validation.recipe_search import START
+from qfilters.validation.render import render_html
+from qfilters.validation.run import run_validation
+from tests.test_validation import TINY, _corpus
+
+SEARCH = replace(TINY, search_recipe=True, recipe_docs=1)
+CALIB, EVAL = (0, 1, 2), (3, 4)
+
+
+def _run(tiny_llama, settings=SEARCH):
+    events = []
+    run = run_validation(tiny_llama, [_corpus(i) for i in CALIB], [_corpus(i) for i in EVAL], settings,
+                         on_progress=events.append, created_at="2000-01-01T00:00:00Z")
+    return run, events
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_llama):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(tiny_llama)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_search_reads_calibration_text_only_and_reports_each_budget(searched) -> None:
+    run, events = searched
+    r = run.report
+    assert r.settings.search_recipe and r.recipe is not None
+    assert [c.budget for c in r.recipe.chosen] == [24, 48]
+    # one document of each calibration dataset; no evaluation dataset is ever read by the search
+    assert [d.split(":")[1] for d in r.recipe.documents] == [str(i) for i in CALIB]
+    assert all(c.recipe["scorer"] in ("qfilters", "knorm") for c in r.recipe.chosen)
+    assert "recipe" in {e.phase for e in events}
+    for c in r.recipe.chosen:
+        chosen = Recipe.from_dict(c.recipe)
+        assert c.description == chosen.describe()
+        # the reported score is the engine's on the search text, and the search never ends worse than its start
+        assert c.search_perplexity == round(_on_search_text(run, chosen, c.budget), 6)
+        assert c.search_perplexity <= _on_search_text(run, START, c.budget) + 1e-6
+
+
+_TINY_MODEL = {}
+
+
+def _on_search_text(run, recipe: Recipe, budget: int) -> float:
+    """Perplexity of ``recipe`` on the text the search used: the first document of each calibration dataset."""
+    lm = _TINY_MODEL["lm"]
+    parts = [select_chunks(lm.tokenizer, _corpus(i), SEARCH.eval_seq_len, 1) for i in CALIB]
+    chunks = parts[0]
+    chunks.ids = [x for c in parts for x in c.ids]
+    chunks.titles = [t for c in parts for t in c.titles]
+    policy = RecipeBook({budget: recipe}).policy(budget, lm.model, ScorerInputs(filters=run.filters),
+                                                 SEARCH.eval_seq_len)
+    return evaluate_chunks(lm.model, chunks, {("r", budget): policy}, score_last=SEARCH.score_last
+                           ).perplexity("r", budget)
+
+
+@pytest.fixture(autouse=True)
+def _model(tiny_llama):
+    _TINY_MODEL["lm"] = tiny_llama
+
+
+def test_held_out_rows_are_the_stored_recipe_measured_by_the_engine(searched, tiny_llama) -> None:
+    run, _ = searched
+    book = run.filters.recipe
+    assert book is not None and book.to_dict()["by_budget"] == {
+        str(c.budget): c.recipe for c in run.report.recipe.chosen}
+    rows = {(x.policy, x.budget): x for x in run.report.perplexity[0].rows}
+    assert rows["recipe", 24].window is None and ("recipe", 48) in rows
+    chunks = select_chunks(tiny_llama.tokenizer, _corpus(EVAL[0]), SEARCH.eval_seq_len, SEARCH.max_docs)
+    direct = evaluate_chunks(tiny_llama.model, chunks,
+                             {("recipe", 24): book.policy(24, tiny_llama.model, ScorerInputs(filters=run.filters),
+                                                          SEARCH.eval_seq_len)}, score_last=SEARCH.score_last)
+    assert rows["recipe", 24].perplexity == round(direct.perplexity("recipe", 24), 6)
+
+
+def test_the_saved_filters_carry_the_recipe_and_the_cache_uses_it(searched, tiny_llama, tmp_path) -> None:
+    run, _ = searched
+    path = run.filters.save_pretrained(tmp_path / "filters")
+    assert json.loads((path / "qfilters.json").read_text())["recipe"] == run.filters.recipe.to_dict()
+    loaded = QFilters.from_pretrained(path)
+    cache = QFiltersCache(tiny_llama.model, loaded, budget=24)
+    expected = run.filters.recipe.policy(24, tiny_llama.model, ScorerInputs(filters=loaded))
+    for layer, want in zip(cache.layers, expected.layers.values(), strict=True):
+        assert (layer.policy.budget, layer.policy.window, layer.policy.n_sinks) == (want.budget, want.window,
+                                                                                     want.n_sinks)
+        assert type(layer.policy.scorer) is type(want.scorer)
+
+
+def test_report_pages_show_the_recipe(searched) -> None:
+    run, _ = searched
+    text = render_markdown(run.report)
+    assert "### Eviction recipe" in text and "QFiltersCache(model, filters, budget=24)" in text
+    assert "never on evaluation text" in text
+    page = render_html(run.report)
+    assert 'id="recipe-table"' in page and html.escape(run.report.recipe.chosen[0].description) in page
+
+
+def test_the_search_is_reproducible_byte_for_byte(searched, tiny_llama) -> None:
+    run, _ = searched
+    again, _ = _run(tiny_llama)
+    assert report_json(again.report) == report_json(run.report)
+    assert again.filters.recipe == run.filters.recipe
+
+
+def test_without_the_flag_nothing_changes(tiny_llama) -> None:
+    from tests.test_validation import _tiny_run
+
+    plain, _ = _tiny_run(tiny_llama)
+    assert plain.report.recipe is None and plain.filters.recipe is None
+    assert all(x.policy != "recipe" for p in plain.report.perplexity for x in p.rows)
