@@ -24,7 +24,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="QFILTERS_", extra="ignore")
 
-    environment: str = Field("development", pattern="^(development|test|production)$")
+    environment: str = Field(default="development", pattern="^(development|test|production)$")
     data_dir: Path = Field(default_factory=default_data_dir)
     database_url: str = ""  # default: sqlite file under data_dir
     artifact_dir: Path | None = None  # default: data_dir / "artifacts"
@@ -32,9 +32,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = 1_000_000
     # Database connections per server process; pool + overflow is also how many requests run at once in a process
     # (the rest queue): keep workers x (pool + overflow) + the runner under PostgreSQL's max_connections.
-    db_pool_size: int = Field(10, ge=1)
-    db_max_overflow: int = Field(5, ge=0)
-    db_pool_timeout: float = Field(30.0, gt=0)
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=5, ge=0)
+    db_pool_timeout: float = Field(default=30.0, gt=0)
     # Who runs jobs: ``inline`` (the embedded default: one at a time inside the API process) or ``celery`` (the
     # worker pool of ``workers/``: the API only enqueues, by task name, and sweeps).
     executor: Literal["inline", "celery"] = "inline"
@@ -47,28 +47,30 @@ class Settings(BaseSettings):
     # Hugging Face cache holds); anything else must be confirmed by the Hub at submit time, within hub_timeout.
     allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_datasets: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    hub_timeout: float = Field(5.0, gt=0, le=60)
+    hub_timeout: float = Field(default=5.0, gt=0, le=60)
     # ---- worker pool (executor=celery)
     broker_url: str = "redis://127.0.0.1:6379/0"
     # Queues by the memory a job's model needs, "name=GiB" comma-separated: a job goes to the smallest that fits.
     queues: str = "cpu=16"
     artifact_url: str = ""  # fsspec URL of a store shared by many hosts (s3://bucket/qfilters); default: artifact_dir
-    sweep_seconds: float = Field(15.0, gt=0)  # how often the sweeper looks for lost messages and dead workers
-    requeue_after_seconds: float = Field(300.0, gt=0)  # a queued job or step not started after this is sent again
-    stale_after_seconds: float = Field(120.0, gt=0)  # a running step without heartbeat for this long lost its worker
-    heartbeat_seconds: float = Field(20.0, gt=0)
-    progress_seconds: float = Field(0.5, gt=0)  # a worker writes a calibration's progress at most this often
-    task_soft_time_limit: float = Field(6 * 3600.0, gt=0)  # per step; the hard limit adds a grace minute
-    metrics_port: int = Field(0, ge=0, le=65535)  # a worker's Prometheus endpoint (0: none)
+    sweep_seconds: float = Field(default=15.0, gt=0)  # how often the sweeper looks for lost messages and dead workers
+    # a queued job or step not started after this is sent again
+    requeue_after_seconds: float = Field(default=300.0, gt=0)
+    # a running step without heartbeat for this long lost its worker
+    stale_after_seconds: float = Field(default=120.0, gt=0)
+    heartbeat_seconds: float = Field(default=20.0, gt=0)
+    progress_seconds: float = Field(default=0.5, gt=0)  # a worker writes a calibration's progress at most this often
+    task_soft_time_limit: float = Field(default=6 * 3600.0, gt=0)  # per step; the hard limit adds a grace minute
+    metrics_port: int = Field(default=0, ge=0, le=65535)  # a worker's Prometheus endpoint (0: none)
     base_url: str = ""  # absolute URL prefix for download locations; default: the request's own
     # Publishing: where publications are pushed ("self": this registry's own Hub-compatible endpoint, reached at
     # base_url), the token for it (a secret file, never the database or a job payload), the default organisation of
     # repo ids (<org>/<base-model-name>-qfilters), and the largest commit the Hub endpoint accepts.
     hub_endpoint: str = "https://huggingface.co"
     hub_token_file: Path | None = None
-    hub_organization: str = Field("qfilters", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-    hub_max_commit_bytes: int = Field(256 * 1024 * 1024, ge=1024)
-    hub_retries: int = Field(4, ge=0, le=10)
+    hub_organization: str = Field(default="qfilters", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+    hub_max_commit_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    hub_retries: int = Field(default=4, ge=0, le=10)
 
     @field_validator("allowed_models", "allowed_datasets", mode="before")
     @classmethod

@@ -6,8 +6,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import CursorResult, Engine, MetaData, UpdateBase, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Stable constraint names, so that Alembic migrations can name what they drop on both backends.
@@ -76,3 +77,10 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def execute_dml(session: Session, statement: UpdateBase) -> CursorResult[Any]:
+    """``session.execute`` for an INSERT, UPDATE or DELETE, typed as what it returns: a :class:`CursorResult`, whose
+    ``rowcount`` says how many rows it touched. (SQLAlchemy 2.1 annotates ``Session.execute`` as returning a plain
+    ``Result`` for every statement, although its documentation promises a ``CursorResult`` for these.)"""
+    return cast("CursorResult[Any]", session.execute(statement))

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from registry.db import Base
 
-JOB_STATUSES = ("queued", "running", "validating", "publishing", "succeeded", "failed", "cancelled")
+JobStatus = Literal["queued", "running", "validating", "publishing", "succeeded", "failed", "cancelled"]
+JOB_STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 # Steps of a job run by the worker pool: waiting (for earlier steps), queued (a message is out), running, then final.
 TASK_STATUSES = ("waiting", "queued", "running", "done", "failed", "cancelled")
 ACTIVE_STATUSES = ("running", "validating", "publishing")
@@ -109,7 +110,7 @@ class Job(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     request: Mapped[dict[str, Any]] = mapped_column(JSON)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[JobStatus] = mapped_column(String(16), default="queued", index=True)
     phase: Mapped[str | None] = mapped_column(String(200))
     tokens_done: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_total: Mapped[int] = mapped_column(BigInteger, default=0)

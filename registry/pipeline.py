@@ -186,6 +186,7 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
         lm = models.get(body.model, body.revision or jobs.DEFAULT_REVISION, device)
         with factory.begin() as session:
             job = session.get(Job, job_id)
+            assert job is not None
             catalog.record_architecture(job.model, lm.info.to_dict(), lm.info.revision)
         filter_set_id = _validate_and_register(factory, store, job_id, body, lm, reporter)
         if body.publish_to:
@@ -198,7 +199,9 @@ def _run_steps(factory: sessionmaker[Session], store: ArtifactStore, job_id: str
                 reporter.status("publishing", f"publishing to {body.publish_to} on {hub.endpoint}")
                 if publish_publication(factory, store, hub, pub_id, worker="runner:" + runner_id) == "failed":
                     with factory() as session:
-                        detail = session.get(Publication, pub_id).detail  # type: ignore[union-attr]
+                        publication = session.get(Publication, pub_id)
+                        assert publication is not None
+                        detail = publication.detail
                     return "failed", f"publishing to {body.publish_to} failed: {detail}"
         return "succeeded", None
     except JobCancelled:
@@ -236,6 +239,7 @@ def _validate_and_register(factory: sessionmaker[Session], store: ArtifactStore,
         artifact_dir = run.filters.save_pretrained(Path(tmp) / "filters")
         with factory.begin() as session:
             job = session.get(Job, job_id)
+            assert job is not None
             for info in run.report.calibration_datasets:
                 catalog.record_dataset(session, info.spec, sha256=info.sha256, source=info.source,
                                        documents=info.documents, tokens=info.tokens)

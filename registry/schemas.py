@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_serializer, model_validator
 
-from registry.models import JOB_STATUSES
+from registry.models import JobStatus
 
 # Hub repo ids: "name" or "org/name", letters, digits, . _ -; no "..", no leading dot or dash, no path tricks.
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
@@ -60,8 +60,6 @@ RepoId = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_che
 Revision = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_check_revision)]
 AliasName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_check_alias)]
 DatasetSpec = Annotated[str, Field(min_length=1, max_length=300), AfterValidator(_check_dataset_spec)]
-JobStatus = Literal["queued", "running", "validating", "publishing", "succeeded", "failed", "cancelled"]
-assert set(JobStatus.__args__) == set(JOB_STATUSES)  # type: ignore[attr-defined]
 
 
 class _Out(BaseModel):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from registry.config import Settings
 from registry.dispatch import Sender, broker_app
@@ -80,7 +81,7 @@ class WorkerContext:
         return cls(ServiceContext.from_settings(settings), Sender(broker_app(settings)), ModelCache(device, dtype))
 
     @property
-    def factory(self) -> Any:
+    def factory(self) -> sessionmaker[Session]:
         return self.ctx.session_factory
 
     @property
@@ -160,7 +161,9 @@ def calibrate(w: WorkerContext, step: JobTask, beat: StepHeartbeat, on_rate: Any
     job, spec = load_job(w, step.job_id)
     lm = w.models.get(spec.model, spec.revision)
     with w.factory.begin() as session:
-        catalog.record_architecture(session.get(Job, job.id).model, lm.info.to_dict(), lm.info.revision)
+        row = session.get(Job, job.id)
+        assert row is not None
+        catalog.record_architecture(row.model, lm.info.to_dict(), lm.info.revision)
     dataset = parse_spec(spec.datasets[step.position], allow_local=False)  # Hub or embedded only, re-checked here
     result = calibrate_dataset(lm, dataset, spec.validation_settings(),
                                on_progress=CalibrationReporter(w, step, beat, on_rate))
@@ -187,7 +190,10 @@ def validate(w: WorkerContext, step: JobTask, beat: StepHeartbeat) -> list[steps
         runs = session.scalars(select(JobTask).where(JobTask.job_id == job.id, JobTask.kind == "calibrate")
                                .order_by(JobTask.position)).all()
     device = next(lm.model.parameters()).device
-    results = [load_result(w.ctx.store.read_bytes(r.result_sha256), device) for r in runs]
+    results = []
+    for r in runs:  # validate is released only once every calibration is done, and done names its result file
+        assert r.result_sha256 is not None
+        results.append(load_result(w.ctx.store.read_bytes(r.result_sha256), device))
     reporter = ProgressReporter(w.factory, job.id, steps.POOL, spec)
     reporter.calibrated = {s: spec.tokens for s in spec.datasets}
     started = time.perf_counter()
@@ -206,6 +212,7 @@ def validate(w: WorkerContext, step: JobTask, beat: StepHeartbeat) -> list[steps
         artifact_dir = run.filters.save_pretrained(Path(tmp) / "filters")
         with w.factory() as session:
             row = session.get(Job, job.id)
+            assert row is not None
             for info in report.calibration_datasets:
                 catalog.record_dataset(session, info.spec, sha256=info.sha256, source=info.source,
                                        documents=info.documents, tokens=info.tokens)
@@ -235,13 +242,17 @@ def publish(w: WorkerContext, step: JobTask) -> None:
         with w.factory.begin() as session:
             fs = session.scalar(select(FilterSet).where(FilterSet.job_id == step.job_id))
             assert fs is not None, "validate closed without a filter set"
-            asked = request_for_job(session, session.get(Job, job.id), fs, spec, actor=actor)
+            row = session.get(Job, job.id)
+            assert row is not None
+            asked = request_for_job(session, row, fs, spec, actor=actor)
         publication_id, error = asked.publication_id, asked.refused
         if publication_id is not None:
             hub = HubTarget.from_settings(w.ctx.settings)
             if publish_publication(w.factory, w.ctx.store, hub, publication_id, worker=actor) == "failed":
                 with w.factory() as session:
-                    detail = session.get(Publication, publication_id).detail  # type: ignore[union-attr]
+                    publication = session.get(Publication, publication_id)
+                    assert publication is not None
+                    detail = publication.detail
                 error = f"publishing to {spec.publish_to} failed: {detail}"
     with w.factory() as session:
         if not steps.done(session, step, w.worker_id):

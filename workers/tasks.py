@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.app import app
+
+if TYPE_CHECKING:  # annotations only: the job code is imported by the task that runs it
+    from registry.models import JobTask
+    from registry.services.steps import Message
+    from workers.jobcode import StepHeartbeat, WorkerContext
 
 log = logging.getLogger("qfilters.workers")
 _context: Any = None
@@ -79,7 +84,11 @@ def validate(self: Any, job_id: str) -> str:
 def publish(self: Any, job_id: str) -> str:
     from workers import jobcode
 
-    return _run_step(self, job_id, "publish", 0, lambda w, step, beat: jobcode.publish(w, step) or [])
+    def body(w: WorkerContext, step: JobTask, beat: StepHeartbeat) -> list[Message]:
+        jobcode.publish(w, step)
+        return []  # the last step: nothing to send next
+
+    return _run_step(self, job_id, "publish", 0, body)
 
 
 @app.task(name="qfilters.sweep", bind=True, ignore_result=True)

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
+from registry.db import execute_dml
 from registry.errors import RegistryError
 from registry.models import Blob, HubCommit, HubCommitFile, HubRef, HubRepo, HubRepoTag, utcnow
 from registry.services import audit
@@ -180,7 +181,7 @@ def history(session: Session, repo: HubRepo, revision: str, limit: int = 1000) -
     """Commits reachable from ``revision``, newest first."""
     sha: str | None = resolve(session, repo, revision)
     rows = {c.sha: c for c in session.scalars(select(HubCommit).where(HubCommit.repo_pk == repo.id)).all()}
-    out = []
+    out: list[HubCommit] = []
     while sha is not None and sha in rows and len(out) < limit:
         out.append(rows[sha])
         sha = rows[sha].parent_sha
@@ -264,10 +265,10 @@ def commit(session: Session, store: ArtifactStore, repo: HubRepo, branch: str, r
         files[path] = (sha256, git_blob_id(data), size)
     now = utcnow()
     sha = _new_commit(session, repo, head, files, request.summary, request.description, actor, now)
-    moved = session.execute(update(HubRef).where(HubRef.repo_pk == repo.id, HubRef.kind == "branch",
-                                                 HubRef.name == branch, HubRef.commit_sha == head)
-                            .values(commit_sha=sha, updated_at=now))
-    if moved.rowcount != 1:  # type: ignore[attr-defined]
+    moved = execute_dml(session, update(HubRef).where(HubRef.repo_pk == repo.id, HubRef.kind == "branch",
+                                                      HubRef.name == branch, HubRef.commit_sha == head)
+                                 .values(commit_sha=sha, updated_at=now))
+    if moved.rowcount != 1:
         raise HubError(f"the branch {branch!r} moved during the commit; retry", status=412)
     repo.last_modified = now
     if branch == DEFAULT_BRANCH:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from registry.db import execute_dml
 from registry.errors import Conflict, Forbidden, NotFound
 from registry.jobspec import JobSpec
 from registry.models import ACTIVE_STATUSES, ApiToken, BaseModel_, Dataset, Job, JobDataset, new_id, utcnow
@@ -195,7 +196,8 @@ def claim(session: Session, job_id: str, runner_id: str, *, commit: bool = True)
     Returns the job, or ``None`` if it was not queued (taken, cancelled, gone). The attempt is counted here.
     """
     now = utcnow()
-    result = session.execute(
+    result = execute_dml(
+        session,
         update(Job).where(Job.id == job_id, Job.status == "queued")
         .values(status="running", claimed_by=runner_id, attempts=Job.attempts + 1, started_at=now,
                 heartbeat_at=now, phase="starting", error=None)
@@ -231,15 +233,16 @@ class ProgressUpdate:
 
 def heartbeat(session: Session, job_id: str, runner_id: str) -> bool:
     """Prove the runner is alive during long steps that report no progress (a model download, say)."""
-    result = session.execute(update(Job).where(Job.id == job_id, Job.claimed_by == runner_id,
-                                               Job.status.in_(ACTIVE_STATUSES)).values(heartbeat_at=utcnow()))
+    result = execute_dml(session, update(Job).where(Job.id == job_id, Job.claimed_by == runner_id,
+                                                    Job.status.in_(ACTIVE_STATUSES)).values(heartbeat_at=utcnow()))
     session.commit()
     return result.rowcount == 1
 
 
 def write_progress(session: Session, job_id: str, runner_id: str, p: ProgressUpdate) -> bool:
     """Record progress and the heartbeat. Returns False if the runner no longer owns the job or cancel was asked."""
-    result = session.execute(
+    result = execute_dml(
+        session,
         update(Job).where(Job.id == job_id, Job.claimed_by == runner_id, Job.status.in_(ACTIVE_STATUSES))
         .values(status=p.status, phase=p.phase[:200], tokens_done=p.tokens_done, tokens_total=p.tokens_total,
                 steps_done=p.steps_done, steps_total=p.steps_total, fraction=p.fraction, eta_seconds=p.eta_seconds,
@@ -259,7 +262,8 @@ def still_wanted(session: Session, job_id: str, runner_id: str) -> bool:
 
 
 def finish(session: Session, job_id: str, runner_id: str, status: str, *, error: str | None = None) -> bool:
-    result = session.execute(
+    result = execute_dml(
+        session,
         update(Job).where(Job.id == job_id, Job.claimed_by == runner_id, Job.status.in_(ACTIVE_STATUSES))
         .values(status=status, error=error, finished_at=utcnow(), eta_seconds=None, heartbeat_at=utcnow(),
                 fraction=1.0 if status == "succeeded" else Job.fraction,
@@ -290,7 +294,8 @@ def recover_stale(session: Session, stale_after: dt.timedelta) -> list[str]:
         else:
             values = dict(status="queued", claimed_by=None, error=None,
                           phase=f"requeued: its runner stopped during attempt {job.attempts}")
-        result = session.execute(
+        result = execute_dml(
+            session,
             update(Job).where(Job.id == job.id, Job.status == job.status, Job.claimed_by == job.claimed_by)
             .values(**values)
         )

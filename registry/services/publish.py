@@ -26,6 +26,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry.config import Settings
+from registry.db import execute_dml
 from registry.models import FilterSet, Job, Publication, utcnow
 from registry.security import effective_scopes
 from registry.services import audit, catalog
@@ -154,14 +155,15 @@ def publish_publication(factory: sessionmaker[Session], store: ArtifactStore, ta
 def claim(session: Session, publication_id: int, stale_after: dt.timedelta) -> bool:
     """Take a pending publication, or one left 'publishing' by a publisher that stopped; one claimer wins."""
     now = utcnow()
-    result = session.execute(
+    result = execute_dml(
+        session,
         update(Publication)
         .where(Publication.id == publication_id,
                or_(Publication.status == "pending",
                    (Publication.status == "publishing") & (Publication.updated_at <= now - stale_after)))
         .values(status="publishing", attempts=Publication.attempts + 1, updated_at=now)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    return result.rowcount == 1
 
 
 def next_pending(session: Session, stale_after: dt.timedelta = STALE_AFTER) -> int | None:

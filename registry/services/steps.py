@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import Float, and_, case, cast, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from registry.db import execute_dml
 from registry.models import ACTIVE_STATUSES, Job, JobTask, utcnow
 from registry.services import audit, jobs
 
@@ -104,7 +105,8 @@ def claim(session: Session, job_id: str, kind: str, position: int, worker_id: st
         session.commit()
         return None
     now = utcnow()
-    result = session.execute(
+    result = execute_dml(
+        session,
         update(JobTask).where(_key(job_id, kind, position),
                               or_(JobTask.status == "queued",
                                   and_(JobTask.status == "running", JobTask.claimed_by == worker_id)))
@@ -136,9 +138,9 @@ def progress(session: Session, step: JobTask, worker_id: str, *, tokens_done: in
     values: dict = {"heartbeat_at": now}
     if tokens_done is not None:
         values["tokens_done"] = tokens_done
-    owned = session.execute(update(JobTask).where(_key(step.job_id, step.kind, step.position),
-                                                  JobTask.claimed_by == worker_id, JobTask.status == "running")
-                            .values(**values)).rowcount == 1
+    owned = execute_dml(session, update(JobTask).where(_key(step.job_id, step.kind, step.position),
+                                                       JobTask.claimed_by == worker_id, JobTask.status == "running")
+                                 .values(**values)).rowcount == 1
     job_values: dict = {"heartbeat_at": now}
     if tokens_done is not None:  # the job's totals are the sum over its calibrations, whichever worker runs them
         done = select(func.coalesce(func.sum(JobTask.tokens_done), 0)).where(
@@ -158,7 +160,8 @@ def progress(session: Session, step: JobTask, worker_id: str, *, tokens_done: in
 def done(session: Session, step: JobTask, worker_id: str, *, result_sha256: str | None = None,
          seconds: float | None = None) -> bool:
     """Close an owned step (in the caller's transaction, with whatever it registers); False if no longer owned."""
-    result = session.execute(
+    result = execute_dml(
+        session,
         update(JobTask).where(_key(step.job_id, step.kind, step.position), JobTask.claimed_by == worker_id,
                               JobTask.status == "running")
         .values(status="done", finished_at=utcnow(), heartbeat_at=utcnow(), result_sha256=result_sha256,
@@ -173,17 +176,17 @@ def release(session: Session, job_id: str, kind: str, queue: str) -> Message | N
     earlier = KINDS[: KINDS.index(kind)]
     pending = exists().where(JobTask.job_id == job_id, JobTask.kind.in_(earlier), JobTask.status != "done")
     task_id = _task_id(job_id, kind, 0)
-    moved = session.execute(update(JobTask).where(_key(job_id, kind, 0), JobTask.status == "waiting", ~pending)
-                            .values(status="queued", sent_at=utcnow(), task_id=task_id)).rowcount == 1
+    moved = execute_dml(session, update(JobTask).where(_key(job_id, kind, 0), JobTask.status == "waiting", ~pending)
+                                 .values(status="queued", sent_at=utcnow(), task_id=task_id)).rowcount == 1
     session.commit()
     return Message(TASK_NAMES[kind], (job_id,), queue, task_id) if moved else None
 
 
 def give_back(session: Session, step: JobTask, worker_id: str, error: str) -> bool:
     """A failed attempt that may succeed later (database, broker, out of memory): back to queued, reason kept."""
-    result = session.execute(update(JobTask).where(_key(step.job_id, step.kind, step.position),
-                                                   JobTask.claimed_by == worker_id, JobTask.status == "running")
-                             .values(status="queued", claimed_by=None, error=error[:2000], sent_at=utcnow()))
+    result = execute_dml(session, update(JobTask).where(_key(step.job_id, step.kind, step.position),
+                                                        JobTask.claimed_by == worker_id, JobTask.status == "running")
+                                  .values(status="queued", claimed_by=None, error=error[:2000], sent_at=utcnow()))
     session.commit()
     return result.rowcount == 1
 
@@ -250,7 +253,8 @@ def sweep(session: Session, *, requeue_after: dt.timedelta, stale_after: dt.time
             audit.record(session, "system", "job.step.recover", "job", job.id, step=f"{step.kind}{step.position}",
                          attempt=step.attempts)
         task_id = _task_id(job.id, step.kind, step.position)
-        moved = session.execute(
+        moved = execute_dml(
+            session,
             update(JobTask).where(_key(job.id, step.kind, step.position), JobTask.status == step.status,
                                   JobTask.claimed_by.is_(step.claimed_by) if step.claimed_by is None
                                   else JobTask.claimed_by == step.claimed_by)
@@ -263,8 +267,8 @@ def sweep(session: Session, *, requeue_after: dt.timedelta, stale_after: dt.time
     for job_id, kind in session.execute(
             select(JobTask.job_id, JobTask.kind).join(Job, Job.id == JobTask.job_id)
             .where(JobTask.status == "waiting", Job.status.in_(ACTIVE_STATUSES))).all():
-        job = session.get(Job, job_id)
-        released = release(session, job_id, kind, (job.queue if job else None) or default_queue)
+        owner = session.get(Job, job_id)
+        released = release(session, job_id, kind, (owner.queue if owner else None) or default_queue)
         if released is not None:
             messages.append(released)
     return messages

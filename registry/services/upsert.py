@@ -5,6 +5,7 @@ Concurrent identical submissions all end on the same row without savepoints or r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import select
@@ -16,7 +17,10 @@ T = TypeVar("T")
 
 def insert_ignore(session: Session, model: type[T], values: dict[str, Any], conflict: list[str]) -> None:
     dialect = session.get_bind().dialect.name
-    insert = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}.get(dialect)
+    # each dialect's own Insert (the generic one has no ON CONFLICT)
+    inserts: dict[str, Callable[[type[T]], postgresql.Insert | sqlite.Insert]] = {
+        "postgresql": postgresql.insert, "sqlite": sqlite.insert}
+    insert = inserts.get(dialect)
     if insert is None:
         raise RuntimeError(f"unsupported database dialect {dialect!r}: use PostgreSQL or SQLite")
     session.execute(insert(model).values(**values).on_conflict_do_nothing(index_elements=conflict))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
@@ -37,8 +37,9 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 Id = Annotated[int, Path(ge=1, le=2**31 - 1)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0, le=2**31 - 1)]
-ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem},
-          422: {"model": Problem}}
+# the type FastAPI's ``responses=`` takes (a plain literal infers dict[int, ...], which it refuses)
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem},
+                                          409: {"model": Problem}, 422: {"model": Problem}}
 FileName = ArtifactFileName  # the format's own list of file names: the library owns it
 IMMUTABLE = "public, max-age=31536000, immutable"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 
@@ -14,8 +14,9 @@ from registry.services import jobs, sources
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 JobId = Annotated[str, Path(pattern="^[0-9a-f]{32}$", description="job id (32 hex digits)")]
-ERRORS = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem},
-          422: {"model": Problem}}
+# the type FastAPI's ``responses=`` takes (a plain literal infers dict[int, ...], which it refuses)
+ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": Problem}, 403: {"model": Problem}, 404: {"model": Problem},
+                                          409: {"model": Problem}, 422: {"model": Problem}}
 # OpenAPI links: what a client (or a stateful test) can do next with the job a submission returns.
 JOB_LINKS = {name: {"operationRef": f"#/paths/~1v1~1jobs~1{{job_id}}{suffix}",
                     "parameters": {"job_id": "$response.body#/id"}}
