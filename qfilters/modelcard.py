@@ -141,7 +141,7 @@ def build_model_card(filter_dir: str | Path, *, repo_id: str, report: Validation
         if heading:
             lines += ["", heading + usage]
     else:
-        lines += _figures(figures) + [""] + _usage(base, repo_id)
+        lines += _figures(figures) + [""] + _usage(base, repo_id, meta.get("recipe") is not None)
     lines += ["", *_provenance(meta, provenance, specs, report)]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n")
     return card
@@ -156,13 +156,15 @@ def _figures(figures: Sequence[tuple[str, str]]) -> list[str]:
     return out
 
 
-def _usage(base: str, repo_id: str) -> list[str]:
+def _usage(base: str, repo_id: str, has_recipe: bool = False) -> list[str]:
+    cache_line = ("cache = QFiltersCache(model, filters, budget=512)  # the eviction recipe stored with the filters"
+                  if has_recipe else "cache = QFiltersCache(model, QFilterScorer(filters), budget=512, window=64)")
     snippet = (
         "from transformers import AutoModelForCausalLM\n"
         "from qfilters import QFilters, QFiltersCache, QFilterScorer\n\n"
         f"model = AutoModelForCausalLM.from_pretrained({base!r})\n"
         f"filters = QFilters.from_pretrained({repo_id!r})\n"
-        "cache = QFiltersCache(model, QFilterScorer(filters), budget=512, window=64)\n"
+        f"{cache_line}\n"
         "out = model.generate(input_ids, cache=cache, max_new_tokens=256)"
     )
     kvpress = (
@@ -190,6 +192,12 @@ def _provenance(meta: dict[str, Any], provenance: dict[str, Any], specs: Sequenc
             ("seed", calibration.get("seed")), ("dtype", calibration.get("dtype")),
             ("torch / transformers", " / ".join(str(calibration[k]) for k in ("torch_version", "transformers_version")
                                                 if calibration.get(k)) or None)]
+    recipe = meta.get("recipe")
+    if isinstance(recipe, dict) and isinstance(recipe.get("by_budget"), dict):
+        rows.append(("eviction recipe", "; ".join(
+            f"budget {b}: {r.get('scorer')}, window {r.get('window_share')}, {r.get('n_sinks')} sinks, "
+            f"{r.get('allocation')}" for b, r in recipe["by_budget"].items() if isinstance(r, dict))
+            + f" (searched on {recipe.get('searched_on') or 'calibration text'})"))
     lines = ["## Provenance", "", "| | |", "| --- | --- |"]
     lines += [f"| {name} | {md(value)} |" for name, value in rows if value not in (None, "")]
     datasets = [d for d in calibration.get("datasets", []) if isinstance(d, dict)]

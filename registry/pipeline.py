@@ -78,7 +78,10 @@ class ProgressReporter:
         else:
             per_step = (now - started) / p.completed if p.completed else None
             eta = per_step * (p.total - p.completed) if per_step is not None else None
-            if p.phase == "evaluate":
+            if p.phase == "recipe":
+                fraction = CALIBRATION_WEIGHT
+                phase = "searching an eviction recipe on calibration text"
+            elif p.phase == "evaluate":
                 index = self.eval_labels.index(p.label) if p.label in self.eval_labels else 0
                 fraction = CALIBRATION_WEIGHT + EVALUATION_WEIGHT * (index + share) / max(len(self.eval_labels), 1)
                 phase = f"evaluating on {p.label}"

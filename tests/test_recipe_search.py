@@ -130,3 +130,15 @@ def test_without_the_flag_nothing_changes(tiny_llama) -> None:
     plain, _ = _tiny_run(tiny_llama)
     assert plain.report.recipe is None and plain.filters.recipe is None
     assert all(x.policy != "recipe" for p in plain.report.perplexity for x in p.rows)
+
+
+def test_the_model_card_shows_the_recipe(searched, tmp_path) -> None:
+    from qfilters.modelcard import build_model_card
+
+    run, _ = searched
+    path = run.filters.save_pretrained(tmp_path / "filters")
+    with_report = str(build_model_card(path, repo_id="org/tiny-qfilters", report=run.report, base_model="org/tiny"))
+    assert "### Eviction recipe" in with_report and "QFiltersCache(model, filters, budget=24)" in with_report
+    bare = str(build_model_card(path, repo_id="org/tiny-qfilters", base_model="org/tiny"))
+    assert "eviction recipe" in bare and "QFiltersCache(model, filters, budget=512)" in bare
+    assert "calibration text" in bare
