@@ -3,6 +3,9 @@
 The API validates a request once, at submission, and stores it canonical (``Job.request``, ``Job.spec_version``).
 Workers read it back through :meth:`JobSpec.from_row`, so a job queued before the API's schema changed still runs:
 a new version adds a branch here, old rows keep their meaning.
+
+Versions: 1, the first; 2 adds ``search_recipe``/``recipe_docs`` (only jobs that search a recipe are written as 2,
+so workers that predate it refuse those jobs instead of silently skipping the search, and run all others).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-CURRENT_VERSION = 1
+CURRENT_VERSION = 2
 
 
 class SpecError(ValueError):
@@ -35,6 +38,8 @@ class JobSpec:
     gates: dict[str, float] = field(default_factory=dict)
     publish_to: str | None = None
     force_publish: bool = False
+    search_recipe: bool = False
+    recipe_docs: int = 1
 
     @classmethod
     def from_row(cls, version: int | None, request: dict[str, Any]) -> JobSpec:
@@ -47,7 +52,8 @@ class JobSpec:
                    batch_size=int(r.get("batch_size", 2)), eval_seq_len=int(r["eval_seq_len"]),
                    score_last=r.get("score_last"), seed=int(r.get("seed", 0)), budgets=r.get("budgets"),
                    window=int(r.get("window", 64)), max_docs=r.get("max_docs"), gates=dict(r.get("gates") or {}),
-                   publish_to=r.get("publish_to"), force_publish=bool(r.get("force_publish", False)))
+                   publish_to=r.get("publish_to"), force_publish=bool(r.get("force_publish", False)),
+                   search_recipe=bool(r.get("search_recipe", False)), recipe_docs=int(r.get("recipe_docs", 1)))
 
     @classmethod
     def of(cls, job: Any) -> JobSpec:
@@ -61,4 +67,4 @@ class JobSpec:
             tokens_per_dataset=self.tokens, calib_seq_len=self.seq_len, calib_batch_size=self.batch_size,
             seed=self.seed, eval_seq_len=self.eval_seq_len, score_last=self.score_last or self.eval_seq_len // 2,
             budgets=tuple(self.budgets) if self.budgets else None, window=self.window, max_docs=self.max_docs,
-            gates=dict(self.gates))
+            gates=dict(self.gates), search_recipe=self.search_recipe, recipe_docs=self.recipe_docs)

@@ -100,6 +100,9 @@ class JobCreate(BaseModel):
     publish_to: RepoId | None = Field(None, description="Hub repo to publish to when the verdict passes (needs "
                                                         "the publish scope)")
     force_publish: bool = Field(False, description="publish even if the verdict fails (needs the publish scope)")
+    search_recipe: bool = Field(False, description="search an eviction recipe on calibration text and ship it in "
+                                                   "the filters' qfilters.json (measured on the eval datasets)")
+    recipe_docs: int = Field(1, ge=1, le=64, description="documents of each calibration dataset the search uses")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobCreate:
@@ -126,7 +129,7 @@ class JobCreate(BaseModel):
             tokens_per_dataset=self.tokens, calib_seq_len=self.seq_len, calib_batch_size=self.batch_size,
             seed=self.seed, eval_seq_len=self.eval_seq_len, score_last=self.score_last or self.eval_seq_len // 2,
             budgets=tuple(self.budgets) if self.budgets else None, window=self.window, max_docs=self.max_docs,
-            gates=dict(self.gates),
+            gates=dict(self.gates), search_recipe=self.search_recipe, recipe_docs=self.recipe_docs,
         )
 
 

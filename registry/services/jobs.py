@@ -32,6 +32,8 @@ DEFAULT_REVISION = "main"
 def canonical_request(body: JobCreate) -> dict:
     data = body.model_dump(mode="json")
     data["revision"] = data["revision"] or DEFAULT_REVISION
+    if not data["search_recipe"]:  # spec version 1's shape: a request from before these fields hashes the same
+        del data["search_recipe"], data["recipe_docs"]
     return data
 
 
@@ -100,7 +102,7 @@ def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: 
     values = dict(id=job_id, token_id=token.id, idempotency_key=idempotency_key, request_hash=digest,
                   request=request, model_id=model.id, status="queued", max_attempts=max_attempts, created_at=utcnow(),
                   tokens_done=0, tokens_total=body.tokens * len(body.datasets), steps_done=0, steps_total=0,
-                  fraction=0.0, attempts=0, cancel_requested=False)
+                  fraction=0.0, attempts=0, cancel_requested=False, spec_version=2 if body.search_recipe else 1)
     if idempotency_key is None:
         session.add(Job(**values))
         session.flush()

@@ -416,3 +416,30 @@ def test_a_burst_larger_than_the_pool_queues_instead_of_failing(postgres_server,
     finally:
         reg.close()
         _drop_pg_database(postgres_server, name)
+
+
+def test_a_job_can_search_a_recipe_and_ships_it_with_the_filters(registry, tiny_llama, tmp_path) -> None:
+    from qfilters.artifact import QFilters
+    from qfilters.validation.schema import ValidationReport
+    from registry.db import session_scope
+    from registry.models import Job
+
+    client, headers = registry.client, registry.auth(registry.token("submit", "publish"))
+    plain = client.post("/v1/jobs", json=_job(), headers=headers).json()
+    job = client.post("/v1/jobs", json=_job(gates=PASSING_GATES, search_recipe=True), headers=headers).json()
+    with session_scope(registry.state.session_factory) as s:  # only recipe jobs need workers knowing spec 2
+        assert s.get(Job, plain["id"]).spec_version == 1 and "search_recipe" not in s.get(Job, plain["id"]).request
+        assert s.get(Job, job["id"]).spec_version == 2 and s.get(Job, job["id"]).request["search_recipe"] is True
+    assert "succeeded" in run_queued_jobs(registry, tiny_llama)
+    done = client.get(f"/v1/jobs/{job['id']}").json()
+    fs = client.get(f"/v1/filter-sets/{done['filter_set_id']}").json()
+    report = ValidationReport.model_validate_json(client.get(fs["links"]["report_json"]).content)
+    assert report.recipe is not None and [c.budget for c in report.recipe.chosen] == [24, 48]
+    out = tmp_path / "downloaded"
+    out.mkdir()
+    for f in fs["files"]:
+        (out / f["name"]).write_bytes(client.get(f["url"]).content)
+    loaded = QFilters.from_pretrained(out, expected_shape=tiny_llama.info.filter_shape)
+    assert loaded.recipe is not None and loaded.recipe.to_dict()["by_budget"] == {
+        str(c.budget): c.recipe for c in report.recipe.chosen}
+    assert "Eviction recipe" in client.get(f"/v1/filter-sets/{fs['id']}/report.md").text
