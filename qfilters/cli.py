@@ -213,7 +213,7 @@ def passkey(
 
             qf = QFilters.from_pretrained(filters, expected_shape=lm.info.filter_shape)
             moments = load_moments(filters) if Path(filters).is_dir() else None
-        policies = standard_policies(lm.model, sorted(set(budget)), window, qf, moments)
+        policies = standard_policies(lm.model, sorted(set(budget)), window, qf, moments, context)
         run = run_passkey(lm.model, make_trials(lm.tokenizer, filler, trials, context, seed), policies)
     except (QFiltersError, ValueError) as e:
         _fail(e)

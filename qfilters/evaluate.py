@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from qfilters.data import Corpus
     from qfilters.moments import QueryMoments
 
+RECIPE = "recipe"  # the policy-table row of a filter set's stored recipe
+
 __all__ = ["EvalChunks", "EvalResult", "EvalRow", "PerplexityResult", "encode_document", "evaluate_chunks",
            "evaluate_policies", "perplexity", "perplexity_reference", "select_chunks"]
 
@@ -220,7 +222,11 @@ def evaluate_policies(
     model in the result (default: the config's ``_name_or_path``, a cache path for embedded models, so pass
     ``LoadedModel.info.model_id``).
     """
-    names = list(policies) if policies is not None else [FULL, *compared_policies()]
+    recipe = getattr(filters, "recipe", None)  # a validated filter set's searched recipe: compared by default
+    names = list(policies) if policies is not None else [
+        FULL, *compared_policies(), *([RECIPE] if recipe is not None else [])]
+    if RECIPE in names and recipe is None:
+        raise ValueError("the 'recipe' policy needs filters that carry one (qfilters validate --search-recipe)")
     unknown = [p for p in names if p not in POLICY_TABLE]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose among {list(POLICY_TABLE)}")
@@ -230,10 +236,12 @@ def evaluate_policies(
         check_budget(b, window)
     scored_tokens(seq_len, score_last)
     inputs = ScorerInputs(filters=filters, query_stats=query_stats, n_sinks=n_sinks_streaming)
-    scorers = {p: build_scorer(p, inputs) for p in names if p != FULL}
+    scorers = {p: build_scorer(p, inputs) for p in names if p not in (FULL, RECIPE)}
     layers = tuple(uncompressed_layers)
-    grid = {(p, b): EvictionPolicy(s, b, window, uncompressed_layers=layers) for p, s in scorers.items()
-            for b in budgets}
+    grid: dict[tuple[str, int], PolicyLike] = {
+        (p, b): EvictionPolicy(s, b, window, uncompressed_layers=layers) for p, s in scorers.items() for b in budgets}
+    if RECIPE in names:  # per layer: its own windows and sinks, whole layers paid for at seq_len
+        grid.update({(RECIPE, b): recipe.policy(b, model, inputs, seq_len) for b in budgets})
     chunks = select_chunks(tokenizer, corpus, seq_len, max_docs)
     config = {
         "model": model_id or str(getattr(model.config, "_name_or_path", "")),
@@ -249,5 +257,7 @@ def evaluate_policies(
         "bos": "prepended when the tokenizer has one and does not add it",
         "scorers": {p: s.describe() for p, s in scorers.items()},
     }
+    if RECIPE in names:
+        config[RECIPE] = recipe.to_dict()
     return evaluate_chunks(model, chunks, grid, score_last=score_last, config=config, progress=progress,
                            on_step=on_step)

@@ -227,9 +227,10 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
 
 
 def standard_policies(model: Any, budgets: Sequence[int], window: int = 64, filters: Any = None,
-                      moments: Any = None) -> dict[str, Any]:
+                      moments: Any = None, context_length: int | None = None) -> dict[str, Any]:
     """Full cache, then per budget: StreamingLLM (4 sinks), K-norm, Q-Filters / mean query / Gaussian when given,
-    and the SnapKV reference; static scorers keep ``min(window, budget // 2)`` recent keys, uniformly per layer."""
+    the filter set's searched recipe when it carries one, and the SnapKV reference; static scorers keep
+    ``min(window, budget // 2)`` recent keys, uniformly per layer."""
     from qfilters.policy_table import ScorerInputs, build_scorer
 
     inputs = ScorerInputs(filters=filters, query_stats=moments, n_sinks=4)
@@ -241,5 +242,8 @@ def standard_policies(model: Any, budgets: Sequence[int], window: int = 64, filt
     for b in budgets:
         for name, scorer in scorers.items():
             out[f"{name}@{b}"] = LayerwisePolicy.uniform(EvictionPolicy(scorer, b, min(window, b // 2)), layers)
+        recipe = getattr(filters, "recipe", None)
+        if recipe is not None:
+            out[f"recipe@{b}"] = recipe.policy(b, model, inputs, context_length)
         out[f"snapkv@{b}"] = SnapKV(b)
     return out

@@ -116,3 +116,27 @@ def test_recipe_cache_generates(tiny_llama) -> None:
     assert out.shape == (1, 95)
     assert all(layer.keys.shape[-2] <= 64 for layer in cache.layers)
     assert isinstance(BOOK.policy(64, tiny_llama.model, ScorerInputs(filters=filters)), LayerwisePolicy)
+
+
+def test_eval_and_passkey_compare_the_stored_recipe(tiny_llama) -> None:
+    from qfilters.data.chunks import select_chunks
+    from qfilters.evaluate import evaluate_chunks, evaluate_policies
+    from qfilters.passkey import standard_policies
+    from tests.test_validation import _corpus
+
+    filters = _filters().with_recipe(BOOK)
+    kw = dict(budgets=[48], window=12, seq_len=128, score_last=64, max_docs=2, progress=False)
+    result = evaluate_policies(tiny_llama.model, tiny_llama.tokenizer, _corpus(3), filters, **kw)
+    assert result.policies == ["qfilters", "knorm", "streamingllm", "recipe"]
+    assert result.config["recipe"] == BOOK.to_dict()
+    chunks = select_chunks(tiny_llama.tokenizer, _corpus(3), 128, 2)
+    direct = evaluate_chunks(tiny_llama.model, chunks, {("r", 48): BOOK.policy(
+        48, tiny_llama.model, ScorerInputs(filters=filters), 128)}, score_last=64)
+    assert result.perplexity("recipe", 48) == direct.perplexity("r", 48)
+    plain = evaluate_policies(tiny_llama.model, tiny_llama.tokenizer, _corpus(3), _filters(), **kw)
+    assert "recipe" not in plain.policies  # filters without a recipe: the same comparison as before
+    with pytest.raises(ValueError, match="search-recipe"):
+        evaluate_policies(tiny_llama.model, tiny_llama.tokenizer, _corpus(3), _filters(), policies=["recipe"], **kw)
+    policies = standard_policies(tiny_llama.model, [48], 12, filters, context_length=128)
+    assert isinstance(policies["recipe@48"], LayerwisePolicy)
+    assert "recipe@48" not in standard_policies(tiny_llama.model, [48], 12, _filters())
