@@ -13,16 +13,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from qfilters.errors import ModelError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 PREFIX = "qfilters+"
 
 AttentionFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+class AttentionModule(Protocol):
+    """What transformers hands an attention function: one layer's self-attention module (an ``nn.Module``), which
+    knows its layer index."""
+
+    layer_idx: int
 
 
 class AttentionHook(Protocol):
@@ -30,7 +40,7 @@ class AttentionHook(Protocol):
 
     def __call__(
         self,
-        module: nn.Module,
+        module: AttentionModule,
         query: torch.Tensor,  # [B, H_q, T_q, D], post-RoPE
         key: torch.Tensor,  # [B, H_kv, T_k, D], post-RoPE, already concatenated with any cache
         value: torch.Tensor,  # [B, H_kv, T_k, D_v]
@@ -63,7 +73,8 @@ def _ensure_registered(base: str) -> str:
         )
     base_fn = ALL_ATTENTION_FUNCTIONS[base]
 
-    def dispatch(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    def dispatch(module: AttentionModule, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         hook = _active_hook.get()
         if hook is None:  # model left in our mode outside a context: behave exactly like the base kernel
             return base_fn(module, query, key, value, attention_mask, **kwargs)
@@ -77,18 +88,20 @@ def _ensure_registered(base: str) -> str:
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules that go through the attention interface, ordered by ``layer_idx``."""
-    layers = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config")]
-    layers = [m for m in layers if any(hasattr(m, p) for p in ("q_proj", "qkv_proj", "query_key_value", "c_attn"))]
-    if not layers:
+    indexed = [(i, m) for m in model.modules()
+               if isinstance(i := getattr(m, "layer_idx", None), int) and hasattr(m, "config")]
+    indexed = [(i, m) for i, m in indexed
+               if any(hasattr(m, p) for p in ("q_proj", "qkv_proj", "query_key_value", "c_attn"))]
+    if not indexed:
         raise ModelError(
             f"{type(model).__name__} has no attention layers qfilters can observe (no module with a layer_idx and "
             "query projection); Q-Filters need a transformer causal LM"
         )
-    return sorted(layers, key=lambda m: m.layer_idx)
+    return [m for _, m in sorted(indexed, key=lambda pair: pair[0])]
 
 
 @contextmanager
-def attention_hook(model: nn.Module, hook: AttentionHook) -> Iterator[None]:
+def attention_hook(model: PreTrainedModel, hook: AttentionHook) -> Iterator[None]:
     """Route ``model``'s attention calls through ``hook`` inside the ``with`` block, then restore the model."""
     if not hasattr(model, "set_attn_implementation"):
         raise ModelError(f"{type(model).__name__} is not a transformers PreTrainedModel")

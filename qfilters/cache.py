@@ -81,6 +81,9 @@ class EvictingLayer(DynamicLayer):
         new_scores = self.policy.scores(key_states, self.layer_idx, new_pos)
         self.seen += n_new
 
+        # set by lazy_initialization, cleared only by reset() (which clears is_initialized too)
+        assert self.keys is not None and self.values is not None
+        assert self.scores is not None and self.positions is not None
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         scores = torch.cat([self.scores, new_scores], dim=-1)
@@ -136,12 +139,16 @@ class EvictingLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
+            assert self.keys is not None and self.values is not None
+            assert self.scores is not None and self.positions is not None
             self.keys, self.values, self.scores, self.positions = (
                 t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values, self.scores, self.positions)
             )
 
     def batch_select_indices(self, indices: Tensor) -> None:
         if self.is_initialized:
+            assert self.keys is not None and self.values is not None
+            assert self.scores is not None and self.positions is not None
             idx = indices.to(self.scores.device)
             self.keys, self.values, self.scores, self.positions = (
                 t.index_select(0, idx) for t in (self.keys, self.values, self.scores, self.positions)

@@ -11,14 +11,17 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qfilters.attention import attention_hook
+from qfilters.attention import AttentionFn, AttentionModule, attention_hook
 from qfilters.errors import CalibrationError
 from qfilters.models import LoadedModel
-from qfilters.query_stats import QueryStatistics, cosine, group_mean
+from qfilters.query_stats import Directions, QueryStatistics, cosine, group_mean
+
+if TYPE_CHECKING:
+    from qfilters.data import Corpus
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,12 @@ class _QueryCapture:
         self.half_of_row: torch.Tensor | None = None  # [B]
         self.layers_seen: set[int] = set()
 
-    def __call__(self, module, query, key, value, attention_mask, base_fn, **kwargs):
+    def __call__(self, module: AttentionModule, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, base_fn: AttentionFn,
+                 **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         layer = module.layer_idx
         self.layers_seen.add(layer)
+        assert self.half_of_row is not None  # calibrate() sets it before each forward pass
         self.stats.add(layer, query.detach(), self.half_of_row, self.token_mask)
         return base_fn(module, query, key, value, attention_mask, **kwargs)
 
@@ -216,7 +222,7 @@ def combine_results(lm: LoadedModel, results: Sequence[CalibrationResult]) -> An
 
     if not results or any(r.statistics is None for r in results):
         raise CalibrationError("combine_results needs calibration results that carry their statistics")
-    stats = QueryStatistics.merged([r.statistics for r in results])
+    stats = QueryStatistics.merged([r.statistics for r in results if r.statistics is not None])  # all, checked above
     directions = stats.directions()
     provenances = [r.filters.provenance for r in results]
     calibration = dict(provenances[0]["calibration"])
@@ -242,8 +248,9 @@ def _rounded(t: torch.Tensor | None, digits: int = 6) -> list | None:
     return None if t is None else [[round(float(x), digits) for x in row] for row in t.cpu()]
 
 
-def _provenance(lm, corpora, config, stats, directions, checkpoints, tokens_per_dataset, docs, sequences,
-                stopped_early) -> dict[str, Any]:
+def _provenance(lm: LoadedModel, corpora: Sequence[Corpus], config: CalibrationConfig, stats: QueryStatistics,
+                directions: Directions, checkpoints: list[Checkpoint], tokens_per_dataset: list[int], docs: list[int],
+                sequences: int, stopped_early: bool) -> dict[str, Any]:
     import transformers
 
     import qfilters
@@ -275,7 +282,7 @@ def _provenance(lm, corpora, config, stats, directions, checkpoints, tokens_per_
     }
 
 
-def _statistics(stats: QueryStatistics, directions, num_kv_heads: int) -> dict[str, Any]:
+def _statistics(stats: QueryStatistics, directions: Directions, num_kv_heads: int) -> dict[str, Any]:
     """Per-head statistics recorded in provenance: sampling noise, anisotropy, GQA agreement."""
     halves = [group_mean(stats.directions(h).v1, num_kv_heads) for h in (0, 1)]
     kv_now = group_mean(directions.v1, num_kv_heads)

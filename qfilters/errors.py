@@ -6,6 +6,8 @@ Each one also derives from the built-in a caller would naturally catch (``ValueE
 
 from __future__ import annotations
 
+import os
+
 
 class QFiltersError(Exception):
     """Base class for every error raised on purpose by qfilters."""
@@ -14,7 +16,7 @@ class QFiltersError(Exception):
 class ArtifactError(QFiltersError, ValueError):
     """A filter artifact is malformed, corrupted or does not match what it claims to be."""
 
-    def __init__(self, path: str, problem: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")

@@ -68,7 +68,8 @@ def _kth_beater_sweep(scores: Tensor, k: int) -> Tensor:
     out = [[[length] * length for _ in range(heads)] for _ in range(batch)]
     for b in range(batch):
         for h in range(heads):
-            e, heap = out[b][h], []  # heap of -position: the k smallest positions among the keys visited
+            e = out[b][h]
+            heap: list[int] = []  # heap of -position: the k smallest positions among the keys visited
             for j in order[b][h]:
                 if len(heap) == k:
                     e[j] = -heap[0]

@@ -116,9 +116,9 @@ def collect_files(filter_set_dir: str | os.PathLike[str], repo_id: str, *, card:
         for name in REPORT_FILES:
             if (rdir / name).is_file():
                 files[REPORT_PREFIX + name] = (rdir / name).read_bytes()
-        for path, caption, png in _figures(report):
-            files[path] = png
-            figures.append((path, caption))
+        for figure_path, caption, png in _figures(report):
+            files[figure_path] = png
+            figures.append((figure_path, caption))
     if card is None:
         from qfilters.modelcard import build_model_card
 

@@ -53,7 +53,9 @@ def download(
         from huggingface_hub import try_to_load_from_cache
 
         try:
-            hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+            # huggingface_hub annotates cache_dir as str | Path; its docstring and os.path.join take any os.PathLike
+            hit = try_to_load_from_cache(
+                repo_id, filename, cache_dir=cache_dir, revision=revision)  # type: ignore[arg-type]
         except ValueError:  # an id huggingface_hub rejects: hf_hub_download below raises it, translated
             hit = _SAME
         if isinstance(hit, str):
@@ -77,7 +79,7 @@ def download(
                 filename,
                 revision=revision,
                 token=token,
-                cache_dir=cache_dir,
+                cache_dir=cache_dir,  # type: ignore[arg-type]  # hf annotates str | Path, takes any os.PathLike
                 local_files_only=local_files_only,
                 endpoint=endpoint,
                 force_download=force_download,
@@ -124,10 +126,11 @@ def fetch_artifact(
     # Pin the other files to the commit config.json came from, so a concurrent push cannot mix two versions.
     commit = commit_of(config_path)
     offline = (local_files_only or hf_offline()) and not force_download
+    meta_path: Path | None
     if offline and commit is not None and (config_path.parent / WEIGHTS_NAME).is_file():
         # Cached snapshot: its siblings are the same commit's files; a missing qfilters.json was never fetched.
         weights_path = config_path.parent / WEIGHTS_NAME
-        meta_path: Path | None = config_path.parent / METADATA_NAME
+        meta_path = config_path.parent / METADATA_NAME
         if not meta_path.is_file():
             meta_path = None
     else:
@@ -152,7 +155,9 @@ def cached(repo_id: str, filename: str, *, revision: str | None,
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+        # huggingface_hub annotates cache_dir as str | Path; its docstring and os.path.join take any os.PathLike
+        hit = try_to_load_from_cache(
+            repo_id, filename, cache_dir=cache_dir, revision=revision)  # type: ignore[arg-type]
     except ValueError:  # an id huggingface_hub rejects: download() gives the clear error
         return None
     return Path(hit) if isinstance(hit, str) else None
@@ -201,8 +206,8 @@ def translate_hub_error(
     from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
-    def cls(name: str) -> type[BaseException]:
-        return getattr(hf_errors, name, ())  # type: ignore[return-value]
+    def cls(name: str) -> type[BaseException] | tuple[()]:  # () matches nothing: a class this version lacks
+        return getattr(hf_errors, name, ())
 
     cause = error.__cause__
     if type(error) is ValueError and isinstance(cause, Exception) and "Force download failed" in str(error):

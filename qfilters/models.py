@@ -163,7 +163,8 @@ def converted_dir(alias: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
         # transformers dequantizes GGUF on load; drop the quantizer so the float32 weights save as plain safetensors
-        model.hf_quantizer = None
+        # torch types Module.__setattr__'s value as Tensor | Module, but a plain attribute takes any value
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config._name_or_path = spec.hub_id
@@ -263,7 +264,8 @@ def load_model(
             hint = f"; attn_implementation={attn_implementation!r} may not be installed, try 'sdpa'"
         raise ModelError(f"could not load model {name_or_path!r}: {e}{hint}") from e
     if device != "auto":
-        model.to(device)
+        # typeshed's functools.wraps keeps ``self`` in the signature of transformers' @wraps'd PreTrainedModel.to
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

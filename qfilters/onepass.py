@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qfilters.architecture import COMPRESS, layer_kinds
-from qfilters.attention import AttentionFn, AttentionHook, attention_hook
+from qfilters.attention import AttentionFn, AttentionHook, AttentionModule, attention_hook
 from qfilters.errors import ModelError
 from qfilters.eviction import eviction_horizon
 from qfilters.policy import EvictionPolicy, LayerwisePolicy, PolicyLike
 
 if TYPE_CHECKING:
-    from torch import nn
     from transformers import Cache, PreTrainedModel
 
 __all__ = ["PerplexityResult", "eviction_hook", "evicted_attention", "perplexity", "perplexity_reference",
@@ -88,7 +87,7 @@ def _given_block(given: Tensor, t0: int, t1: int, idx: Tensor) -> Tensor:
 
 
 def evicted_attention(
-    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, given_mask: Tensor | None, horizon: Tensor,
+    module: AttentionModule, query: Tensor, key: Tensor, value: Tensor, given_mask: Tensor | None, horizon: Tensor,
     base_fn: AttentionFn, block: int, **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """Attention where query t sees key j iff j <= t <= horizon[j], by blocks of queries over compacted keys.
@@ -132,7 +131,7 @@ def eviction_hook(model: PreTrainedModel, policy: PolicyLike) -> AttentionHook:
     """Attention hook applying greedy eviction to the layers ``policy`` compresses (others untouched)."""
     kinds = layer_kinds(model)
 
-    def hook(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+    def hook(module: AttentionModule, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
              base_fn: AttentionFn, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         layer = policy.for_layer(module.layer_idx) if kinds[module.layer_idx] == COMPRESS else None
         if layer is None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qfilters.architecture import compressed_layers
-from qfilters.attention import attention_hook
+from qfilters.attention import AttentionFn, AttentionModule, attention_hook
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 
 __all__ = ["PasskeyRun", "PasskeyTrial", "SnapKV", "make_trials", "run_passkey", "standard_policies"]
@@ -113,9 +113,12 @@ class _Prefill:
     """Hook for the context prefill: full attention, remembering each layer's last queries (for SnapKV)."""
 
     def __init__(self, observe: int) -> None:
-        self.observe, self.queries, self.scaling = observe, {}, {}
+        self.observe = observe
+        self.queries: dict[int, Tensor] = {}  # layer -> its last ``observe`` queries [B, Hq, observe, D]
+        self.scaling: dict[int, float] = {}
 
-    def __call__(self, module, query, key, value, attention_mask, base_fn, **kwargs):
+    def __call__(self, module: AttentionModule, query: Tensor, key: Tensor, value: Tensor,
+                 attention_mask: Tensor | None, base_fn: AttentionFn, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         self.queries[module.layer_idx] = query[:, :, -self.observe:].detach()
         self.scaling[module.layer_idx] = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
         return base_fn(module, query, key, value, attention_mask, **kwargs)
@@ -164,7 +167,8 @@ class _Answer:
     def __init__(self, keep: dict[int, Tensor], context_len: int) -> None:
         self.keep, self.context_len = keep, context_len
 
-    def __call__(self, module, query, key, value, attention_mask, base_fn, **kwargs):
+    def __call__(self, module: AttentionModule, query: Tensor, key: Tensor, value: Tensor,
+                 attention_mask: Tensor | None, base_fn: AttentionFn, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         keep = self.keep.get(module.layer_idx)
         if keep is None:
             return base_fn(module, query, key, value, attention_mask, **kwargs)
@@ -186,6 +190,7 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
                 progress: Any = None) -> PasskeyRun:
     """Accuracy of each policy (label -> an eviction policy, a :class:`SnapKV`, or None for the full cache)."""
     from transformers import DynamicCache
+    from transformers.cache_utils import CacheLayerMixin
 
     from qfilters.cache import cache_kwargs
 
@@ -207,7 +212,9 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
         for label, pol in policies.items():
             keep: dict[int, Tensor] = {}
             for i in compress:
-                keys = cache.layers[i].keys[..., :t_c, :]
+                cached = cache.layers[i]
+                assert isinstance(cached, CacheLayerMixin) and cached.keys is not None  # attention, filled by prefill
+                keys = cached.keys[..., :t_c, :]
                 if isinstance(pol, SnapKV):
                     keep[i] = _keep_snapkv(pol, keys, prefill.queries[i], prefill.scaling[i])
                 elif pol is not None and (layer := pol.for_layer(i)) is not None:
@@ -215,8 +222,9 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
             with attention_hook(model, _Answer(keep, t_c)):
                 logits = model(tail, **cache_kwargs(model, cache), use_cache=True, position_ids=positions[None],
                                cache_position=positions).logits  # [1, n, V]
-            for layer in cache.layers:  # back to the context (crop()'s sign convention changed across versions)
-                layer.keys, layer.values = layer.keys[..., :t_c, :], layer.values[..., :t_c, :]
+            for cached in cache.layers:  # back to the context (crop()'s sign convention changed across versions)
+                assert isinstance(cached, CacheLayerMixin) and cached.keys is not None and cached.values is not None
+                cached.keys, cached.values = cached.keys[..., :t_c, :], cached.values[..., :t_c, :]
             answer_logits = logits[0, n_q - 1:n_q - 1 + n_a].float()  # [n_a, V]: predicts the key's tokens
             run.hits[label].append(bool((answer_logits.argmax(dim=-1) == target).all()))
             logp = answer_logits.log_softmax(dim=-1).gather(-1, target[:, None]).sum()

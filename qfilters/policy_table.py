@@ -56,7 +56,7 @@ class PolicyEntry:
             raise ValueError(f"{self.name!r} ({self.label}) is not a static scorer")
         if isinstance(self.scorer, str):
             module, _, attr = self.scorer.partition(":")
-            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+            return getattr(importlib.import_module(module), attr)
         return self.scorer
 
     def build(self, inputs: ScorerInputs) -> Scorer:

@@ -196,7 +196,8 @@ def _from_hub_search(identifier: str, opts: _Options, reachable: bool, tried: li
         logger.warning("No Q-Filters repo for %s has a passing verdict; using %s (verdict: %s)",
                        identifier, best.id, verdict or "none")
     files, labels, declared = opts.fetch(best.id, revision=opts.revision)  # strict from here: a broken match fails
-    commit = hubfiles.commit_of(files[CONFIG_NAME]) if files[CONFIG_NAME] else None
+    config = files[CONFIG_NAME]
+    commit = hubfiles.commit_of(config) if config else None
     if commit:
         _write_record(key, {"repo_id": best.id, "commit": commit, "verdict": verdict})
     return Located(files, labels, _hub_source("hub-search", best.id, opts, files, base_model=identifier,
@@ -257,6 +258,7 @@ def _from_registry(registry: str, identifier: str, opts: _Options, tried: list[s
             return None
         except OSError as e:  # unreachable or failing: fall back to what an earlier call recorded
             why_cached = f"unreachable ({e})"
+    record: dict[str, Any] | None
     if answer is not None:
         files = _registry_files(answer, registry, where)
         for name, (sha, url) in files.items():

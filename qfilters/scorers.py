@@ -95,7 +95,7 @@ class QFilterScorer(Scorer):
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.filters.shape)  # type: ignore[return-value]
+        return tuple(self.filters.shape)
 
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         if self.shape != (num_layers, num_kv_heads, head_dim):

@@ -84,7 +84,7 @@ class RReference:
     names: tuple[str | None, ...]
 
 
-class RVector(list):  # type: ignore[type-arg]
+class RVector(list):
     """An R vector or pairlist as a Python list, with its R type name and attributes (``names``, ``class``...)."""
 
     def __init__(self, rtype: str, values: Any = (), attributes: dict[str, Any] | None = None) -> None:
