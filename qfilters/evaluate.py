@@ -240,7 +240,7 @@ def evaluate_policies(
     layers = tuple(uncompressed_layers)
     grid: dict[tuple[str, int], PolicyLike] = {
         (p, b): EvictionPolicy(s, b, window, uncompressed_layers=layers) for p, s in scorers.items() for b in budgets}
-    if RECIPE in names:  # per layer: its own windows and sinks, whole layers paid for at seq_len
+    if RECIPE in names and recipe is not None:  # per layer: its own windows and sinks, whole layers paid at seq_len
         grid.update({(RECIPE, b): recipe.policy(b, model, inputs, seq_len) for b in budgets})
     chunks = select_chunks(tokenizer, corpus, seq_len, max_docs)
     config = {
@@ -257,7 +257,7 @@ def evaluate_policies(
         "bos": "prepended when the tokenizer has one and does not add it",
         "scorers": {p: s.describe() for p, s in scorers.items()},
     }
-    if RECIPE in names:
+    if RECIPE in names and recipe is not None:
         config[RECIPE] = recipe.to_dict()
     return evaluate_chunks(model, chunks, grid, score_last=score_last, config=config, progress=progress,
                            on_step=on_step)
