@@ -142,3 +142,33 @@ def test_the_model_card_shows_the_recipe(searched, tmp_path) -> None:
     bare = str(build_model_card(path, repo_id="org/tiny-qfilters", base_model="org/tiny"))
     assert "eviction recipe" in bare and "QFiltersCache(model, filters, budget=512)" in bare
     assert "calibration text" in bare
+
+
+def test_cli_search_recipe_writes_filters_with_the_recipe(tiny_llama, tmp_path) -> None:
+    """Also with --filters: the searched recipe is saved with a copy of the given filters in OUT/filters."""
+    from qfilters.validation.schema import ValidationReport
+    from tests.test_validation import _cli
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama.model.save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    specs = []
+    for seed in (0, 1, 3):
+        d = tmp_path / f"corpus{seed}"
+        d.mkdir()
+        for i, doc in enumerate(_corpus(seed).documents):
+            (d / f"doc{i}.txt").write_text(doc.text)
+        specs.append(str(d))
+    given = tmp_path / "given"
+    QFilters(torch.randn(*tiny_llama.info.filter_shape, generator=torch.Generator().manual_seed(5))).save_pretrained(
+        given)
+    out = tmp_path / "out"
+    res = _cli(["validate", str(model_dir), "-c", specs[0], "-c", specs[1], "-e", specs[2], "--out", str(out),
+                "--tokens", "512", "--calib-seq-len", "128", "--eval-seq-len", "128", "--score-last", "64",
+                "--budget", "48", "--budget", "24", "--max-docs", "2", "--filters", str(given), "--search-recipe",
+                "--json"])
+    assert res.exit_code in (0, 1), res.output
+    report = ValidationReport.model_validate_json(res.stdout)
+    saved = QFilters.from_pretrained(out / "filters")
+    assert torch.equal(saved.filters, QFilters.from_pretrained(given).filters)
+    assert saved.recipe is not None and sorted(saved.recipe.by_budget) == [c.budget for c in report.recipe.chosen]
