@@ -61,10 +61,17 @@ class EvictingLayer(DynamicLayer):
         if not isinstance(policy, EvictionPolicy):
             raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
         self.layer_idx, self.policy = layer_idx, policy
-        self.budget, self.window = policy.budget, policy.window
         self.seen = 0
         self.scores: Tensor | None = None
         self.positions: Tensor | None = None
+
+    @property
+    def budget(self) -> int:
+        return self.policy.budget
+
+    @property
+    def window(self) -> int:
+        return self.policy.window
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
