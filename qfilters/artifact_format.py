@@ -156,7 +156,11 @@ def read_metadata(raw: bytes, label: str, config_shape: tuple[int, int, int], co
     if not isinstance(provenance, dict):
         raise ArtifactError(label, f"'provenance' must be a JSON object, got {type(provenance).__name__}")
     if info.get(RECIPE_KEY) is not None:
-        read_recipe(info[RECIPE_KEY], label)
+        book = read_recipe(info[RECIPE_KEY], label)
+        whole = max(r.full_layers for r in book.by_budget.values())
+        if whole >= config_shape[0]:
+            raise ArtifactError(label, f"'{RECIPE_KEY}' keeps {whole} layers whole but the filters have "
+                                       f"{config_shape[0]}: it does not belong to these filters")
     return info
 
 

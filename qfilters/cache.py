@@ -172,8 +172,10 @@ class QFiltersCache(Cache):
 
     ``QFiltersCache(model, filters, budget=256)`` with a :class:`~qfilters.artifact.QFilters` uses the eviction recipe
     its validation chose (``filters.recipe``, stored in ``qfilters.json``) at that budget; ``recipe=None`` gives the
-    stock policy instead (Q-Filters, window 64, no sinks), and so do filters without a recipe. ``context_length``
-    is only needed by a recipe that keeps layers whole (they are paid for at that many tokens).
+    stock policy instead (Q-Filters, window 64, no sinks), and so do filters without a recipe. Under a recipe the
+    budget is the MEAN over compressed layers (the same total memory; a pyramid gives early layers more), and
+    ``window``/``n_sinks`` come from the recipe, so passing them too is an error. ``context_length`` is only needed
+    by a recipe that keeps layers whole (they are paid for at that many tokens; default: the searched length).
     """
 
     def __init__(
@@ -226,10 +228,16 @@ def _filters_policy(model_or_config: Any, filters: QFilters, budget: int | None,
 
     if budget is None:
         raise TypeError("a budget is needed: QFiltersCache(model, filters, budget=512)")
-    book = filters.recipe if recipe == "stored" else recipe
-    if isinstance(book, Recipe):
-        book = RecipeBook({budget: book})
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"budget must be an int (keys per KV head), got {budget!r}")
+    stored = filters.recipe
+    book = stored if recipe == "stored" else recipe
+    if isinstance(book, Recipe):  # the stored sensitivity still serves a given recipe that allocates by it
+        book = RecipeBook({budget: book}, stored.sensitivity if stored else None,
+                          stored.context_length if stored else None)
     if book is None:
+        if context_length is not None:
+            raise TypeError("context_length applies to a recipe that keeps layers whole; the stock policy has none")
         return _as_policy(QFilterScorer(filters), budget, window, n_sinks, uncompressed_layers)
     inline = sorted(k for k, v in {"window": window, "n_sinks": n_sinks,
                                     "uncompressed_layers": uncompressed_layers}.items() if v is not None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "layer_policies", "layer_sensitivity"]
 
 ALLOCATIONS = ("uniform", "pyramid", "sensitivity")
+# scorers a recipe stored in qfilters.json may name: built from the filter tensor alone (no extra statistics file)
+STORABLE_SCORERS = ("qfilters", "knorm", "streamingllm", "random")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class Recipe:
             raise ValueError(f"unknown recipe field(s) {unknown}")
         if not isinstance(data.get("scorer"), str):
             raise ValueError("a recipe needs 'scorer', the name of a scorer in the policy table (e.g. 'qfilters')")
+        if data["scorer"] not in STORABLE_SCORERS:
+            raise ValueError(f"a stored recipe's scorer must be one the filters alone can build "
+                             f"({', '.join(STORABLE_SCORERS)}), got {data['scorer']!r}")
+        nulls = sorted(k for k, v in data.items() if v is None)
+        if nulls:
+            raise ValueError(f"recipe field(s) {nulls} are null: leave them out for the defaults")
         for name, kind in (("window_share", (int, float)), ("n_sinks", int), ("full_layers", int),
                            ("allocation", str)):
             value = data.get(name)
@@ -110,6 +119,8 @@ class RecipeBook:
                 raise ValueError(f"the recipe at budget {budget} is a {type(recipe).__name__}, not a Recipe")
             if recipe.allocation == "sensitivity" and self.sensitivity is None:
                 raise ValueError(f"the recipe at budget {budget} allocates by sensitivity but none is stored")
+        if self.sensitivity is not None and not all(math.isfinite(x) for x in self.sensitivity):
+            raise ValueError("recipe 'sensitivity' must hold finite numbers")
         if self.context_length is not None and self.context_length <= 0:
             raise ValueError(f"context_length must be positive, got {self.context_length}")
 
@@ -117,8 +128,11 @@ class RecipeBook:
         """The recipe of the searched budget nearest to ``budget`` (log scale; ties go to the smaller budget)."""
         if budget <= 0:
             raise ValueError(f"budget must be positive, got {budget}")
-        nearest = min(self.by_budget, key=lambda b: (abs(math.log(b / budget)), b))
-        return self.by_budget[nearest]
+        return self.by_budget[self.nearest_budget(budget)]
+
+    def nearest_budget(self, budget: int) -> int:
+        """The searched budget with the smallest ratio to ``budget`` (exact: ties go to the smaller budget)."""
+        return min(self.by_budget, key=lambda b: (Fraction(max(b, budget), min(b, budget)), b))
 
     def policy(self, budget: int, model_or_config: Any, inputs: ScorerInputs,
                context_length: int | None = None) -> LayerwisePolicy:
@@ -126,14 +140,24 @@ class RecipeBook:
         from qfilters.architecture import compressed_layers
         from qfilters.policy_table import build_scorer
 
-        recipe = self.recipe_for(budget)
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise TypeError(f"budget must be an int, got {type(budget).__name__}")
+        searched = self.nearest_budget(budget)
+        recipe = self.by_budget[searched]
         seq_len = context_length or self.context_length
         if recipe.full_layers and seq_len is None:
             raise ValueError(f"the recipe at budget {budget} keeps {recipe.full_layers} layer(s) whole, paid for at "
                              "a context length: pass context_length (the number of tokens you expect)")
+        layers = compressed_layers(model_or_config)
+        if recipe.full_layers >= len(layers):
+            raise ValueError(f"the recipe keeps {recipe.full_layers} layers whole but this model compresses only "
+                             f"{len(layers)}: it was not searched for this model")
         scorer = build_scorer(recipe.scorer, replace(inputs, n_sinks=recipe.n_sinks))
-        return layer_policies(recipe, scorer, budget, compressed_layers(model_or_config), seq_len or budget,
-                              self.sensitivity)
+        try:
+            return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity)
+        except ValueError as e:
+            raise ValueError(f"the recipe searched at budget {searched} ({recipe.label}) does not fit budget "
+                             f"{budget}: {e}; pass recipe=None for the stock policy") from e
 
     def to_dict(self) -> dict[str, Any]:
         return {"by_budget": {str(b): r.to_dict() for b, r in sorted(self.by_budget.items())},
@@ -147,7 +171,7 @@ class RecipeBook:
             raise ValueError("a recipe book must be a JSON object with 'by_budget': {budget: recipe}")
         by_budget: dict[int, Recipe] = {}
         for key, value in data["by_budget"].items():
-            if not (isinstance(key, str) and key.isdigit()):
+            if not (isinstance(key, str) and key.isdigit() and key == str(int(key))):
                 raise ValueError(f"recipe budget {key!r} is not a positive integer")
             by_budget[int(key)] = Recipe.from_dict(value)
         sensitivity = data.get("sensitivity")

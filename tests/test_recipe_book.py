@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qfilters.artifact import QFilters
-from qfilters.cache import QFiltersCache
+from qfilters.cache import QFiltersCache, cache_kwargs
 from qfilters.errors import ArtifactError
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 from qfilters.policy_table import ScorerInputs
@@ -33,6 +33,9 @@ def test_nearest_searched_budget_on_a_log_scale() -> None:
     assert BOOK.recipe_for(129).scorer == "qfilters" and BOOK.recipe_for(4096).scorer == "qfilters"
     with pytest.raises(ValueError, match="positive"):
         BOOK.recipe_for(0)
+    # exact ties on the ratio go to the smaller budget (6 is 1.5x from both 4 and 9)
+    odd = RecipeBook({4: Recipe("knorm"), 9: Recipe("qfilters")})
+    assert odd.recipe_for(6).scorer == "knorm" and odd.recipe_for(7).scorer == "qfilters"
 
 
 def test_round_trip_through_qfilters_json(tmp_path) -> None:
@@ -59,6 +62,13 @@ def test_round_trip_through_qfilters_json(tmp_path) -> None:
     ({"by_budget": {}}, "at least one budget"),
     ({"by_budget": {"64": {"scorer": "knorm", "allocation": "sensitivity"}}}, "sensitivity"),
     ([1, 2], "JSON object"),
+    ({"by_budget": {"64": {"scorer": "meanq"}}}, "filters alone"),
+    ({"by_budget": {"64": {"scorer": "nope"}}}, "filters alone"),
+    ({"by_budget": {"64": {"scorer": "knorm", "n_sinks": None}}}, "null"),
+    ({"by_budget": {"064": {"scorer": "knorm"}}}, "not a positive integer"),
+    ({"by_budget": {"64": {"scorer": "knorm", "allocation": "sensitivity"}}, "sensitivity": [1.0, float("nan")]},
+     "finite"),
+    ({"by_budget": {"64": {"scorer": "knorm", "full_layers": 2}}}, "layers whole"),
 ])
 def test_a_malformed_recipe_is_refused_with_the_reason(tmp_path, bad, message) -> None:
     _filters().with_recipe(BOOK).save_pretrained(tmp_path)
@@ -104,6 +114,10 @@ def test_cache_refuses_ambiguous_arguments(tiny_llama) -> None:
     whole = _filters().with_recipe(RecipeBook({64: Recipe("knorm", full_layers=1)}))
     with pytest.raises(ValueError, match="context_length"):
         QFiltersCache(tiny_llama.model, whole, budget=64)
+    with pytest.raises(TypeError, match="int"):
+        QFiltersCache(tiny_llama.model, filters, budget=64.0)
+    with pytest.raises(TypeError, match="stock policy"):
+        QFiltersCache(tiny_llama.model, filters, budget=64, recipe=None, context_length=100)
     cache = QFiltersCache(tiny_llama.model, whole, budget=64, context_length=100)
     assert _layer_policies(cache)[0] is None and _layer_policies(cache)[1].budget == 2 * 64 - 100
 
@@ -112,7 +126,7 @@ def test_recipe_cache_generates(tiny_llama) -> None:
     filters = _filters().with_recipe(BOOK)
     ids = torch.randint(3, 20, (1, 90), generator=torch.Generator().manual_seed(0))
     cache = QFiltersCache(tiny_llama.model, filters, budget=64)
-    out = tiny_llama.model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    out = tiny_llama.model.generate(ids, **cache_kwargs(tiny_llama.model, cache), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 95)
     assert all(layer.keys.shape[-2] <= 64 for layer in cache.layers)
     assert isinstance(BOOK.policy(64, tiny_llama.model, ScorerInputs(filters=filters)), LayerwisePolicy)

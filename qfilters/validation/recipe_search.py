@@ -6,7 +6,9 @@ allocation, at the same total KV memory, scored by the exact one-pass perplexity
 calibration datasets (the text the filters were fitted on: the search never reads evaluation text). The chosen
 recipes are then measured on the held-out evaluation datasets beside the stock policies, like every other row.
 
-Only scorers a filter set carries without extra files are searched (Q-Filters and K-norm), so a published artifact
+The stock policy is a candidate as well, so the shipped default is never worse than stock on the search text; held-out
+datasets where it is worse than stock get a warning in the report. Only scorers a filter set carries without extra
+files are searched (Q-Filters and K-norm), so a published artifact
 stays loadable by kvpress and the official code; its recipe lives in ``qfilters.json``.
 """
 
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from qfilters.policy_table import ScorerInputs
 from qfilters.recipes import Recipe, RecipeBook
+from qfilters.validation.gates import ValidationInputError
 from qfilters.validation.progress import Progress, ProgressFn
 
 if TYPE_CHECKING:
@@ -26,10 +29,11 @@ if TYPE_CHECKING:
     from qfilters.data.chunks import EvalChunks
     from qfilters.models import LoadedModel
     from qfilters.policy import LayerwisePolicy
-    from qfilters.validation.schema import RecipeReport
+    from qfilters.validation.schema import PerplexityReport, RecipeReport
     from qfilters.validation.settings import ValidationSettings
 
-__all__ = ["RECIPE", "RecipeSearch", "recipe_policies", "recipe_report", "search_recipes"]
+__all__ = ["RECIPE", "RecipeSearch", "recipe_policies", "recipe_report", "recipe_warnings", "search_recipes",
+           "stock_recipe"]
 
 RECIPE = "recipe"  # the policy-table name of the searched recipe's rows
 START = Recipe("qfilters", window_share=0.25, n_sinks=4, allocation="uniform")
@@ -54,6 +58,24 @@ class RecipeSearch:
     def chosen_perplexity(self, budget: int) -> float:
         label = self.book.by_budget[budget].label
         return next(t["perplexity"] for t in self.trace if t["budget"] == budget and t["label"] == label)
+
+
+def stock_recipe(budget: int, settings: ValidationSettings) -> Recipe:
+    """``qfilters eval``'s policy as a recipe: Q-Filters, the settings' window at this budget, no sinks, uniform."""
+    return Recipe("qfilters", window_share=settings.window_for(budget) / budget, n_sinks=0, allocation="uniform")
+
+
+def recipe_warnings(reports: Sequence[PerplexityReport]) -> list[str]:
+    """Held-out datasets where the searched recipe loses more perplexity than stock Q-Filters, per budget."""
+    out = []
+    for r in reports:
+        rows = {(x.policy, x.budget): x.gap for x in r.rows}
+        worse = sorted(b for (p, b), gap in rows.items()
+                       if p == RECIPE and b is not None and ("qfilters", b) in rows and gap > rows["qfilters", b])
+        if worse:
+            out.append(f"On {r.dataset.spec}, the searched recipe loses more perplexity than stock Q-Filters at "
+                       f"budget(s) {', '.join(map(str, worse))}: there, QFiltersCache(..., recipe=None) is better.")
+    return out
 
 
 def recipe_policies(book: RecipeBook, filters: Any, model: Any, budgets: Sequence[int], context_length: int
@@ -83,7 +105,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
 
     chunks = _search_chunks(lm, corpora, settings)
     label = f"{len(chunks)} calibration document(s)"
-    steps = 1 + len(budgets) * (1 + sum(len(v) for _, v in AXES))  # an upper bound: repeated recipes are cached
+    steps = 1 + len(budgets) * (2 + sum(len(v) for _, v in AXES))  # an upper bound: repeated recipes are cached
     done = 0
 
     def run(policies: dict[tuple[str, int], Any], full_nll: Any = None) -> Any:
@@ -108,9 +130,10 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
                 try:
                     policy = RecipeBook({budget: recipe}).policy(budget, lm.model, ScorerInputs(filters=filters),
                                                                  settings.eval_seq_len)
-                    seen[recipe] = run({(RECIPE, budget): policy}, full.full_nll).perplexity(RECIPE, budget)
-                except ValueError:  # not feasible at this budget (a window or the sinks do not fit)
+                except ValueError:  # not feasible at this budget (the sinks and a window do not fit)
                     seen[recipe] = math.inf
+                else:
+                    seen[recipe] = run({(RECIPE, budget): policy}, full.full_nll).perplexity(RECIPE, budget)
                 trace.append({"budget": budget, "label": recipe.label, "recipe": recipe.to_dict(),
                               "perplexity": seen[recipe]})
             return seen[recipe]
@@ -118,6 +141,11 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         best = START
         for axis, values in AXES:
             best = min((replace(best, **{axis: v}) for v in values), key=lambda r: (score(r), r.label))
+        # the stock policy (Q-Filters, window min(window, b // 2), no sinks) is a candidate too: a search that
+        # cannot beat it on its own text ships it, so the default never gets worse than stock there
+        best = min((best, stock_recipe(budget, settings)), key=lambda r: (score(r), r.label))
+        if not math.isfinite(score(best)):
+            raise ValidationInputError(f"no eviction recipe fits a budget of {budget} keys: raise the budget")
         chosen[budget] = best
     notify(Progress("recipe", label, steps, steps))
     specs = ", ".join(c.spec for c in corpora)

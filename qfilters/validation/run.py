@@ -34,7 +34,7 @@ from qfilters.validation.calibration import (
 )
 from qfilters.validation.gates import GateInputs, ValidationInputError, decide
 from qfilters.validation.progress import Progress, ProgressFn, interruptible, notifier
-from qfilters.validation.recipe_search import recipe_policies, recipe_report, search_recipes
+from qfilters.validation.recipe_search import recipe_policies, recipe_report, recipe_warnings, search_recipes
 from qfilters.validation.schema import Settings, ValidationReport
 from qfilters.validation.settings import ValidationSettings, check_settings
 from qfilters.validation.sweeps import evaluation_warnings, perplexity_report, run_sweep, run_transfer
@@ -110,16 +110,27 @@ def _check_calibration_text(lm: LoadedModel, corpora: Sequence[Corpus], s: Valid
             )
 
 
-def _check_evaluation_text(lm: LoadedModel, corpora: Sequence[Corpus], s: ValidationSettings) -> None:
+def _check_evaluation_text(lm: LoadedModel, corpora: Sequence[Corpus], s: ValidationSettings,
+                           role: str = "evaluation dataset") -> None:
     from qfilters.data.chunks import encode_document
 
     for c in corpora:
         if not any(len(encode_document(lm.tokenizer, d.text, s.eval_seq_len)) >= s.eval_seq_len
                    for d in c.documents):
             raise ValidationInputError(
-                f"evaluation dataset {c.spec!r} has no document of {s.eval_seq_len} tokens: lower --eval-seq-len "
+                f"{role} {c.spec!r} has no document of {s.eval_seq_len} tokens: lower --eval-seq-len "
                 "or choose longer documents"
             )
+
+
+def _check_search_text(lm: LoadedModel, calib: Sequence[Corpus], evaluation: Sequence[Corpus],
+                       s: ValidationSettings) -> None:
+    """The recipe search reads calibration text only, in ``eval_seq_len`` chunks: refuse what would break either."""
+    shared = sorted({c.spec for c in calib} & {c.spec for c in evaluation})
+    if shared:
+        raise ValidationInputError(f"--search-recipe searches on calibration text and is checked on evaluation text: "
+                                   f"{', '.join(shared)} cannot be both")
+    _check_evaluation_text(lm, calib, s, role="calibration dataset (searched for a recipe)")
 
 
 def _load_filters(filters: FiltersLike, lm: LoadedModel) -> QFilters | None:
@@ -187,6 +198,8 @@ def run_validation(
     eval_corpora = _load_corpora(evaluation, "evaluation")
     _check_calibration_text(lm, calib_corpora, settings)
     _check_evaluation_text(lm, eval_corpora, settings)
+    if settings.search_recipe:
+        _check_search_text(lm, calib_corpora, eval_corpora, settings)
     budgets = settings.resolved_budgets()
     reference = settings.resolved_reference_budget()
     notify, interrupt = notifier(on_progress)
@@ -243,7 +256,7 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
         split_half_min=[(s.dataset, s.split_half.min) for s in sampling],
         reference_budget=reference,
     )
-    warnings = list(architecture.warnings) + evaluation_warnings(reports, settings)
+    warnings = list(architecture.warnings) + evaluation_warnings(reports, settings) + recipe_warnings(reports)
     verdict = decide(gate_inputs, thresholds, warnings)
 
     info = lm.info

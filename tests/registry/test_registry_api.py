@@ -443,3 +443,17 @@ def test_a_job_can_search_a_recipe_and_ships_it_with_the_filters(registry, tiny_
     assert loaded.recipe is not None and loaded.recipe.to_dict()["by_budget"] == {
         str(c.budget): c.recipe for c in report.recipe.chosen}
     assert "Eviction recipe" in client.get(f"/v1/filter-sets/{fs['id']}/report.md").text
+
+
+def test_job_spec_versions_old_rows_keep_their_meaning_new_ones_are_refused_by_old_workers() -> None:
+    from registry.jobspec import CURRENT_VERSION, JobSpec, SpecError
+
+    old = {"model": "tiny-llama", "datasets": ["a", "b"], "eval_datasets": ["c"], "tokens": 256, "seq_len": 128,
+           "eval_seq_len": 128, "score_last": 64, "budgets": [48], "window": 64, "max_docs": 2}
+    v1 = JobSpec.from_row(1, old)
+    assert not v1.search_recipe and not v1.validation_settings().search_recipe
+    v2 = JobSpec.from_row(2, {**old, "search_recipe": True, "recipe_docs": 3})
+    settings = v2.validation_settings()
+    assert settings.search_recipe and settings.recipe_docs == 3
+    with pytest.raises(SpecError, match="upgrade the workers"):
+        JobSpec.from_row(CURRENT_VERSION + 1, old)
