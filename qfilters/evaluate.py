@@ -169,6 +169,7 @@ def evaluate_chunks(
     total)`` is called after every forward pass, so a caller can report progress and stop between two passes
     (by raising).
     """
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     scored_tokens(chunks.seq_len, score_last)
@@ -188,7 +189,8 @@ def evaluate_chunks(
         return out
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    # bars on stderr: stdout is the caller's (``qfilters eval --json > result.json`` must stay valid JSON)
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
         full = list(full_nll) if full_nll is not None else run(bar, "full cache", None)
         nll = {(name, budget): run(bar, f"{name} @ {budget}", policy) for (name, budget), policy in policies.items()}
     return EvalResult(config=dict(config or {}), titles=list(chunks.titles), full_nll=full, nll=nll,

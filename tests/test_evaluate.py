@@ -252,3 +252,13 @@ def test_one_pass_refuses_kernels_that_take_no_mask(tiny_llama) -> None:
     ids = torch.randint(4, 90, (1, 40))
     with pytest.raises(ModelError, match="attn_implementation 'sdpa'"):
         perplexity(model, ids, EvictionPolicy(KNormScorer(), 16, 4))
+
+
+def test_progress_bars_go_to_stderr_so_stdout_stays_machine_readable(tiny_llama, capsys) -> None:
+    """`qfilters eval --json > out.json` must give valid JSON: the bars were once written into stdout."""
+    from tests.test_validation import _corpus
+
+    evaluate_policies(tiny_llama.model, tiny_llama.tokenizer, _corpus(3), None, budgets=[48], window=12, seq_len=128,
+                      score_last=64, max_docs=1, policies=["full", "knorm"], progress=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "knorm @ 48" in err
