@@ -50,6 +50,8 @@ def validate(
     filters: Annotated[Optional[str], typer.Option(help="Validate this existing artifact (directory or Hub id) instead of publishing the combined filters.")] = None,
     search_recipe: Annotated[bool, typer.Option("--search-recipe", help="Search an eviction recipe (scorer, window share, sinks, per-layer allocation) on calibration text, measure it on the evaluation datasets and store it in the filters' qfilters.json.")] = False,
     recipe_docs: Annotated[int, typer.Option(help="Documents of each calibration dataset the recipe search evaluates.")] = 1,
+    passkey: Annotated[int, typer.Option("--passkey", help="Passkey retrieval trials at every budget, in the first evaluation dataset's text (0: not run); adds the passkey_vs_streamingllm gate.")] = 0,
+    passkey_context: Annotated[Optional[int], typer.Option(help="Context tokens per passkey trial. Default: min(1024, eval-seq-len).")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     attn: AttnOpt = "sdpa",
@@ -71,6 +73,7 @@ def validate(
             eval_seq_len=eval_seq_len, score_last=score_last, budgets=tuple(budget) if budget else None,
             window=window, n_sinks=sinks, reference_budget=reference_budget, max_docs=max_docs,
             gates=parse_gate_overrides(gate or []), search_recipe=search_recipe, recipe_docs=recipe_docs,
+            passkey_trials=passkey, passkey_context=passkey_context,
         )
         check_settings(settings)
         for spec in [*calib, *eval_]:  # typos fail here, before the model loads

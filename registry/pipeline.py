@@ -81,6 +81,9 @@ class ProgressReporter:
             if p.phase == "recipe":
                 fraction = CALIBRATION_WEIGHT
                 phase = "searching an eviction recipe on calibration text"
+            elif p.phase == "passkey":
+                fraction = CALIBRATION_WEIGHT + EVALUATION_WEIGHT
+                phase = "passkey retrieval under compression"
             elif p.phase == "evaluate":
                 index = self.eval_labels.index(p.label) if p.label in self.eval_labels else 0
                 fraction = CALIBRATION_WEIGHT + EVALUATION_WEIGHT * (index + share) / max(len(self.eval_labels), 1)

@@ -112,6 +112,10 @@ class JobCreate(BaseModel):
 
         if len(set(self.datasets)) != len(self.datasets):
             raise ValueError("calibration datasets must be distinct")
+        shared = sorted(set(self.datasets) & set(self.eval_datasets))
+        if self.search_recipe and shared:
+            raise ValueError(f"search_recipe searches on calibration text and is checked on evaluation text: "
+                             f"{', '.join(shared)} cannot be both")
         if resolve_alias(self.model) and self.revision not in (None, "main"):
             raise ValueError(f"{self.model!r} is an embedded model with one revision (the packaged weights): omit "
                              f"'revision' (got {self.revision!r}), or name the Hub id to pin a Hub revision")

@@ -223,3 +223,34 @@ def test_search_inputs_are_refused_before_any_forward_pass(tiny_llama) -> None:
         with pytest.raises(ValidationInputError, match="searched for a recipe.*eval-seq-len"):
             run_validation(tiny_llama, [_corpus(0), _corpus(1)], [long_eval], short)
     assert counter.calls == 0
+
+
+def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) -> None:
+    from qfilters.validation.gates import OPTIONAL_GATES
+    from qfilters.validation.schema import PasskeyReport
+
+    settings = replace(SEARCH, passkey_trials=3, passkey_context=96)
+    long_filler = _corpus(3, n_docs=2, words=400)
+    run, events = _run_with(tiny_llama, settings, evaluation=[long_filler, _corpus(4)])
+    pk = run.report.passkey
+    assert isinstance(pk, PasskeyReport) and pk.trials == 3 and pk.filler == long_filler.spec
+    cells = {(c.policy, c.budget): c for c in pk.rows}
+    assert cells["full", None].correct <= 3 and {("recipe", 24), ("streamingllm", 48), ("snapkv", 24)} <= set(cells)
+    assert "passkey" in {e.phase for e in events}
+    gate = next(g for g in run.report.verdict.gates if g.name in OPTIONAL_GATES)
+    expected = cells["recipe", 24].accuracy - cells["streamingllm", 24].accuracy  # reference budget 24, shipped recipe
+    assert gate.value == round(expected, 6) and gate.passed == (expected >= 0.0)
+    assert "### Retrieval under compression (passkey)" in render_markdown(run.report)
+    assert 'id="passkey-table"' in render_html(run.report)
+    # a filler too short for the context is refused before any forward pass
+    from qfilters.validation.gates import ValidationInputError
+
+    with pytest.raises(ValidationInputError, match="passkey"):
+        _run_with(tiny_llama, replace(settings, passkey_context=5000), evaluation=[_corpus(3)])
+
+
+def _run_with(tiny_llama, settings, evaluation):
+    events = []
+    run = run_validation(tiny_llama, [_corpus(i) for i in CALIB], evaluation, settings,
+                         on_progress=events.append, created_at="2000-01-01T00:00:00Z")
+    return run, events

@@ -18,6 +18,7 @@ from qfilters.errors import DatasetSpecError, ModelError, ShapeMismatchError
 from qfilters.models import ModelInfo
 from qfilters.validation.gates import (
     GATES,
+    OPTIONAL_GATES,
     GateInputs,
     ValidationInputError,
     decide,
@@ -93,7 +94,7 @@ def _inputs(ratio: float = 0.6, knorm_gap: float = 2.0, cosine: float = 0.98, sp
 def test_gates_pass_on_good_numbers() -> None:
     v = decide(_inputs(), parse_gate_overrides(None), warnings=["w"])
     assert v.status == "pass" and v.reasons == [] and v.warnings == ["w"]
-    assert [g.name for g in v.gates] == list(GATES)
+    assert [g.name for g in v.gates] == [n for n in GATES if n not in OPTIONAL_GATES]
     by = {g.name: g for g in v.gates}
     assert by["gap_ratio_vs_streamingllm"].value == 0.6  # the worst dataset
     assert by["gap_vs_knorm"].value == pytest.approx(-0.5)
@@ -290,7 +291,7 @@ def test_report_is_complete_and_valid(tiny_run) -> None:
         ("full", None, None), ("qfilters", 48, 24), ("knorm", 48, 24), ("streamingllm", 48, 24)]
     assert rows[-1].window == 12
     assert r.perplexity[0].dataset.documents == 2 and r.perplexity[0].dataset.tokens == 128
-    assert {g.name for g in r.verdict.gates} == set(GATES)
+    assert {g.name for g in r.verdict.gates} == set(GATES) - OPTIONAL_GATES
     assert r.verdict.status == ("pass" if all(g.passed for g in r.verdict.gates) else "fail")
     assert len(r.verdict.reasons) == sum(not g.passed for g in r.verdict.gates)
     assert re.fullmatch(r"[0-9a-f]{64}", r.artifact_sha256)

@@ -60,8 +60,15 @@ GATES: dict[str, Gate] = {
             "Within every calibration dataset, the lowest cosine over (layer, KV head) between filters from two "
             "halves of the sample is at least {threshold} (the filters are not sampling noise).",
         ),
+        Gate(
+            "passkey_vs_streamingllm", 0.0, ">=",
+            "At the reference budget, the passkey accuracy of the shipped policy (the searched recipe, else "
+            "Q-Filters) minus StreamingLLM's is at least {threshold} (only decided when the passkey test ran).",
+        ),
     )
 }
+#: gates decided only when their measurement was asked for (validate --passkey)
+OPTIONAL_GATES = frozenset({"passkey_vs_streamingllm"})
 
 
 def loosened_gates(overrides: Mapping[str, float]) -> list[str]:
@@ -126,6 +133,8 @@ class GateInputs:
     reference_gaps: Sequence[tuple[str, float, float, float]]
     split_half_min: Sequence[tuple[str, float]]  # per calibration dataset: (spec, split-half min cosine)
     reference_budget: int
+    # at the reference budget: (shipped policy, its passkey accuracy, StreamingLLM's); None when not measured
+    passkey: tuple[str, float, float] | None = None
 
 
 def _fmt(x: float) -> str:
@@ -199,6 +208,18 @@ def decide(inputs: GateInputs, thresholds: Mapping[str, float], warnings: Sequen
             f"The filters are not settled by the calibration sample: on {worst_s[0]} two halves of the sample give "
             f"filters with cosine as low as {_fmt(worst_s[1])} (required: at least {t}); calibrate on more tokens."
         )
+
+    # 5. retrieval (optional): the shipped policy must keep needles at least as well as StreamingLLM
+    if inputs.passkey is not None:
+        t = thresholds["passkey_vs_streamingllm"]
+        shipped, acc, acc_sl = inputs.passkey
+        g = evaluate_gate("passkey_vs_streamingllm", t, acc - acc_sl)
+        results.append(g)
+        if not g.passed:
+            reasons.append(
+                f"Compressed with the shipped policy ({shipped}), the model loses hidden keys: at budget {b} it finds "
+                f"{acc:.0%} of them against StreamingLLM's {acc_sl:.0%} (required: a difference of at least {t})."
+            )
 
     status: Literal["pass", "fail"] = "pass" if all(r.passed for r in results) else "fail"
     return Verdict(status=status, reasons=reasons, warnings=list(warnings), gates=results)

@@ -21,6 +21,7 @@ from qfilters.validation.markdown import (
     num,
     ppl_cell,
 )
+from qfilters.validation.passkey_check import passkey_html
 from qfilters.validation.recipe_section import recipe_html
 from qfilters.validation.schema import ValidationReport
 
@@ -431,6 +432,7 @@ def render_html(report: ValidationReport) -> str:
         _sampling(report),
         _perplexity(report),
         recipe_html(report),
+        passkey_html(report),
         _transfer(report),
         _architecture(report),
         _datasets(report),

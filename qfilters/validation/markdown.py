@@ -161,9 +161,11 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
         lines.append(_row([f"`{_code(p.dataset.spec, table=True)}`", num(p.full_perplexity, 2), *cells,
                            num(ratio, 3) if ratio is not None else "undefined"]))
 
+    from qfilters.validation.passkey_check import passkey_markdown
     from qfilters.validation.recipe_section import recipe_markdown
 
     lines += recipe_markdown(report)
+    lines += passkey_markdown(report)
 
     # ---- architecture
     a = report.architecture

@@ -33,6 +33,7 @@ from qfilters.validation.calibration import (
     sampling_stability,
 )
 from qfilters.validation.gates import GateInputs, ValidationInputError, decide
+from qfilters.validation.passkey_check import run_passkey_check, shipped_accuracy
 from qfilters.validation.progress import Progress, ProgressFn, interruptible, notifier
 from qfilters.validation.recipe_search import recipe_policies, recipe_report, recipe_warnings, search_recipes
 from qfilters.validation.schema import Settings, ValidationReport
@@ -133,6 +134,17 @@ def _check_search_text(lm: LoadedModel, calib: Sequence[Corpus], evaluation: Seq
     _check_evaluation_text(lm, calib, s, role="calibration dataset (searched for a recipe)")
 
 
+def _check_passkey_filler(lm: LoadedModel, filler: Corpus, s: ValidationSettings) -> None:
+    from qfilters.passkey import make_trials
+
+    try:  # tokenizing only: the trials are drawn again, identically, when the test runs
+        make_trials(lm.tokenizer, "\n".join(d.text for d in filler.documents), s.passkey_trials,
+                    s.resolved_passkey_context(), s.seed)
+    except ValueError as e:
+        raise ValidationInputError(f"passkey test on {filler.spec!r} (the first evaluation dataset): {e}; lower "
+                                   "--passkey-context or evaluate on longer text first") from e
+
+
 def _load_filters(filters: FiltersLike, lm: LoadedModel) -> QFilters | None:
     from qfilters.artifact import QFilters
 
@@ -200,6 +212,8 @@ def run_validation(
     _check_evaluation_text(lm, eval_corpora, settings)
     if settings.search_recipe:
         _check_search_text(lm, calib_corpora, eval_corpora, settings)
+    if settings.passkey_trials:
+        _check_passkey_filler(lm, eval_corpora[0], settings)
     budgets = settings.resolved_budgets()
     reference = settings.resolved_reference_budget()
     notify, interrupt = notifier(on_progress)
@@ -249,12 +263,16 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
     statistics = (published.provenance or {}).get("statistics") or combined.provenance["statistics"]
     architecture = assess(lm.info, lm.model, statistics)
     reports = [perplexity_report(sweep, budgets, settings) for sweep in sweeps]
+    passkey = (run_passkey_check(lm, eval_corpora[0], published, budgets, settings, notify)
+               if settings.passkey_trials else None)
+    shipped = "recipe" if published.recipe is not None else "qfilters"
     gate_inputs = GateInputs(
         cross_dataset_cosine=stability.summary.mean,
         reference_gaps=[(c.spec, s.gap("qfilters", reference), s.gap("streamingllm", reference),
                          s.gap("knorm", reference)) for c, s in zip(eval_corpora, sweeps, strict=True)],
         split_half_min=[(s.dataset, s.split_half.min) for s in sampling],
         reference_budget=reference,
+        passkey=None if passkey is None else shipped_accuracy(passkey, reference, shipped),
     )
     warnings = list(architecture.warnings) + evaluation_warnings(reports, settings) + recipe_warnings(reports)
     verdict = decide(gate_inputs, thresholds, warnings)
@@ -285,6 +303,7 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
             filters=None if filters is None else _filters_label(filters),
             search_recipe=settings.search_recipe,
             recipe_docs=settings.recipe_docs,
+            passkey_trials=settings.passkey_trials,
         ),
         calibration_datasets=[dataset_info(r) for r in results],
         architecture=architecture,
@@ -295,6 +314,7 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
         verdict=verdict,
         artifact_sha256=safetensors_sha256(published),
         recipe=None if search is None else recipe_report(search),
+        passkey=passkey,
     )
     return ValidationRun(report=report, filters=published, combined=combined, per_dataset=results)
 

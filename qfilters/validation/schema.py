@@ -155,6 +155,24 @@ class Settings(_Strict):
     filters: str | None = None  # an existing artifact validated instead of the combined filters (validate --filters)
     search_recipe: bool = False  # an eviction recipe was searched on calibration text (see ValidationReport.recipe)
     recipe_docs: int = 1
+    passkey_trials: int = 0  # 0: no passkey retrieval test
+
+
+class PasskeyCell(_Strict):
+    policy: Policy
+    budget: int | None  # None for the full cache
+    correct: int
+    accuracy: float
+
+
+class PasskeyReport(_Strict):
+    """Retrieval under compression: a five-digit key hidden in held-out filler, the context compressed once."""
+
+    filler: str  # the evaluation dataset whose text is the filler
+    trials: int
+    context_tokens: int
+    seed: int
+    rows: list[PasskeyCell]
 
 
 class RecipeChoice(_Strict):
@@ -194,6 +212,7 @@ class ValidationReport(_Strict):
     verdict: Verdict
     artifact_sha256: str | None = None  # model.safetensors of the published (combined) filters
     recipe: RecipeReport | None = None  # the searched recipe (validate --search-recipe); its rows are in perplexity
+    passkey: PasskeyReport | None = None  # validate --passkey N
 
 
 @overload

@@ -35,6 +35,12 @@ class ValidationSettings:
     # search an eviction recipe on calibration text and ship it with the filters (qfilters.validation.recipe_search)
     search_recipe: bool = False
     recipe_docs: int = 1  # documents of each calibration dataset the search evaluates
+    # passkey retrieval (qfilters.passkey) at every budget, in held-out filler; 0 trials: not run
+    passkey_trials: int = 0
+    passkey_context: int | None = None  # context tokens per trial; default min(1024, eval_seq_len)
+
+    def resolved_passkey_context(self) -> int:
+        return self.passkey_context if self.passkey_context is not None else min(1024, self.eval_seq_len)
 
     def resolved_budgets(self) -> list[int]:
         budgets = list(self.budgets) if self.budgets else [self.eval_seq_len // d for d in (4, 8, 16, 32)]
@@ -76,6 +82,10 @@ def check_settings(s: ValidationSettings) -> dict[str, float]:
         raise ValidationInputError(f"search_recipe must be true or false, got {s.search_recipe!r}")
     if isinstance(s.recipe_docs, bool) or not isinstance(s.recipe_docs, int) or s.recipe_docs <= 0:
         raise ValidationInputError(f"recipe_docs must be a positive integer, got {s.recipe_docs!r}")
+    if isinstance(s.passkey_trials, bool) or not isinstance(s.passkey_trials, int) or s.passkey_trials < 0:
+        raise ValidationInputError(f"passkey_trials must be a non-negative integer, got {s.passkey_trials!r}")
+    if s.passkey_trials and s.resolved_passkey_context() < 64:
+        raise ValidationInputError(f"passkey_context must be at least 64 tokens, got {s.passkey_context}")
     if s.max_docs is not None and s.max_docs <= 0:
         raise ValidationInputError(f"max_docs must be positive, got {s.max_docs}")
     if s.tokens_per_dataset < s.calib_seq_len:

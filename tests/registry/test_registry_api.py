@@ -426,7 +426,10 @@ def test_a_job_can_search_a_recipe_and_ships_it_with_the_filters(registry, tiny_
 
     client, headers = registry.client, registry.auth(registry.token("submit", "publish"))
     plain = client.post("/v1/jobs", json=_job(), headers=headers).json()
-    job = client.post("/v1/jobs", json=_job(gates=PASSING_GATES, search_recipe=True), headers=headers).json()
+    overlapping = client.post("/v1/jobs", json=_job(search_recipe=True), headers=headers)  # python-code twice
+    assert "cannot be both" in _problem(overlapping, 422)["detail"]
+    job = client.post("/v1/jobs", json=_job(gates=PASSING_GATES, search_recipe=True, eval_datasets=["handbook:fr"]),
+                      headers=headers).json()
     with session_scope(registry.state.session_factory) as s:  # only recipe jobs need workers knowing spec 2
         assert s.get(Job, plain["id"]).spec_version == 1 and "search_recipe" not in s.get(Job, plain["id"]).request
         assert s.get(Job, job["id"]).spec_version == 2 and s.get(Job, job["id"]).request["search_recipe"] is True
