@@ -30,8 +30,13 @@ if TYPE_CHECKING:
 __all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "layer_policies", "layer_sensitivity"]
 
 ALLOCATIONS = ("uniform", "pyramid", "sensitivity")
-# scorers a recipe stored in qfilters.json may name: built from the filter tensor alone (no extra statistics file)
-STORABLE_SCORERS = ("qfilters", "knorm", "streamingllm", "random")
+
+
+def storable_scorers() -> tuple[str, ...]:
+    """Scorers a recipe stored in qfilters.json may name: built from the filter tensor alone (no statistics file)."""
+    from qfilters.policy_table import POLICY_TABLE
+
+    return tuple(n for n, e in POLICY_TABLE.items() if e.scorer is not None and set(e.needs) <= {"filters"})
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,10 @@ class Recipe:
             raise ValueError(f"unknown recipe field(s) {unknown}")
         if not isinstance(data.get("scorer"), str):
             raise ValueError("a recipe needs 'scorer', the name of a scorer in the policy table (e.g. 'qfilters')")
-        if data["scorer"] not in STORABLE_SCORERS:
+        storable = storable_scorers()
+        if data["scorer"] not in storable:
             raise ValueError(f"a stored recipe's scorer must be one the filters alone can build "
-                             f"({', '.join(STORABLE_SCORERS)}), got {data['scorer']!r}")
+                             f"({', '.join(storable)}), got {data['scorer']!r}")
         nulls = sorted(k for k, v in data.items() if v is None)
         if nulls:
             raise ValueError(f"recipe field(s) {nulls} are null: leave them out for the defaults")
