@@ -38,7 +38,6 @@ from qfilters.artifact_format import (
     check_digest,
     check_finite,
     read_files,
-    read_recipe,
     sha256_file,
 )
 from qfilters.errors import ArtifactError, ArtifactNotFoundError, ShapeMismatchError
@@ -305,8 +304,7 @@ class QFilters:
         checked = check_artifact(raw, labels, weights_sha256=digests.get(WEIGHTS_NAME), expected_shape=expected_shape)
         filters = cls._checked(checked.tensor, checked.provenance)  # float32, 3-D, finite: checked above
         filters.artifact_info = checked.info
-        if checked.info.get(RECIPE_KEY) is not None:
-            filters.recipe = read_recipe(checked.info[RECIPE_KEY], labels.get(METADATA_NAME, METADATA_NAME))
+        filters.recipe = checked.recipe
         return filters
 
 

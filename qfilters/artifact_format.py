@@ -155,23 +155,24 @@ def read_metadata(raw: bytes, label: str, config_shape: tuple[int, int, int], co
     provenance = info.get("provenance", {})
     if not isinstance(provenance, dict):
         raise ArtifactError(label, f"'provenance' must be a JSON object, got {type(provenance).__name__}")
-    if info.get(RECIPE_KEY) is not None:
-        book = read_recipe(info[RECIPE_KEY], label)
-        whole = max(r.full_layers for r in book.by_budget.values())
-        if whole >= config_shape[0]:
-            raise ArtifactError(label, f"'{RECIPE_KEY}' keeps {whole} layers whole but the filters have "
-                                       f"{config_shape[0]}: it does not belong to these filters")
     return info
 
 
-def read_recipe(data: Any, label: str) -> RecipeBook:
+def read_recipe(info: Mapping[str, Any], label: str, num_layers: int) -> RecipeBook | None:
     """The eviction recipe a validator stored in ``qfilters.json`` (``recipe``), checked field by field."""
     from qfilters.recipes import RecipeBook
 
+    if info.get(RECIPE_KEY) is None:
+        return None
     try:
-        return RecipeBook.from_dict(data)
+        book = RecipeBook.from_dict(info[RECIPE_KEY])
     except (TypeError, ValueError) as e:
         raise ArtifactError(label, f"'{RECIPE_KEY}' is malformed ({e}); re-run the validation that chose it") from e
+    whole = max(r.full_layers for r in book.by_budget.values())
+    if whole >= num_layers:
+        raise ArtifactError(label, f"'{RECIPE_KEY}' keeps {whole} layers whole but the filters have "
+                                   f"{num_layers}: it does not belong to these filters")
+    return book
 
 
 def read_tensor(raw: bytes, label: str) -> torch.Tensor:
@@ -236,6 +237,7 @@ class CheckedArtifact:
     info: dict[str, Any]
     provenance: dict[str, Any]
     tensor: torch.Tensor
+    recipe: RecipeBook | None = None  # ``qfilters.json``'s eviction recipe, parsed and checked
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -280,9 +282,11 @@ def check_artifact(
     config_shape = (config["num_layers"], config["num_kv_heads"], config["kv_head_dim"])
     info: dict[str, Any] = {}
     provenance: dict[str, Any] = {}
+    recipe = None
     if METADATA_NAME in raw:
         info = read_metadata(raw[METADATA_NAME], labels[METADATA_NAME], config_shape, labels[CONFIG_NAME])
         provenance = info.pop("provenance", {})
+        recipe = read_recipe(info, labels[METADATA_NAME], config_shape[0])
         actual = weights_sha256 or hashlib.sha256(raw[WEIGHTS_NAME]).hexdigest()
         if actual != info["tensor_sha256"]:
             raise ArtifactError(
@@ -306,7 +310,7 @@ def check_artifact(
         )
     check_finite(tensor, labels[WEIGHTS_NAME])
     return CheckedArtifact(raw=dict(raw), config=config, info=info, provenance=dict(provenance),
-                           tensor=tensor.contiguous())
+                           tensor=tensor.contiguous(), recipe=recipe)
 
 
 def read_artifact_dir(directory: str | os.PathLike[str]) -> CheckedArtifact:
