@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from qfilters.data.chunks import EvalChunks, encode_document, select_chunks
 from qfilters.onepass import PerplexityResult, perplexity, perplexity_reference, scored_tokens
 from qfilters.policy import EvictionPolicy, PolicyLike, check_budget
-from qfilters.policy_table import FULL, POLICY_TABLE, ScorerInputs, build_scorer, compared_policies
+from qfilters.policy_table import FULL, POLICY_TABLE, RECIPE, ScorerInputs, build_scorer, compared_policies
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from qfilters.artifact import QFilters
     from qfilters.data import Corpus
     from qfilters.moments import QueryMoments
-
-RECIPE = "recipe"  # the policy-table row of a filter set's stored recipe
 
 __all__ = ["EvalChunks", "EvalResult", "EvalRow", "PerplexityResult", "encode_document", "evaluate_chunks",
            "evaluate_policies", "perplexity", "perplexity_reference", "select_chunks"]
@@ -243,7 +241,7 @@ def evaluate_policies(
     grid: dict[tuple[str, int], PolicyLike] = {
         (p, b): EvictionPolicy(s, b, window, uncompressed_layers=layers) for p, s in scorers.items() for b in budgets}
     if RECIPE in names and recipe is not None:  # per layer: its own windows and sinks, whole layers paid at seq_len
-        grid.update({(RECIPE, b): recipe.policy(b, model, inputs, seq_len) for b in budgets})
+        grid.update({(RECIPE, b): p for b, p in recipe.policies(budgets, model, inputs, seq_len).items()})
     chunks = select_chunks(tokenizer, corpus, seq_len, max_docs)
     config = {
         "model": model_id or str(getattr(model.config, "_name_or_path", "")),

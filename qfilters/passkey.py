@@ -239,9 +239,11 @@ def standard_policies(model: Any, budgets: Sequence[int], window: int = 64, filt
     """Full cache, then per budget: StreamingLLM (4 sinks), K-norm, Q-Filters / mean query / Gaussian when given,
     the filter set's searched recipe when it carries one, and the SnapKV reference; static scorers keep
     ``min(window, budget // 2)`` recent keys, uniformly per layer."""
-    from qfilters.policy_table import ScorerInputs, build_scorer
+    from qfilters.policy_table import RECIPE, ScorerInputs, build_scorer
 
     inputs = ScorerInputs(filters=filters, query_stats=moments, n_sinks=4)
+    book = getattr(filters, "recipe", None)
+    recipes = book.policies(budgets, model, inputs, context_length) if book is not None else {}
     names = ["streamingllm", "knorm"] + (["qfilters"] if filters is not None else []) + (
         ["meanq", "gaussian"] if moments is not None else [])
     scorers = {name: build_scorer(name, inputs) for name in names}
@@ -250,8 +252,7 @@ def standard_policies(model: Any, budgets: Sequence[int], window: int = 64, filt
     for b in budgets:
         for name, scorer in scorers.items():
             out[f"{name}@{b}"] = LayerwisePolicy.uniform(EvictionPolicy(scorer, b, min(window, b // 2)), layers)
-        recipe = getattr(filters, "recipe", None)
-        if recipe is not None:
-            out[f"recipe@{b}"] = recipe.policy(b, model, inputs, context_length)
+        if b in recipes:
+            out[f"{RECIPE}@{b}"] = recipes[b]
         out[f"snapkv@{b}"] = SnapKV(b)
     return out

@@ -22,6 +22,7 @@ __all__ = ["FULL", "POLICY_TABLE", "PolicyEntry", "ScorerInputs", "build_scorer"
            "policy_entry", "policy_label", "policy_order", "register_policy", "unregister_policy"]
 
 FULL = "full"  # the full cache: the reference of every gap, no scorer
+RECIPE = "recipe"  # a filter set's per-layer eviction recipe (qfilters.recipes.RecipeBook), not one scorer
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ POLICY_TABLE: dict[str, PolicyEntry] = {e.name: e for e in (
                 needs=("query_stats",)),
     PolicyEntry("snapkv", "SnapKV-like (needs attention weights)", "#8c564b", None),
     # a per-layer recipe (qfilters.recipes), not one scorer: the validator's searched recipe, shipped with the filters
-    PolicyEntry("recipe", "Searched recipe", "#e377c2", None),
+    PolicyEntry(RECIPE, "Searched recipe", "#e377c2", None),
 )}
 
 

@@ -165,6 +165,11 @@ class RecipeBook:
             raise ValueError(f"the recipe searched at budget {searched} ({recipe.label}) does not fit budget "
                              f"{budget}: {e}; pass recipe=None for the stock policy") from e
 
+    def policies(self, budgets: Sequence[int], model_or_config: Any, inputs: ScorerInputs,
+                 context_length: int | None = None) -> dict[int, LayerwisePolicy]:
+        """:meth:`policy` at each of ``budgets`` (what the evaluator, the validator and passkey compare)."""
+        return {b: self.policy(b, model_or_config, inputs, context_length) for b in budgets}
+
     def to_dict(self) -> dict[str, Any]:
         return {"by_budget": {str(b): r.to_dict() for b, r in sorted(self.by_budget.items())},
                 "sensitivity": None if self.sensitivity is None else list(self.sensitivity),

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from qfilters.policy_table import ScorerInputs
+from qfilters.policy_table import RECIPE, ScorerInputs
 from qfilters.recipes import Recipe, RecipeBook
 from qfilters.validation.gates import ValidationInputError
 from qfilters.validation.progress import Progress, ProgressFn
@@ -32,10 +32,8 @@ if TYPE_CHECKING:
     from qfilters.validation.schema import PerplexityReport, RecipeReport
     from qfilters.validation.settings import ValidationSettings
 
-__all__ = ["RECIPE", "RecipeSearch", "recipe_policies", "recipe_report", "recipe_warnings", "search_recipes",
-           "stock_recipe"]
+__all__ = ["RecipeSearch", "recipe_policies", "recipe_report", "recipe_warnings", "search_recipes", "stock_recipe"]
 
-RECIPE = "recipe"  # the policy-table name of the searched recipe's rows
 START = Recipe("qfilters", window_share=0.25, n_sinks=4, allocation="uniform")
 AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("scorer", ("qfilters", "knorm")),
@@ -81,8 +79,8 @@ def recipe_warnings(reports: Sequence[PerplexityReport]) -> list[str]:
 def recipe_policies(book: RecipeBook, filters: Any, model: Any, budgets: Sequence[int], context_length: int
                     ) -> dict[tuple[str, int], LayerwisePolicy]:
     """The chosen recipe at every budget, as rows of the evaluation engine."""
-    inputs = ScorerInputs(filters=filters)
-    return {(RECIPE, b): book.policy(b, model, inputs, context_length) for b in budgets}
+    return {(RECIPE, b): p for b, p in book.policies(budgets, model, ScorerInputs(filters=filters),
+                                                      context_length).items()}
 
 
 def _search_chunks(lm: LoadedModel, corpora: Sequence[Corpus], settings: ValidationSettings) -> EvalChunks:

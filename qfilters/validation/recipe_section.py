@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 
+from qfilters.policy_table import RECIPE
 from qfilters.validation.markdown import md, num, ppl_cell
 from qfilters.validation.schema import ValidationReport
 
@@ -36,7 +37,7 @@ def recipe_rows(report: ValidationReport) -> tuple[list[str], list[list[str]]]:
         cells = [str(choice.budget), choice.description,
                  f"{num(choice.search_perplexity, 2)} / {num(choice.search_streamingllm_perplexity, 2)}"]
         for i in range(len(specs)):
-            ours, stock = (_ratio(report, i, p, choice.budget) for p in ("recipe", "qfilters"))
+            ours, stock = (_ratio(report, i, p, choice.budget) for p in (RECIPE, "qfilters"))
             cells.append(f"{num(ours, 3)} ({num(stock, 3)})")
         rows.append(cells)
     return headers, rows

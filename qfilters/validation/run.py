@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
+from qfilters.policy_table import RECIPE
 from qfilters.validation.calibration import (
     calibrate_one,
     calibration_config,
@@ -265,7 +266,7 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
     reports = [perplexity_report(sweep, budgets, settings) for sweep in sweeps]
     passkey = (run_passkey_check(lm, eval_corpora[0], published, budgets, settings, notify)
                if settings.passkey_trials else None)
-    shipped = "recipe" if published.recipe is not None else "qfilters"
+    shipped = RECIPE if published.recipe is not None else "qfilters"
     gate_inputs = GateInputs(
         cross_dataset_cosine=stability.summary.mean,
         reference_gaps=[(c.spec, s.gap("qfilters", reference), s.gap("streamingllm", reference),
