@@ -28,11 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qfilters.artifact_format import RECIPE_KEY
 from qfilters.errors import ArtifactError
 
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import ModelCard
 
+    from qfilters.recipes import RecipeBook
     from qfilters.validation.schema import ValidationReport
 
 BASE_MODEL_RELATION = "adapter"
@@ -141,7 +143,7 @@ def build_model_card(filter_dir: str | Path, *, repo_id: str, report: Validation
         if heading:
             lines += ["", heading + usage]
     else:
-        lines += _figures(figures) + [""] + _usage(base, repo_id, meta.get("recipe") is not None)
+        lines += _figures(figures) + [""] + _usage(base, repo_id, _recipe(meta) is not None)
     lines += ["", *_provenance(meta, provenance, specs, report)]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n")
     return card
@@ -154,6 +156,16 @@ def _figures(figures: Sequence[tuple[str, str]]) -> list[str]:
     for path, caption in figures:
         out += ["", f"![{md(caption)}]({path})", "", f"*{md(caption)}*"]
     return out
+
+
+def _recipe(meta: dict[str, Any]) -> RecipeBook | None:
+    """The artifact's stored recipe (checked as the loader checks it), or None."""
+    from qfilters.recipes import RecipeBook
+
+    try:
+        return RecipeBook.from_dict(meta[RECIPE_KEY]) if meta.get(RECIPE_KEY) is not None else None
+    except ValueError:
+        return None  # a malformed one is the loader's error to report, not the card's
 
 
 def _usage(base: str, repo_id: str, has_recipe: bool = False) -> list[str]:
@@ -192,12 +204,10 @@ def _provenance(meta: dict[str, Any], provenance: dict[str, Any], specs: Sequenc
             ("seed", calibration.get("seed")), ("dtype", calibration.get("dtype")),
             ("torch / transformers", " / ".join(str(calibration[k]) for k in ("torch_version", "transformers_version")
                                                 if calibration.get(k)) or None)]
-    recipe = meta.get("recipe")
-    if isinstance(recipe, dict) and isinstance(recipe.get("by_budget"), dict):
-        rows.append(("eviction recipe", "; ".join(
-            f"budget {b}: {r.get('scorer')}, window {r.get('window_share')}, {r.get('n_sinks')} sinks, "
-            f"{r.get('allocation')}" for b, r in recipe["by_budget"].items() if isinstance(r, dict))
-            + f" (searched on {recipe.get('searched_on') or 'calibration text'})"))
+    book = _recipe(meta)
+    if book is not None:
+        rows.append(("eviction recipe", "; ".join(f"budget {b}: {r.describe()}" for b, r in book.by_budget.items())
+                     + f" (searched on {book.searched_on or 'calibration text'})"))
     lines = ["## Provenance", "", "| | |", "| --- | --- |"]
     lines += [f"| {name} | {md(value)} |" for name, value in rows if value not in (None, "")]
     datasets = [d for d in calibration.get("datasets", []) if isinstance(d, dict)]
