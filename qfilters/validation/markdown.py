@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TypeGuard
 
 from qfilters.policy_table import policy_label, policy_order
@@ -84,6 +85,26 @@ def md(text: object) -> str:
 
 def _row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+@dataclass(frozen=True)
+class Section:
+    """An optional titled table (the searched recipe, the passkey test), built once and rendered by both pages."""
+
+    element_id: str
+    title: str
+    intro: str
+    headers: list[str]
+    rows: list[list[str]]  # plain text; each page escapes it
+    numeric: frozenset[int]  # right-aligned columns
+
+
+def section_markdown(section: Section | None) -> list[str]:
+    if section is None:
+        return []
+    align = "|" + "".join(" ---: |" if i in section.numeric else " --- |" for i in range(len(section.headers)))
+    return ["", f"### {section.title}", "", md(section.intro), "", _row([md(h) for h in section.headers]), align,
+            *(_row([md(c) for c in row]) for row in section.rows)]
 
 
 def _fence(code: str, lang: str = "python") -> str:
@@ -161,11 +182,10 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
         lines.append(_row([f"`{_code(p.dataset.spec, table=True)}`", num(p.full_perplexity, 2), *cells,
                            num(ratio, 3) if ratio is not None else "undefined"]))
 
-    from qfilters.validation.passkey_check import passkey_markdown
-    from qfilters.validation.recipe_section import recipe_markdown
+    from qfilters.validation.passkey_check import passkey_section
+    from qfilters.validation.recipe_section import recipe_section
 
-    lines += recipe_markdown(report)
-    lines += passkey_markdown(report)
+    lines += section_markdown(recipe_section(report)) + section_markdown(passkey_section(report))
 
     # ---- architecture
     a = report.architecture

@@ -7,20 +7,20 @@ while a static score evicts exactly the needle: this is what tells a user before
 
 from __future__ import annotations
 
-import html
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from qfilters.policy_table import policy_label, policy_order
+from qfilters.policy_table import FULL, policy_label, policy_order
 from qfilters.validation.progress import Progress, ProgressFn
 
 if TYPE_CHECKING:
     from qfilters.data import Corpus
     from qfilters.models import LoadedModel
+    from qfilters.validation.markdown import Section
     from qfilters.validation.schema import PasskeyReport, ValidationReport
     from qfilters.validation.settings import ValidationSettings
 
-__all__ = ["passkey_html", "passkey_markdown", "run_passkey_check", "shipped_accuracy"]
+__all__ = ["passkey_section", "run_passkey_check", "shipped_accuracy"]
 
 
 def run_passkey_check(lm: LoadedModel, filler: Corpus, filters: Any, budgets: Sequence[int],
@@ -54,45 +54,21 @@ def shipped_accuracy(report: PasskeyReport, budget: int, shipped: str) -> tuple[
     return shipped, cells[shipped, budget], cells["streamingllm", budget]
 
 
-def _table(report: ValidationReport) -> tuple[list[str], list[list[str]]]:
+def passkey_section(report: ValidationReport) -> Section | None:
+    """The passkey table of both report pages; None when the test did not run."""
+    from qfilters.validation.markdown import Section
+
     pk = report.passkey
     if pk is None:
-        return [], []
+        return None
     budgets = sorted({c.budget for c in pk.rows if c.budget is not None})
     cells = {(c.policy, c.budget): f"{c.correct}/{pk.trials}" for c in pk.rows}
-    full = cells.get(("full", None), "\u2014")
-    rows = [[policy_label("full"), *[full] * len(budgets)]]
-    for name in policy_order(c.policy for c in pk.rows):
-        if name != "full":
-            rows.append([policy_label(name), *[cells.get((name, b), "\u2014") for b in budgets]])
-    return ["Policy", *[f"budget {b}" for b in budgets]], rows
-
-
-def _intro(report: ValidationReport) -> str:
-    pk = report.passkey
-    assert pk is not None
-    return (f"{pk.trials} five-digit keys hidden at seeded depths of {pk.context_tokens}-token contexts of "
-            f"{pk.filler} text; the context is compressed once, then the question is asked (kvpress protocol). "
-            "Cells: keys reproduced exactly. The SnapKV-like reference needs attention weights.")
-
-
-def passkey_markdown(report: ValidationReport) -> list[str]:
-    from qfilters.validation.markdown import md
-
-    headers, rows = _table(report)
-    if not rows:
-        return []
-    lines = ["", "### Retrieval under compression (passkey)", "", md(_intro(report)), "",
-             "| " + " | ".join(md(h) for h in headers) + " |", "| --- |" + " ---: |" * (len(headers) - 1)]
-    return lines + ["| " + " | ".join(md(c) for c in row) + " |" for row in rows]
-
-
-def passkey_html(report: ValidationReport) -> str:
-    headers, rows = _table(report)
-    if not rows:
-        return ""
-    head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return (f'<section id="passkey"><h2>Retrieval under compression</h2><p>{html.escape(_intro(report))}</p>'
-            f'<div class="table-scroll"><table id="passkey-table"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div></section>")
+    full = cells.get((FULL, None), "\u2014")
+    rows = [[policy_label(FULL), *[full] * len(budgets)]]
+    rows += [[policy_label(name), *[cells.get((name, b), "\u2014") for b in budgets]]
+             for name in policy_order(c.policy for c in pk.rows) if name != FULL]
+    intro = (f"{pk.trials} five-digit keys hidden at seeded depths of {pk.context_tokens}-token contexts of "
+             f"{pk.filler} text; the context is compressed once, then the question is asked (kvpress protocol). "
+             "Cells: keys reproduced exactly. The SnapKV-like reference needs attention weights.")
+    return Section("passkey", "Retrieval under compression (passkey)", intro,
+                   ["Policy", *[f"budget {b}" for b in budgets]], rows, numeric=frozenset(range(1, len(budgets) + 1)))

@@ -1,4 +1,4 @@
-"""The searched eviction recipe in a report: one table, in Markdown and in HTML, from the same rows.
+"""The searched eviction recipe in a report: one table, rendered in Markdown and in HTML from the same rows.
 
 Per budget: the recipe chosen on calibration text, its perplexity there next to StreamingLLM's, and on each held-out
 evaluation dataset its gap ratio against StreamingLLM beside the stock Q-Filters' (below 1: it loses less).
@@ -6,23 +6,19 @@ evaluation dataset its gap ratio against StreamingLLM beside the stock Q-Filters
 
 from __future__ import annotations
 
-import html
-import math
-
 from qfilters.policy_table import RECIPE
-from qfilters.validation.markdown import md, num, ppl_cell
+from qfilters.validation.gates import gap_ratio
+from qfilters.validation.markdown import Section, num, ppl_cell
 from qfilters.validation.schema import ValidationReport
 
-__all__ = ["recipe_markdown", "recipe_rows", "recipe_html"]
+__all__ = ["recipe_rows", "recipe_section"]
 
 
 def _ratio(report: ValidationReport, dataset: int, policy: str, budget: int) -> float | None:
     ppl = report.perplexity[dataset]
     _, gap = ppl_cell(ppl, policy, budget)
     _, base = ppl_cell(ppl, "streamingllm", budget)
-    if gap is None or base is None or base == 0 or not math.isfinite(gap):
-        return None
-    return gap / base
+    return None if gap is None or base is None else gap_ratio(gap, base)
 
 
 def recipe_rows(report: ValidationReport) -> tuple[list[str], list[list[str]]]:
@@ -43,31 +39,15 @@ def recipe_rows(report: ValidationReport) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
-def _intro(report: ValidationReport) -> str:
+def recipe_section(report: ValidationReport) -> Section | None:
+    """The recipe table of both report pages; None when no recipe was searched."""
     r = report.recipe
-    assert r is not None
-    return (f"Searched on {r.searched_on} only, never on evaluation text ({r.evaluations} one-pass evaluations; "
-            f"full-cache perplexity there {num(r.search_full_perplexity, 2)}), at the same total KV memory as "
-            "each budget. The chosen recipes are stored in the filters' qfilters.json: "
-            "QFiltersCache(model, filters, budget=...) uses them unless given recipe=None.")
-
-
-def recipe_markdown(report: ValidationReport) -> list[str]:
+    if r is None:
+        return None
     headers, rows = recipe_rows(report)
-    if not rows:
-        return []
-    lines = ["", "### Eviction recipe", "", md(_intro(report)), "",
-             "| " + " | ".join(md(h) for h in headers) + " |", "| ---: | --- |" + " ---: |" * (len(headers) - 2)]
-    lines += ["| " + " | ".join(md(c) for c in row) + " |" for row in rows]
-    return lines
-
-
-def recipe_html(report: ValidationReport) -> str:
-    headers, rows = recipe_rows(report)
-    if not rows:
-        return ""
-    head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return (f'<section id="recipe"><h2>Eviction recipe</h2><p>{html.escape(_intro(report))}</p>'
-            f'<div class="table-scroll"><table id="recipe-table"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div></section>")
+    intro = (f"Searched on {r.searched_on} only, never on evaluation text ({r.evaluations} one-pass evaluations; "
+             f"full-cache perplexity there {num(r.search_full_perplexity, 2)}), at the same total KV memory as "
+             "each budget. The chosen recipes are stored in the filters' qfilters.json: "
+             "QFiltersCache(model, filters, budget=...) uses them unless given recipe=None.")
+    return Section("recipe", "Eviction recipe", intro, headers, rows,
+                   numeric=frozenset(i for i in range(len(headers)) if i != 1))
