@@ -23,6 +23,7 @@ from qfilters.policy_table import RECIPE, ScorerInputs
 from qfilters.recipes import Recipe, RecipeBook
 from qfilters.validation.gates import ValidationInputError
 from qfilters.validation.progress import Progress, ProgressFn
+from qfilters.validation.sweeps import BASELINE, sweep_policies
 
 if TYPE_CHECKING:
     from qfilters.data import Corpus
@@ -51,11 +52,8 @@ class RecipeSearch:
     documents: list[str]  # "spec: title" of the calibration documents searched on
     full_perplexity: float
     streamingllm: dict[int, float]  # the baseline on the same text, per budget
+    chosen_perplexity: dict[int, float]  # the chosen recipe's, per budget
     trace: list[dict[str, Any]] = field(default_factory=list)  # every (budget, recipe, perplexity) evaluated
-
-    def chosen_perplexity(self, budget: int) -> float:
-        label = self.book.by_budget[budget].label
-        return next(t["perplexity"] for t in self.trace if t["budget"] == budget and t["label"] == label)
 
 
 def stock_recipe(budget: int, settings: ValidationSettings) -> Recipe:
@@ -98,8 +96,6 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
                    settings: ValidationSettings, notify: ProgressFn) -> RecipeSearch:
     """Coordinate search at every budget on the calibration datasets' first documents (see the module doc)."""
     from qfilters.evaluate import evaluate_chunks
-    from qfilters.policy import EvictionPolicy
-    from qfilters.scorers import StreamingLLMScorer
 
     chunks = _search_chunks(lm, corpora, settings)
     label = f"{len(chunks)} calibration document(s)"
@@ -118,9 +114,10 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     streaming: dict[int, float] = {}
     trace: list[dict[str, Any]] = []
     chosen: dict[int, Recipe] = {}
+    chosen_ppl: dict[int, float] = {}
     for budget in sorted(budgets):
-        baseline = EvictionPolicy(StreamingLLMScorer(n_sinks=settings.n_sinks), budget, settings.window_for(budget))
-        streaming[budget] = run({("streamingllm", budget): baseline}, full.full_nll).perplexity("streamingllm", budget)
+        baseline = sweep_policies(filters, [budget], settings, [BASELINE])  # the sweep's own StreamingLLM
+        streaming[budget] = run(baseline, full.full_nll).perplexity(BASELINE, budget)
         seen: dict[Recipe, float] = {}
 
         def score(recipe: Recipe, budget: int = budget, seen: dict[Recipe, float] = seen) -> float:
@@ -144,14 +141,14 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         best = min((best, stock_recipe(budget, settings)), key=lambda r: (score(r), r.label))
         if not math.isfinite(score(best)):
             raise ValidationInputError(f"no eviction recipe fits a budget of {budget} keys: raise the budget")
-        chosen[budget] = best
+        chosen[budget], chosen_ppl[budget] = best, score(best)
     notify(Progress("recipe", label, steps, steps))
     specs = ", ".join(c.spec for c in corpora)
     book = RecipeBook(chosen, context_length=settings.eval_seq_len,
                       searched_on=f"{specs} (calibration text: {len(chunks)} x {settings.eval_seq_len} tokens, "
                                   f"last {settings.score_last} scored)")
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
-                        streamingllm=streaming, trace=trace)
+                        streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace)
 
 
 def recipe_report(search: RecipeSearch) -> RecipeReport:
@@ -159,7 +156,7 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
     from qfilters.validation.schema import RecipeChoice, RecipeReport, rnd
 
     chosen = [RecipeChoice(budget=b, recipe=r.to_dict(), description=r.describe(),
-                           search_perplexity=rnd(search.chosen_perplexity(b)),
+                           search_perplexity=rnd(search.chosen_perplexity[b]),
                            search_streamingllm_perplexity=rnd(search.streamingllm[b]))
               for b, r in sorted(search.book.by_budget.items())]
     return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,

@@ -45,13 +45,14 @@ class Sweep:
         return self.result.gap(policy, budget)
 
 
-def sweep_policies(filters: Any, budgets: Sequence[int], settings: ValidationSettings
-                   ) -> dict[tuple[str, int], EvictionPolicy]:
-    """The policy table's comparison (Q-Filters with ``filters``, K-norm, StreamingLLM ...) at every budget."""
+def sweep_policies(filters: Any, budgets: Sequence[int], settings: ValidationSettings,
+                   names: Sequence[str] | None = None) -> dict[tuple[str, int], EvictionPolicy]:
+    """The policy table's comparison (Q-Filters with ``filters``, K-norm, StreamingLLM ...) at every budget;
+    ``names`` picks some of them (the recipe search scores StreamingLLM exactly as the sweep does)."""
     from qfilters.policy import EvictionPolicy
 
     inputs = ScorerInputs(filters=filters, n_sinks=settings.n_sinks)
-    scorers = {name: build_scorer(name, inputs) for name in compared_policies()}
+    scorers = {name: build_scorer(name, inputs) for name in (compared_policies() if names is None else names)}
     return {(name, b): EvictionPolicy(scorer, b, settings.window_for(b)) for name, scorer in scorers.items()
             for b in budgets}
 
