@@ -20,27 +20,23 @@ from qfilters.validation.output import report_json
 from qfilters.validation.recipe_search import search_recipes, stock_recipe
 from qfilters.validation.render import render_html
 from qfilters.validation.run import run_validation
-from tests.test_validation import TINY, _corpus
+from tests.test_validation import TINY, _corpus, one_thread
 
 SEARCH = replace(TINY, search_recipe=True, recipe_docs=1)
 CALIB, EVAL = (0, 1, 2), (3, 4)
 
 
-def _run(tiny_llama, settings=SEARCH):
+def _run(tiny_llama, settings=SEARCH, evaluation=None):
     events = []
-    run = run_validation(tiny_llama, [_corpus(i) for i in CALIB], [_corpus(i) for i in EVAL], settings,
+    evaluation = [_corpus(i) for i in EVAL] if evaluation is None else evaluation
+    run = run_validation(tiny_llama, [_corpus(i) for i in CALIB], evaluation, settings,
                          on_progress=events.append, created_at="2000-01-01T00:00:00Z")
     return run, events
 
 
 @pytest.fixture(scope="module")
 def searched(tiny_llama):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run(tiny_llama)
-    finally:
-        torch.set_num_threads(threads)
+    return one_thread(_run, tiny_llama)
 
 
 def test_search_reads_calibration_text_only_and_reports_each_budget(searched) -> None:
@@ -231,7 +227,7 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
 
     settings = replace(SEARCH, passkey_trials=3, passkey_context=96)
     long_filler = _corpus(3, n_docs=2, words=400)
-    run, events = _run_with(tiny_llama, settings, evaluation=[long_filler, _corpus(4)])
+    run, events = _run(tiny_llama, settings, evaluation=[long_filler, _corpus(4)])
     pk = run.report.passkey
     assert isinstance(pk, PasskeyReport) and pk.trials == 3 and pk.filler == long_filler.spec
     cells = {(c.policy, c.budget): c for c in pk.rows}
@@ -246,11 +242,5 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
     from qfilters.validation.gates import ValidationInputError
 
     with pytest.raises(ValidationInputError, match="passkey"):
-        _run_with(tiny_llama, replace(settings, passkey_context=5000), evaluation=[_corpus(3)])
+        _run(tiny_llama, replace(settings, passkey_context=5000), evaluation=[_corpus(3)])
 
-
-def _run_with(tiny_llama, settings, evaluation):
-    events = []
-    run = run_validation(tiny_llama, [_corpus(i) for i in CALIB], evaluation, settings,
-                         on_progress=events.append, created_at="2000-01-01T00:00:00Z")
-    return run, events

@@ -256,14 +256,19 @@ def _one_thread_for_tiny_models(request):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_llama):
+def one_thread(fn, *args):
+    """``fn(*args)`` with one torch thread: module fixtures run outside the autouse fixture below."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _tiny_run(tiny_llama)
+        return fn(*args)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama):
+    return one_thread(_tiny_run, tiny_llama)
 
 
 def _tiny_run(tiny_llama):
