@@ -240,8 +240,9 @@ def evaluate_policies(
     layers = tuple(uncompressed_layers)
     grid: dict[tuple[str, int], PolicyLike] = {
         (p, b): EvictionPolicy(s, b, window, uncompressed_layers=layers) for p, s in scorers.items() for b in budgets}
-    if RECIPE in names and recipe is not None:  # per layer: its own windows and sinks, whole layers paid at seq_len
-        grid.update({(RECIPE, b): p for b, p in recipe.policies(budgets, model, inputs, seq_len).items()})
+    compare_recipe = recipe if RECIPE in names else None  # per layer: own windows and sinks, whole layers at seq_len
+    if compare_recipe is not None:
+        grid.update({(RECIPE, b): p for b, p in compare_recipe.policies(budgets, model, inputs, seq_len).items()})
     chunks = select_chunks(tokenizer, corpus, seq_len, max_docs)
     config = {
         "model": model_id or str(getattr(model.config, "_name_or_path", "")),
@@ -257,7 +258,7 @@ def evaluate_policies(
         "bos": "prepended when the tokenizer has one and does not add it",
         "scorers": {p: s.describe() for p, s in scorers.items()},
     }
-    if RECIPE in names and recipe is not None:
-        config[RECIPE] = recipe.to_dict()
+    if compare_recipe is not None:
+        config[RECIPE] = compare_recipe.to_dict()
     return evaluate_chunks(model, chunks, grid, score_last=score_last, config=config, progress=progress,
                            on_step=on_step)
