@@ -14,7 +14,7 @@ greedy eviction with static scores (checked against token-by-token decoding in t
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -263,17 +263,23 @@ class Sensitivity:
 
 
 def layer_sensitivity(model: Any, chunks: Sequence[Tensor], scorer: Scorer, budget: int, window: int,
-                      score_last: int) -> Sensitivity:
-    """Compress one layer at a time (``budget``/``window``); NLL increase per token on ``chunks`` (calibration text)."""
+                      score_last: int, on_pass: Callable[[], None] | None = None) -> Sensitivity:
+    """Compress one layer at a time (``budget``/``window``); NLL increase per token on ``chunks`` (calibration text).
+
+    ``on_pass`` is called after each forward pass over all chunks (the full cache's, then one per layer)."""
     from qfilters.architecture import compressed_layers
     from qfilters.onepass import perplexity
 
+    def total(policy: LayerwisePolicy | None) -> float:
+        nll = sum(perplexity(model, c, policy, score_last).nll_sum for c in chunks)
+        if on_pass is not None:
+            on_pass()
+        return nll
+
     layers = compressed_layers(model)
-    full = sum(perplexity(model, c, None, score_last).nll_sum for c in chunks)
+    full = total(None)
     out = Sensitivity(layers)
     n_tok = score_last * sum(c.shape[0] for c in chunks)
     for i in layers:
-        alone = LayerwisePolicy({i: EvictionPolicy(scorer, budget, window)})
-        nll = sum(perplexity(model, c, alone, score_last).nll_sum for c in chunks)
-        out.nll_increase.append((nll - full) / n_tok)
+        out.nll_increase.append((total(LayerwisePolicy({i: EvictionPolicy(scorer, budget, window)})) - full) / n_tok)
     return out

@@ -169,18 +169,21 @@ def test_cli_search_recipe_writes_filters_with_the_recipe(tiny_llama, tmp_path) 
     assert saved.recipe is not None and sorted(saved.recipe.by_budget) == [c.budget for c in report.recipe.chosen]
 
 
-def _cost(recipe: Recipe, interaction: bool) -> float:
-    """A made-up perplexity with a known coordinate-search path (and, with ``interaction``, a better stock)."""
+def _cost(recipe: Recipe, case: str) -> float:
+    """A made-up perplexity with a known coordinate-search path (``interaction``: a better stock; ``sensitivity``:
+    the measured allocation wins)."""
+    allocation = {"uniform": 0.0, "pyramid": -0.05, "sensitivity": -0.1 if case == "sensitivity" else -0.02}
     value = ({"qfilters": 0.0, "knorm": 1.0}[recipe.scorer] + {0.125: 0.3, 0.25: 0.2, 0.5: 0.25}[recipe.window_share]
-             + {0: 0.1, 4: 0.0}[recipe.n_sinks] + {"uniform": 0.0, "pyramid": -0.05}[recipe.allocation])
-    if interaction and (recipe.window_share, recipe.n_sinks, recipe.allocation) == (0.5, 0, "uniform"):
+             + {0: 0.1, 4: 0.0}[recipe.n_sinks] + allocation[recipe.allocation] + 0.5 * recipe.full_layers)
+    if case == "interaction" and (recipe.window_share, recipe.n_sinks, recipe.allocation) == (0.5, 0, "uniform"):
         value -= 1.0  # only reachable by changing two axes at once: the coordinate search misses it, stock has it
     return 10.0 + value
 
 
-@pytest.mark.parametrize("interaction", [False, True])
-def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, interaction) -> None:
+@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity"])
+def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, case) -> None:
     import qfilters.evaluate
+    from qfilters.architecture import compressed_layers
 
     class Scored:
         def __init__(self, value: float) -> None:
@@ -193,18 +196,30 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
         if not policies:
             return Scored(10.0)
         ((_, policy),) = policies.items()
-        return Scored(_cost(policy, interaction) if isinstance(policy, Recipe) else 99.0)  # 99: StreamingLLM
+        return Scored(_cost(policy, case) if isinstance(policy, Recipe) else 99.0)  # 99: StreamingLLM
 
     monkeypatch.setattr(RecipeBook, "policy", lambda self, b, *a, **k: self.recipe_for(b))  # the recipe itself
     monkeypatch.setattr(qfilters.evaluate, "evaluate_chunks", evaluate)
-    search = search_recipes(tiny_llama, [_corpus(0), _corpus(1)], None, [48, 24], SEARCH, lambda p: None)
+    events = []
+    filters = QFilters(torch.randn(*tiny_llama.info.filter_shape, generator=torch.Generator().manual_seed(1)))
+    search = search_recipes(tiny_llama, [_corpus(0), _corpus(1)], filters, [48, 24], SEARCH, events.append)
     for b in (24, 48):
-        expected = stock_recipe(b, SEARCH) if interaction else Recipe("qfilters", 0.25, 4, "pyramid")
+        expected = {"plain": Recipe("qfilters", 0.25, 4, "pyramid"), "interaction": stock_recipe(b, SEARCH),
+                    "sensitivity": Recipe("qfilters", 0.25, 4, "sensitivity")}[case]
         assert search.book.by_budget[b] == expected
         assert search.streamingllm[b] == 99.0
     labels = [t["label"] for t in search.trace if t["budget"] == 48]
     assert len(labels) == len(set(labels))  # every recipe is evaluated once per budget
-    assert "knorm w=0.25 s=4 uniform" in labels and "qfilters w=0.125 s=4 uniform" in labels
+    assert {"knorm w=0.25 s=4 uniform", "qfilters w=0.125 s=4 uniform", "qfilters w=0.25 s=4 sensitivity"
+            } <= set(labels) and any(label.endswith(" full=1") for label in labels)
+    # the sensitivity is measured once (every budget reuses it) and shipped only when a chosen recipe allocates by it
+    layers = compressed_layers(tiny_llama.model)
+    assert search.sensitivity is not None and len(search.sensitivity) == len(layers)
+    assert search.book.sensitivity == (tuple(search.sensitivity) if case == "sensitivity" else None)
+    assert sum(e.detail == "layer sensitivity" for e in events) == 1 + len(layers)
+    steps = [(e.completed, e.total) for e in events]
+    assert all(done <= total for done, total in steps) and steps[-1][0] == steps[-1][1]
+    assert [d for d, _ in steps] == sorted(d for d, _ in steps)
 
 
 def test_search_inputs_are_refused_before_any_forward_pass(tiny_llama) -> None:

@@ -1,10 +1,12 @@
 """The validator's recipe search: which eviction recipe to ship with a filter set, chosen on calibration text only.
 
 At each budget of the sweep, a coordinate search (axis by axis, from a fixed start, ties broken by the recipe's
-label so the result is deterministic) over the scorer, the recent-window share, the sinks and the per-layer
-allocation, at the same total KV memory, scored by the exact one-pass perplexity on the first documents of the
-calibration datasets (the text the filters were fitted on: the search never reads evaluation text). The chosen
-recipes are then measured on the held-out evaluation datasets beside the stock policies, like every other row.
+label so the result is deterministic) over the scorer, the recent-window share, the sinks, the per-layer allocation
+(uniform, pyramid, or by each layer's measured sensitivity) and whole first layers, at the same total KV memory,
+scored by the exact one-pass perplexity on the first documents of the calibration datasets (the text the filters were
+fitted on: the search never reads evaluation text). The layer sensitivity is measured once, on the first search
+document, when the search first needs it, and stored with the recipes only when a chosen one allocates by it. The
+chosen recipes are then measured on the held-out evaluation datasets beside the stock policies, like every other row.
 
 The stock policy is a candidate as well, so the shipped default is never worse than stock on the search text; held-out
 datasets where it is worse than stock get a warning in the report. Only scorers a filter set carries without extra
@@ -40,7 +42,8 @@ AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("scorer", ("qfilters", "knorm")),
     ("window_share", (0.125, 0.25, 0.5)),
     ("n_sinks", (0, 4)),
-    ("allocation", ("uniform", "pyramid")),
+    ("allocation", ("uniform", "pyramid", "sensitivity")),
+    ("full_layers", (0, 1)),
 )
 
 
@@ -54,6 +57,7 @@ class RecipeSearch:
     streamingllm: dict[int, float]  # the baseline on the same text, per budget
     chosen_perplexity: dict[int, float]  # the chosen recipe's, per budget
     trace: list[dict[str, Any]] = field(default_factory=list)  # every (budget, recipe, perplexity) evaluated
+    sensitivity: list[float] | None = None  # per compressible layer, when the search measured it
 
 
 def stock_recipe(budget: int, settings: ValidationSettings) -> Recipe:
@@ -95,11 +99,15 @@ def _search_chunks(lm: LoadedModel, corpora: Sequence[Corpus], settings: Validat
 def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, budgets: Sequence[int],
                    settings: ValidationSettings, notify: ProgressFn) -> RecipeSearch:
     """Coordinate search at every budget on the calibration datasets' first documents (see the module doc)."""
+    from qfilters.architecture import compressed_layers
     from qfilters.evaluate import evaluate_chunks
 
     chunks = _search_chunks(lm, corpora, settings)
     label = f"{len(chunks)} calibration document(s)"
-    steps = 1 + len(budgets) * (2 + sum(len(v) for _, v in AXES))  # an upper bound: repeated recipes are cached
+    n_layers = len(compressed_layers(lm.model))
+    # an upper bound (repeated recipes are cached): the full pass, per budget StreamingLLM + every axis value + stock,
+    # and the sensitivity's full pass + one pass per compressible layer
+    steps = 1 + len(budgets) * (2 + sum(len(v) for _, v in AXES)) + 1 + n_layers
     done = 0
 
     def run(policies: dict[tuple[str, int], Any], full_nll: Any = None) -> Any:
@@ -111,6 +119,19 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
 
     notify(Progress("recipe", label, 0, steps, f"budgets {', '.join(map(str, budgets))}"))
     full = run({})
+    sensitivity: list[float] = []
+
+    def layer_weights() -> list[float]:
+        """Measured once, when a recipe first allocates by sensitivity (see :func:`measure_sensitivity`)."""
+        nonlocal done
+        if not sensitivity:
+            def tick() -> None:
+                nonlocal done
+                done += 1
+                notify(Progress("recipe", label, min(done, steps), steps, "layer sensitivity"))
+
+            sensitivity.extend(measure_sensitivity(lm, chunks, filters, min(budgets), settings, tick))
+        return sensitivity
     streaming: dict[int, float] = {}
     trace: list[dict[str, Any]] = []
     chosen: dict[int, Recipe] = {}
@@ -122,9 +143,11 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
 
         def score(recipe: Recipe, budget: int = budget, seen: dict[Recipe, float] = seen) -> float:
             if recipe not in seen:
+                weights = tuple(layer_weights()) if recipe.allocation == "sensitivity" else None
                 try:
-                    policy = RecipeBook({budget: recipe}).policy(budget, lm.model, ScorerInputs(filters=filters),
-                                                                 settings.eval_seq_len)
+                    policy = RecipeBook({budget: recipe}, weights).policy(budget, lm.model,
+                                                                          ScorerInputs(filters=filters),
+                                                                          settings.eval_seq_len)
                 except ValueError:  # not feasible at this budget (the sinks and a window do not fit)
                     seen[recipe] = math.inf
                 else:
@@ -144,11 +167,25 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         chosen[budget], chosen_ppl[budget] = best, score(best)
     notify(Progress("recipe", label, steps, steps))
     specs = ", ".join(c.spec for c in corpora)
-    book = RecipeBook(chosen, context_length=settings.eval_seq_len,
+    used = any(r.allocation == "sensitivity" for r in chosen.values())
+    book = RecipeBook(chosen, tuple(sensitivity) if used else None, context_length=settings.eval_seq_len,
                       searched_on=f"{specs} (calibration text: {len(chunks)} x {settings.eval_seq_len} tokens, "
                                   f"last {settings.score_last} scored)")
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
-                        streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace)
+                        streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
+                        sensitivity=list(sensitivity) or None)
+
+
+def measure_sensitivity(lm: LoadedModel, chunks: EvalChunks, filters: Any, budget: int,
+                        settings: ValidationSettings, tick: Any = None) -> list[float]:
+    """Per compressible layer: the NLL increase per scored token when only that layer is compressed by Q-Filters at
+    ``budget`` (the stock window), on the first search document: calibration text, like the rest of the search."""
+    from qfilters.recipes import layer_sensitivity
+    from qfilters.scorers import QFilterScorer
+
+    measured = layer_sensitivity(lm.model, chunks.ids[:1], QFilterScorer(filters), budget, settings.window_for(budget),
+                                 settings.score_last, on_pass=tick)
+    return [round(x, 9) for x in measured.nll_increase]
 
 
 def recipe_report(search: RecipeSearch) -> RecipeReport:
