@@ -129,17 +129,21 @@ def collect_files(filter_set_dir: str | os.PathLike[str], repo_id: str, *, card:
 
 
 def _figures(report: Any) -> list[tuple[str, str, bytes]]:
-    """The perplexity-vs-budget figure of each evaluation dataset (none when matplotlib is not installed)."""
+    """The perplexity-vs-budget figure of each evaluation dataset and the passkey figure when the test ran (none when
+    matplotlib is not installed)."""
     try:
         from qfilters.validation import figures
     except ImportError:  # the tiny client install has no matplotlib: the card then links the HTML report only
         return []
-    from qfilters.modelcard import figure_name
+    from qfilters.modelcard import PASSKEY_FIGURE, figure_name
 
     out = []
     for index, ppl in enumerate(report.perplexity):
         png = figures.perplexity_plot(ppl, report.settings.reference_budget)
         out.append((figure_name(ppl.dataset.spec, index), f"Perplexity vs KV budget on {ppl.dataset.spec}", png.data))
+    if report.passkey is not None:
+        out.append((PASSKEY_FIGURE, f"Passkey retrieval vs KV budget ({report.passkey.trials} needles)",
+                    figures.passkey_plot(report.passkey).data))
     return out
 
 

@@ -45,6 +45,7 @@ VERDICT_TAG = "qfilters-verdict:{}"
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "apache-2.0", "google/gemma-3-270m": "gemma"}
 _SLUG = re.compile(r"[^a-z0-9]+")
 USAGE_HEADING = "### Use these filters"  # where qfilters.validation.markdown starts its usage snippets
+PASSKEY_FIGURE = "report/passkey.png"  # repo path of the passkey accuracy figure (when the test ran)
 
 
 def figure_name(spec: str, index: int) -> str:

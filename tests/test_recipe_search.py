@@ -238,6 +238,7 @@ def test_search_inputs_are_refused_before_any_forward_pass(tiny_llama) -> None:
 
 def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) -> None:
     from qfilters.validation.gates import OPTIONAL_GATES
+    from qfilters.validation.passkey_check import passkey_warnings
     from qfilters.validation.schema import PasskeyReport
 
     settings = replace(SEARCH, passkey_trials=3, passkey_context=96)
@@ -247,12 +248,15 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
     assert isinstance(pk, PasskeyReport) and pk.trials == 3 and pk.filler == long_filler.spec
     cells = {(c.policy, c.budget): c for c in pk.rows}
     assert cells["full", None].correct <= 3 and {("recipe", 24), ("streamingllm", 48), ("snapkv", 24)} <= set(cells)
+    # the validation's own calibration holds the query moments: the new scorers are reported beside the others
+    assert {("meanq", 24), ("gaussian", 48), ("knorm", 24), ("qfilters", 48)} <= set(cells)
     assert "passkey" in {e.phase for e in events}
     gate = next(g for g in run.report.verdict.gates if g.name in OPTIONAL_GATES)
     expected = cells["recipe", 24].accuracy - cells["streamingllm", 24].accuracy  # reference budget 24, shipped recipe
     assert gate.value == round(expected, 6) and gate.passed == (expected >= 0.0)
     assert "### Retrieval under compression (passkey)" in render_markdown(run.report)
-    assert 'id="passkey-table"' in render_html(run.report)
+    assert 'id="passkey-table"' in render_html(run.report) and 'id="passkey-vs-budget"' in render_html(run.report)
+    assert [w for w in run.report.verdict.warnings if w.startswith("Passkey")] == passkey_warnings(pk, "recipe")
     # a filler too short for the context is refused before any forward pass
     from qfilters.validation.gates import ValidationInputError
 

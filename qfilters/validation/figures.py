@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 import numpy as np
 
 from qfilters.policy_table import policy_color, policy_label, policy_order
-from qfilters.validation.schema import PerplexityReport, SamplingStability, StabilityReport, TransferMatrix
+from qfilters.validation.schema import (
+    PasskeyReport,
+    PerplexityReport,
+    SamplingStability,
+    StabilityReport,
+    TransferMatrix,
+)
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType
@@ -368,13 +374,15 @@ def perplexity_plot(ppl: PerplexityReport, reference_budget: int | None = None) 
 
 def budget_plot(series: dict[str, list[tuple[int, float]]], full: float | None, *, title: str,
                 xlabel: str = "KV budget per head (tokens kept, log scale)", ylabel: str = "perplexity",
-                reference_budget: int | None = None) -> Png:
-    """The one perplexity-vs-budget figure (reports and ``qfilters eval --plot``): a line per policy over the
-    budgets (log x, colours and order from the policy table), the full cache as a dashed horizontal line."""
+                reference_budget: int | None = None, higher_is_better: bool = False,
+                full_label: str | None = None) -> Png:
+    """The one metric-vs-budget figure (perplexity in reports and ``qfilters eval --plot``, passkey accuracy): a line
+    per policy over the budgets (log x, colours and order from the policy table), the full cache as a dashed line."""
     budgets = sorted({b for points in series.values() for b, _ in points})
     values = [v for points in series.values() for _, v in points] + ([full] if full is not None else [])
     positive = [v for v in values if v > 0]
-    log_y = bool(positive) and len(positive) == len(values) and max(positive) / min(positive) > 4
+    log_y = (not higher_is_better and bool(positive) and len(positive) == len(values)
+             and max(positive) / min(positive) > 4)
     with _style():
         fig = _figure(8.0, 4.4)
         ax = fig.subplots()
@@ -382,7 +390,8 @@ def budget_plot(series: dict[str, list[tuple[int, float]]], full: float | None, 
             ax.plot(*zip(*series[policy], strict=True), marker="o", markersize=4.5, linewidth=1.8,
                     color=policy_color(policy), label=policy_label(policy))
         if full is not None:
-            ax.axhline(full, linestyle="--", color="black", linewidth=1.2, label=f"full cache ({full:.2f})")
+            ax.axhline(full, linestyle="--", color="black", linewidth=1.2,
+                       label=full_label or f"full cache ({full:.2f})")
         if reference_budget is not None and reference_budget in budgets:
             ax.axvline(reference_budget, linestyle=":", color="#555555", linewidth=1,
                        label=f"reference budget {reference_budget}")
@@ -399,11 +408,28 @@ def budget_plot(series: dict[str, list[tuple[int, float]]], full: float | None, 
             ax.yaxis.set_minor_locator(LogLocator(subs="auto"))
             ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel + (" (log scale)" if log_y else "") + "  (lower is better)")
+        ax.set_ylabel(ylabel + (" (log scale)" if log_y else "")
+                      + ("  (higher is better)" if higher_is_better else "  (lower is better)"))
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best")
         return _png(fig)
+
+
+def passkey_plot(pk: PasskeyReport) -> Png:
+    """Passkey accuracy vs KV budget per policy; the full cache's as a dashed horizontal line."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    full = None
+    for c in pk.rows:
+        if c.budget is None:
+            full = 100.0 * c.correct / pk.trials
+        else:
+            series.setdefault(c.policy, []).append((c.budget, 100.0 * c.correct / pk.trials))
+    series = {p: sorted(points) for p, points in series.items()}
+    return budget_plot(series, full, title=f"Passkey retrieval vs KV budget ({pk.trials} needles, "
+                                           f"{pk.context_tokens}-token {short_label(pk.filler, 30)} contexts)",
+                       ylabel="keys retrieved (%)", higher_is_better=True,
+                       full_label=None if full is None else f"full cache ({full:.0f}%)")
 
 
 def transfer_heatmap(transfer: TransferMatrix) -> Png:

@@ -358,12 +358,22 @@ def _datasets(report: ValidationReport) -> str:
             + "</section>")
 
 
-def _section(s: Section | None) -> str:
+def _section(s: Section | None, figure: str = "") -> str:
     if s is None:
         return ""
     table = _table([_e(h) for h in s.headers], [[_e(c) for c in row] for row in s.rows],
                    table_id=f"{s.element_id}-table", numeric=s.numeric)
-    return f'<section id="{s.element_id}"><h2>{_e(s.title)}</h2><p>{_e(s.intro)}</p>{table}</section>'
+    findings = "".join(f'<p class="finding">{_e(f)}</p>' for f in s.findings)
+    return (f'<section id="{s.element_id}"><h2>{_e(s.title)}</h2><p>{_e(s.intro)}</p>{figure}{table}{findings}'
+            "</section>")
+
+
+def _passkey_figure(report: ValidationReport) -> str:
+    if report.passkey is None:
+        return ""
+    pk = report.passkey
+    return _img(figures.passkey_plot(pk), "passkey-vs-budget", "Passkey accuracy versus KV budget for every policy",
+                f"Keys retrieved out of {pk.trials} per KV budget (log scale); dashed line: full cache.")
 
 
 def render_html(report: ValidationReport) -> str:
@@ -380,7 +390,7 @@ def render_html(report: ValidationReport) -> str:
         _sampling(report),
         _perplexity(report),
         _section(recipe_section(report)),
-        _section(passkey_section(report)),
+        _section(passkey_section(report), _passkey_figure(report)),
         _transfer(report),
         _architecture(report),
         _datasets(report),

@@ -26,6 +26,7 @@ code, .mono { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-
 .warnings { background: var(--warn-bg); border: 1px solid var(--warn-border); border-left: 6px solid var(--warn-border);
   border-radius: 6px; padding: 10px 14px; margin: 12px 0; color: #3d2a00; }
 .warnings h3 { margin: 0 0 4px; font-size: 0.98rem; color: var(--warn); }
+.finding { border-left: 4px solid var(--warn-border); padding-left: 10px; }
 .warnings ul { margin: 0; padding-left: 20px; }
 .warnings li { margin: 3px 0; overflow-wrap: anywhere; }
 table { border-collapse: collapse; margin: 8px 0 14px; font-size: 0.9rem; background: #fff; }

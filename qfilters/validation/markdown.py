@@ -97,6 +97,7 @@ class Section:
     headers: list[str]
     rows: list[list[str]]  # plain text; each page escapes it
     numeric: frozenset[int]  # right-aligned columns
+    findings: Sequence[str] = ()  # what to take away from the table, one paragraph each, after it
 
 
 def section_markdown(section: Section | None) -> list[str]:
@@ -104,7 +105,8 @@ def section_markdown(section: Section | None) -> list[str]:
         return []
     align = "|" + "".join(" ---: |" if i in section.numeric else " --- |" for i in range(len(section.headers)))
     return ["", f"### {section.title}", "", md(section.intro), "", _row([md(h) for h in section.headers]), align,
-            *(_row([md(c) for c in row]) for row in section.rows)]
+            *(_row([md(c) for c in row]) for row in section.rows),
+            *(line for f in section.findings for line in ("", md(f)))]
 
 
 def _fence(code: str, lang: str = "python") -> str:

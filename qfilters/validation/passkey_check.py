@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from qfilters.policy_table import FULL, policy_label, policy_order
+from qfilters.policy_table import FULL, RECIPE, policy_label, policy_order
 from qfilters.validation.progress import Progress, ProgressFn
 
 if TYPE_CHECKING:
@@ -20,19 +20,25 @@ if TYPE_CHECKING:
     from qfilters.validation.schema import PasskeyReport, ValidationReport
     from qfilters.validation.settings import ValidationSettings
 
-__all__ = ["passkey_section", "run_passkey_check", "shipped_accuracy"]
+__all__ = ["passkey_findings", "passkey_section", "passkey_warnings", "run_passkey_check", "shipped_accuracy"]
+
+#: the compression (context / budget) at which the shipped policy should keep half of the full cache's retrieval
+FOUR_X = 4
+# references that are not FlashAttention-compatible static scores: never the "best deployable" policy
+_NOT_DEPLOYABLE = frozenset({FULL, "snapkv"})
 
 
 def run_passkey_check(lm: LoadedModel, filler: Corpus, filters: Any, budgets: Sequence[int],
-                      settings: ValidationSettings, notify: ProgressFn) -> PasskeyReport:
-    """Full cache, StreamingLLM, K-norm, Q-Filters, the searched recipe (if any) and the SnapKV reference."""
+                      settings: ValidationSettings, notify: ProgressFn, moments: Any = None) -> PasskeyReport:
+    """Full cache, StreamingLLM, K-norm, Q-Filters, the searched recipe (if any), the moment scorers (when the
+    calibration's query statistics are at hand) and the SnapKV reference."""
     from qfilters.passkey import make_trials, run_passkey, standard_policies
     from qfilters.validation.schema import PasskeyCell, PasskeyReport, rnd
 
     context = settings.resolved_passkey_context()
     text = "\n".join(d.text for d in filler.documents)
     trials = make_trials(lm.tokenizer, text, settings.passkey_trials, context, settings.seed)
-    policies = standard_policies(lm.model, sorted(budgets), settings.window, filters, context_length=context)
+    policies = standard_policies(lm.model, sorted(budgets), settings.window, filters, moments, context_length=context)
     label = f"{settings.passkey_trials} needles in {filler.spec}"
     notify(Progress("passkey", label, 0, len(trials)))
     run = run_passkey(lm.model, trials, policies,
@@ -54,6 +60,53 @@ def shipped_accuracy(report: PasskeyReport, budget: int, shipped: str) -> tuple[
     return shipped, cells[shipped, budget], cells["streamingllm", budget]
 
 
+def _pct(correct: int, of: int) -> str:
+    return f"{100 * correct / of:.0f}%" if of else "n/a"
+
+
+def passkey_findings(pk: PasskeyReport, shipped: str) -> tuple[list[str], list[str]]:
+    """(what a reader should take away, the warnings among them), from the cells alone.
+
+    Per budget: the shipped policy's keys against the full cache's and StreamingLLM's. The warnings say where the
+    shipped policy loses to StreamingLLM, and whether it (and any FlashAttention-compatible scorer) keeps half of the
+    full cache's retrieval at 4x compression: a negative result is stated, never hidden in the table.
+    """
+    cells = {(c.policy, c.budget): c.correct for c in pk.rows}
+    full = cells.get((FULL, None))
+    budgets = sorted({c.budget for c in pk.rows if c.budget is not None and (shipped, c.budget) in cells})
+    if full is None or not budgets:
+        return [], []
+    name = policy_label(shipped)
+    findings, warnings = [], []
+    per_budget = [f"{cells[shipped, b]}/{pk.trials} at budget {b} ({_pct(cells[shipped, b], full)} of the full "
+                  f"cache's {full}/{pk.trials}" + (f"; StreamingLLM {cells['streamingllm', b]}/{pk.trials}"
+                                                   if ("streamingllm", b) in cells else "") + ")" for b in budgets]
+    findings.append(f"The shipped policy ({name}) retrieves " + "; ".join(per_budget) + ".")
+    losing = [b for b in budgets if ("streamingllm", b) in cells and cells[shipped, b] <= cells["streamingllm", b]]
+    if losing:
+        warnings.append(f"Passkey retrieval: the shipped policy ({name}) does not beat StreamingLLM at budget(s) "
+                        f"{', '.join(map(str, losing))} ({pk.context_tokens}-token contexts).")
+    target = pk.context_tokens // FOUR_X
+    if target in budgets:
+        if 2 * cells[shipped, target] < full:
+            warnings.append(f"Passkey retrieval: at budget {target} ({FOUR_X}x compression) the shipped policy "
+                            f"({name}) keeps {cells[shipped, target]} of the full cache's {full} keys "
+                            f"({_pct(cells[shipped, target], full)}), less than half.")
+        deployable = [(cells[p, target], p) for p, b in cells if b == target and p not in _NOT_DEPLOYABLE]
+        best, best_name = max(deployable, key=lambda x: (x[0], x[1]))
+        if 2 * best < full:
+            findings.append(f"No FlashAttention-compatible policy keeps half of the full cache's retrieval at budget "
+                            f"{target} ({FOUR_X}x compression): the best is {policy_label(best_name)} with "
+                            f"{best}/{pk.trials} ({_pct(best, full)} of full). Do not rely on compressed contexts "
+                            "for exact recall of a detail at this budget.")
+    return findings + warnings, warnings
+
+
+def passkey_warnings(pk: PasskeyReport | None, shipped: str) -> list[str]:
+    """The report's warnings from the passkey test (none when it did not run)."""
+    return [] if pk is None else passkey_findings(pk, shipped)[1]
+
+
 def passkey_section(report: ValidationReport) -> Section | None:
     """The passkey table of both report pages; None when the test did not run."""
     from qfilters.validation.markdown import Section
@@ -70,5 +123,8 @@ def passkey_section(report: ValidationReport) -> Section | None:
     intro = (f"{pk.trials} five-digit keys hidden at seeded depths of {pk.context_tokens}-token contexts of "
              f"{pk.filler} text; the context is compressed once, then the question is asked (kvpress protocol). "
              "Cells: keys reproduced exactly. The SnapKV-like reference needs attention weights.")
+    shipped = RECIPE if any(c.policy == RECIPE for c in pk.rows) else "qfilters"
+    findings, _ = passkey_findings(pk, shipped)
     return Section("passkey", "Retrieval under compression (passkey)", intro,
-                   ["Policy", *[f"budget {b}" for b in budgets]], rows, numeric=frozenset(range(1, len(budgets) + 1)))
+                   ["Policy", *[f"budget {b}" for b in budgets]], rows, numeric=frozenset(range(1, len(budgets) + 1)),
+                   findings=findings)

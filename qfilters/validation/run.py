@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
 
 from qfilters.policy_table import RECIPE
 from qfilters.validation.calibration import (
@@ -34,7 +36,7 @@ from qfilters.validation.calibration import (
     sampling_stability,
 )
 from qfilters.validation.gates import GateInputs, ValidationInputError, decide
-from qfilters.validation.passkey_check import run_passkey_check, shipped_accuracy
+from qfilters.validation.passkey_check import passkey_warnings, run_passkey_check, shipped_accuracy
 from qfilters.validation.progress import Progress, ProgressFn, interruptible, notifier
 from qfilters.validation.recipe_search import recipe_policies, recipe_report, recipe_warnings, search_recipes
 from qfilters.validation.schema import Settings, ValidationReport
@@ -161,6 +163,22 @@ def _load_filters(filters: FiltersLike, lm: LoadedModel) -> QFilters | None:
     return QFilters.from_pretrained(str(filters), expected_shape=lm.info.filter_shape)
 
 
+def _query_moments(filters: FiltersLike, given: QFilters | None, results: Sequence[CalibrationResult],
+                   lm: LoadedModel) -> Any:
+    """The query moments behind the published filters, for the moment scorers' passkey rows: the validation's own
+    calibration, or the given artifact directory's optional statistics file; None when there are none."""
+    from qfilters.moments import QueryMoments, load_moments
+
+    if given is None:
+        from qfilters.query_stats import QueryStatistics
+
+        stats = [r.statistics for r in results if r.statistics is not None]
+        return QueryMoments.from_statistics(QueryStatistics.merged(stats), lm.info.num_kv_heads) if stats else None
+    if isinstance(filters, (str, os.PathLike)) and Path(filters).is_dir():
+        return load_moments(filters)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------- the run
 
 
@@ -264,9 +282,10 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
     statistics = (published.provenance or {}).get("statistics") or combined.provenance["statistics"]
     architecture = assess(lm.info, lm.model, statistics)
     reports = [perplexity_report(sweep, budgets, settings) for sweep in sweeps]
-    passkey = (run_passkey_check(lm, eval_corpora[0], published, budgets, settings, notify)
-               if settings.passkey_trials else None)
     shipped = RECIPE if published.recipe is not None else "qfilters"
+    passkey = (run_passkey_check(lm, eval_corpora[0], published, budgets, settings, notify,
+                                 _query_moments(filters, given, results, lm))
+               if settings.passkey_trials else None)
     gate_inputs = GateInputs(
         cross_dataset_cosine=stability.summary.mean,
         reference_gaps=[(c.spec, s.gap("qfilters", reference), s.gap("streamingllm", reference),
@@ -275,7 +294,8 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
         reference_budget=reference,
         passkey=None if passkey is None else shipped_accuracy(passkey, reference, shipped),
     )
-    warnings = list(architecture.warnings) + evaluation_warnings(reports, settings) + recipe_warnings(reports)
+    warnings = (list(architecture.warnings) + evaluation_warnings(reports, settings) + recipe_warnings(reports)
+                + passkey_warnings(passkey, shipped))
     verdict = decide(gate_inputs, thresholds, warnings)
 
     info = lm.info
