@@ -4,8 +4,9 @@ The API validates a request once, at submission, and stores it canonical (``Job.
 Workers read it back through :meth:`JobSpec.from_row`, so a job queued before the API's schema changed still runs:
 a new version adds a branch here, old rows keep their meaning.
 
-Versions: 1, the first; 2 adds ``search_recipe``/``recipe_docs`` (only jobs that search a recipe are written as 2,
-so workers that predate it refuse those jobs instead of silently skipping the search, and run all others).
+Versions: 1, the first; 2 adds ``search_recipe``/``recipe_docs``; 3 adds ``passkey_trials``/``passkey_context``.
+A job is written at the lowest version that holds what it asks for (:func:`spec_version`), so workers that predate a
+field refuse the jobs that use it instead of silently skipping it, and run all others.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-CURRENT_VERSION = 2
+CURRENT_VERSION = 3
 
 
 class SpecError(ValueError):
@@ -40,6 +41,8 @@ class JobSpec:
     force_publish: bool = False
     search_recipe: bool = False
     recipe_docs: int = 1
+    passkey_trials: int = 0
+    passkey_context: int | None = None
 
     @classmethod
     def from_row(cls, version: int | None, request: dict[str, Any]) -> JobSpec:
@@ -53,7 +56,8 @@ class JobSpec:
                    score_last=r.get("score_last"), seed=int(r.get("seed", 0)), budgets=r.get("budgets"),
                    window=int(r.get("window", 64)), max_docs=r.get("max_docs"), gates=dict(r.get("gates") or {}),
                    publish_to=r.get("publish_to"), force_publish=bool(r.get("force_publish", False)),
-                   search_recipe=bool(r.get("search_recipe", False)), recipe_docs=int(r.get("recipe_docs", 1)))
+                   search_recipe=bool(r.get("search_recipe", False)), recipe_docs=int(r.get("recipe_docs", 1)),
+                   passkey_trials=int(r.get("passkey_trials", 0)), passkey_context=r.get("passkey_context"))
 
     @classmethod
     def of(cls, job: Any) -> JobSpec:
@@ -67,4 +71,13 @@ class JobSpec:
             tokens_per_dataset=self.tokens, calib_seq_len=self.seq_len, calib_batch_size=self.batch_size,
             seed=self.seed, eval_seq_len=self.eval_seq_len, score_last=self.score_last or self.eval_seq_len // 2,
             budgets=tuple(self.budgets) if self.budgets else None, window=self.window, max_docs=self.max_docs,
-            gates=dict(self.gates), search_recipe=self.search_recipe, recipe_docs=self.recipe_docs)
+            gates=dict(self.gates), search_recipe=self.search_recipe, recipe_docs=self.recipe_docs,
+            passkey_trials=self.passkey_trials, passkey_context=self.passkey_context)
+
+
+def spec_version(request: Any) -> int:
+    """The lowest spec version that holds what a job asks for (a ``JobCreate`` or its canonical dict)."""
+    get = request.get if isinstance(request, dict) else lambda name, default=None: getattr(request, name, default)
+    if get("passkey_trials", 0):
+        return 3
+    return 2 if get("search_recipe", False) else 1

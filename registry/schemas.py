@@ -103,6 +103,10 @@ class JobCreate(BaseModel):
     search_recipe: bool = Field(False, description="search an eviction recipe on calibration text and ship it in "
                                                    "the filters' qfilters.json (measured on the eval datasets)")
     recipe_docs: int = Field(1, ge=1, le=64, description="documents of each calibration dataset the search uses")
+    passkey_trials: int = Field(0, ge=0, le=256, description="passkey retrieval trials at every budget, in the first "
+                                                         "eval dataset's text (0: not run); adds the passkey gate")
+    passkey_context: int | None = Field(None, ge=64, le=131_072, description="context tokens per passkey trial; "
+                                                                              "default min(1024, eval_seq_len)")
 
     @model_validator(mode="after")
     def _consistent(self) -> JobCreate:
@@ -134,6 +138,7 @@ class JobCreate(BaseModel):
             seed=self.seed, eval_seq_len=self.eval_seq_len, score_last=self.score_last or self.eval_seq_len // 2,
             budgets=tuple(self.budgets) if self.budgets else None, window=self.window, max_docs=self.max_docs,
             gates=dict(self.gates), search_recipe=self.search_recipe, recipe_docs=self.recipe_docs,
+            passkey_trials=self.passkey_trials, passkey_context=self.passkey_context,
         )
 
 

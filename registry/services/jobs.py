@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from registry.db import execute_dml
 from registry.errors import Conflict, Forbidden, NotFound
-from registry.jobspec import JobSpec
+from registry.jobspec import JobSpec, spec_version
 from registry.models import ACTIVE_STATUSES, ApiToken, BaseModel_, Dataset, Job, JobDataset, new_id, utcnow
 from registry.schemas import JobCreate
 from registry.security import effective_scopes
@@ -32,7 +32,10 @@ DEFAULT_REVISION = "main"
 def canonical_request(body: JobCreate) -> dict:
     data = body.model_dump(mode="json")
     data["revision"] = data["revision"] or DEFAULT_REVISION
-    if not data["search_recipe"]:  # spec version 1's shape: a request from before these fields hashes the same
+    # the shape of the lowest spec version that holds the job: a request from before these fields hashes the same
+    if not data["passkey_trials"]:
+        del data["passkey_trials"], data["passkey_context"]
+    if not data["search_recipe"]:
         del data["search_recipe"], data["recipe_docs"]
     return data
 
@@ -102,7 +105,7 @@ def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: 
     values = dict(id=job_id, token_id=token.id, idempotency_key=idempotency_key, request_hash=digest,
                   request=request, model_id=model.id, status="queued", max_attempts=max_attempts, created_at=utcnow(),
                   tokens_done=0, tokens_total=body.tokens * len(body.datasets), steps_done=0, steps_total=0,
-                  fraction=0.0, attempts=0, cancel_requested=False, spec_version=2 if body.search_recipe else 1)
+                  fraction=0.0, attempts=0, cancel_requested=False, spec_version=spec_version(body))
     if idempotency_key is None:
         session.add(Job(**values))
         session.flush()

@@ -428,16 +428,27 @@ def test_a_job_can_search_a_recipe_and_ships_it_with_the_filters(registry, tiny_
     plain = client.post("/v1/jobs", json=_job(), headers=headers).json()
     overlapping = client.post("/v1/jobs", json=_job(search_recipe=True), headers=headers)  # python-code twice
     assert "cannot be both" in _problem(overlapping, 422)["detail"]
-    job = client.post("/v1/jobs", json=_job(gates=PASSING_GATES, search_recipe=True, eval_datasets=["handbook:fr"]),
+    for bad in ({"passkey_trials": 257}, {"passkey_trials": -1}, {"passkey_trials": 2, "passkey_context": 8}):
+        assert client.post("/v1/jobs", json=_job(**bad), headers=headers).status_code == 422, bad
+    recipe_only = client.post("/v1/jobs", json=_job(search_recipe=True, eval_datasets=["handbook:fr"], seed=1),
+                              headers=headers).json()
+    job = client.post("/v1/jobs", json=_job(gates={**PASSING_GATES, "passkey_vs_streamingllm": -1.0},
+                                            search_recipe=True, eval_datasets=["handbook:fr"], passkey_trials=2),
                       headers=headers).json()
-    with session_scope(registry.state.session_factory) as s:  # only recipe jobs need workers knowing spec 2
+    with session_scope(registry.state.session_factory) as s:  # only jobs using a field need workers that know it
         assert s.get(Job, plain["id"]).spec_version == 1 and "search_recipe" not in s.get(Job, plain["id"]).request
-        assert s.get(Job, job["id"]).spec_version == 2 and s.get(Job, job["id"]).request["search_recipe"] is True
+        assert "passkey_trials" not in s.get(Job, plain["id"]).request
+        assert s.get(Job, recipe_only["id"]).spec_version == 2
+        assert "passkey_trials" not in s.get(Job, recipe_only["id"]).request
+        assert s.get(Job, job["id"]).spec_version == 3 and s.get(Job, job["id"]).request["search_recipe"] is True
+        assert s.get(Job, job["id"]).request["passkey_trials"] == 2
     assert "succeeded" in run_queued_jobs(registry, tiny_llama)
     done = client.get(f"/v1/jobs/{job['id']}").json()
     fs = client.get(f"/v1/filter-sets/{done['filter_set_id']}").json()
     report = ValidationReport.model_validate_json(client.get(fs["links"]["report_json"]).content)
     assert report.recipe is not None and [c.budget for c in report.recipe.chosen] == [24, 48]
+    assert report.passkey is not None and report.passkey.trials == 2  # the retrieval test ran, its gate decided
+    assert "passkey_vs_streamingllm" in {g.name for g in report.verdict.gates}
     out = tmp_path / "downloaded"
     out.mkdir()
     for f in fs["files"]:
@@ -458,5 +469,8 @@ def test_job_spec_versions_old_rows_keep_their_meaning_new_ones_are_refused_by_o
     v2 = JobSpec.from_row(2, {**old, "search_recipe": True, "recipe_docs": 3})
     settings = v2.validation_settings()
     assert settings.search_recipe and settings.recipe_docs == 3
+    assert v2.validation_settings().passkey_trials == 0
+    v3 = JobSpec.from_row(3, {**old, "passkey_trials": 12, "passkey_context": 96})
+    assert (v3.validation_settings().passkey_trials, v3.validation_settings().passkey_context) == (12, 96)
     with pytest.raises(SpecError, match="upgrade the workers"):
         JobSpec.from_row(CURRENT_VERSION + 1, old)
