@@ -533,3 +533,19 @@ def test_smollm2_small_validation(smollm2, artifacts_dir: Path) -> None:
     ratio = r.perplexity[0].gap_ratio_vs_streamingllm["64"]
     assert ratio == round(ref.gap("qfilters", 64) / ref.gap("streamingllm", 64), 6)
     print(f"SmolLM2 small validation: {seconds:.0f}s, verdict {r.verdict.status}, gap ratio {ratio}")
+
+
+def test_source_date_epoch_fixes_the_report_timestamp(tiny_llama, monkeypatch) -> None:
+    """Reproducible builds' convention: with SOURCE_DATE_EPOCH set, a rerun writes the same report JSON; a malformed
+    value is refused before the first forward pass."""
+    from qfilters.validation.run import _now
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764806400")
+    assert _now() == "2025-12-04T00:00:00Z"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with ForwardCounter(tiny_llama.model) as counter:
+        with pytest.raises(ValidationInputError, match="SOURCE_DATE_EPOCH"):
+            run_validation(tiny_llama, [_corpus(0), _corpus(1)], [_corpus(2)], TINY)
+    assert counter.calls == 0
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", _now())

@@ -235,6 +235,7 @@ def run_validation(
         _check_passkey_filler(lm, eval_corpora[0], settings)
     budgets = settings.resolved_budgets()
     reference = settings.resolved_reference_budget()
+    created_at = created_at or _now()  # when the run started (SOURCE_DATE_EPOCH, if set, is checked here)
     notify, interrupt = notifier(on_progress)
     with interruptible(lm.model, interrupt):
         return _run(lm, calib_corpora, eval_corpora, settings, given, thresholds, budgets, reference, notify,
@@ -243,7 +244,7 @@ def run_validation(
 
 def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus], settings: ValidationSettings,
          given: QFilters | None, thresholds: dict[str, float], budgets: list[int], reference: int,
-         notify: ProgressFn, filters: FiltersLike, created_at: str | None,
+         notify: ProgressFn, filters: FiltersLike, created_at: str,
          calibrated: Sequence[CalibrationResult] | None) -> ValidationRun:
     import qfilters
     from qfilters.calibrate import combine_results
@@ -300,7 +301,7 @@ def _run(lm: LoadedModel, calib_corpora: list[Corpus], eval_corpora: list[Corpus
 
     info = lm.info
     report = ValidationReport(
-        created_at=created_at or _now(),
+        created_at=created_at,
         qfilters_version=qfilters.__version__,
         model_id=info.model_id,
         model_revision=info.revision,
@@ -357,7 +358,16 @@ def calibrate_dataset(lm: LoadedModel, dataset: DatasetLike, settings: Validatio
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    """The report's timestamp: now, or ``SOURCE_DATE_EPOCH`` (the reproducible-builds convention) when set, so two
+    runs of the same inputs write the same report JSON byte for byte."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if epoch:
+        if not epoch.isdigit():
+            raise ValidationInputError(f"SOURCE_DATE_EPOCH must be a whole number of seconds, got {epoch!r}")
+        moment = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
+    else:
+        moment = _dt.datetime.now(_dt.timezone.utc)
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _filters_label(filters: FiltersLike) -> str:
