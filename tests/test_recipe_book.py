@@ -154,3 +154,23 @@ def test_eval_and_passkey_compare_the_stored_recipe(tiny_llama) -> None:
     policies = standard_policies(tiny_llama.model, [48], 12, filters, context_length=128)
     assert isinstance(policies["recipe@48"], LayerwisePolicy)
     assert "recipe@48" not in standard_policies(tiny_llama.model, [48], 12, _filters())
+
+
+def test_a_sensitivity_recipe_travels_with_its_weights_and_the_cache_spends_them(tiny_llama, tmp_path) -> None:
+    """What the validator ships when it picks the sensitivity allocation: the weights are in qfilters.json, and a
+    cache built from the loaded filters gives each layer the budget they say (same total as uniform)."""
+    from qfilters.architecture import compressed_layers
+    from qfilters.recipes import allocate
+
+    layers = compressed_layers(tiny_llama.model)
+    weights = tuple(float(i % 3) for i in range(len(layers)))
+    book = RecipeBook({32: Recipe("qfilters", 0.5, 2, "sensitivity")}, weights, context_length=128)
+    filters = QFilters(torch.randn(*tiny_llama.info.filter_shape, generator=torch.Generator().manual_seed(2)))
+    path = filters.with_recipe(book).save_pretrained(tmp_path / "f")
+    assert json.loads((path / "qfilters.json").read_text())["recipe"]["sensitivity"] == list(weights)
+    loaded = QFilters.from_pretrained(path)
+    assert loaded.recipe == book
+    cache = QFiltersCache(tiny_llama.model, loaded, budget=32)
+    budgets = [p.budget for p in _layer_policies(cache) if p is not None]
+    assert budgets == allocate("sensitivity", 32, len(layers), 4, weights) and sum(budgets) == 32 * len(layers)
+    assert len(set(budgets)) > 1  # the weights did move memory between layers
