@@ -263,10 +263,13 @@ class Sensitivity:
 
 
 def layer_sensitivity(model: Any, chunks: Sequence[Tensor], scorer: Scorer, budget: int, window: int,
-                      score_last: int, on_pass: Callable[[], None] | None = None) -> Sensitivity:
+                      score_last: int, on_pass: Callable[[], None] | None = None,
+                      full_nll: Sequence[float] | None = None) -> Sensitivity:
     """Compress one layer at a time (``budget``/``window``); NLL increase per token on ``chunks`` (calibration text).
 
-    ``on_pass`` is called after each forward pass over all chunks (the full cache's, then one per layer)."""
+    ``full_nll`` reuses a full-cache pass already made on the same chunks (per chunk NLL sums, as
+    :func:`qfilters.evaluate.evaluate_chunks` takes it); ``on_pass`` is called after each forward pass over all chunks.
+    """
     from qfilters.architecture import compressed_layers
     from qfilters.onepass import perplexity
 
@@ -277,7 +280,7 @@ def layer_sensitivity(model: Any, chunks: Sequence[Tensor], scorer: Scorer, budg
         return nll
 
     layers = compressed_layers(model)
-    full = total(None)
+    full = total(None) if full_nll is None else sum(full_nll)
     out = Sensitivity(layers)
     n_tok = score_last * sum(c.shape[0] for c in chunks)
     for i in layers:

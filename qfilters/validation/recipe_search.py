@@ -106,32 +106,23 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     label = f"{len(chunks)} calibration document(s)"
     n_layers = len(compressed_layers(lm.model))
     # an upper bound (repeated recipes are cached): the full pass, per budget StreamingLLM + every axis value + stock,
-    # and the sensitivity's full pass + one pass per compressible layer
-    steps = 1 + len(budgets) * (2 + sum(len(v) for _, v in AXES)) + 1 + n_layers
+    # and the sensitivity's pass per compressible layer
+    steps = 1 + len(budgets) * (2 + sum(len(v) for _, v in AXES)) + n_layers
     done = 0
 
-    def run(policies: dict[tuple[str, int], Any], full_nll: Any = None) -> Any:
+    def step(detail: str = "") -> None:
         nonlocal done
-        result = evaluate_chunks(lm.model, chunks, policies, score_last=settings.score_last, full_nll=full_nll)
         done += 1
-        notify(Progress("recipe", label, min(done, steps), steps))
+        notify(Progress("recipe", label, min(done, steps), steps, detail))
+
+    def run(policies: dict[tuple[str, int], Any], full_nll: Any = None) -> Any:
+        result = evaluate_chunks(lm.model, chunks, policies, score_last=settings.score_last, full_nll=full_nll)
+        step()
         return result
 
     notify(Progress("recipe", label, 0, steps, f"budgets {', '.join(map(str, budgets))}"))
     full = run({})
-    sensitivity: list[float] = []
-
-    def layer_weights() -> list[float]:
-        """Measured once, when a recipe first allocates by sensitivity (see :func:`measure_sensitivity`)."""
-        nonlocal done
-        if not sensitivity:
-            def tick() -> None:
-                nonlocal done
-                done += 1
-                notify(Progress("recipe", label, min(done, steps), steps, "layer sensitivity"))
-
-            sensitivity.extend(measure_sensitivity(lm, chunks, filters, min(budgets), settings, tick))
-        return sensitivity
+    sensitivity: list[float] = []  # measured once, when a recipe first allocates by it (see measure_sensitivity)
     streaming: dict[int, float] = {}
     trace: list[dict[str, Any]] = []
     chosen: dict[int, Recipe] = {}
@@ -143,7 +134,10 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
 
         def score(recipe: Recipe, budget: int = budget, seen: dict[Recipe, float] = seen) -> float:
             if recipe not in seen:
-                weights = tuple(layer_weights()) if recipe.allocation == "sensitivity" else None
+                if recipe.allocation == "sensitivity" and not sensitivity:
+                    sensitivity.extend(measure_sensitivity(lm, chunks, filters, min(budgets), settings,
+                                                           full.full_nll[0], lambda: step("layer sensitivity")))
+                weights = tuple(sensitivity) if recipe.allocation == "sensitivity" else None
                 try:
                     policy = RecipeBook({budget: recipe}, weights).policy(budget, lm.model,
                                                                           ScorerInputs(filters=filters),
@@ -177,14 +171,15 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
 
 
 def measure_sensitivity(lm: LoadedModel, chunks: EvalChunks, filters: Any, budget: int,
-                        settings: ValidationSettings, tick: Any = None) -> list[float]:
+                        settings: ValidationSettings, first_full_nll: float, tick: Any = None) -> list[float]:
     """Per compressible layer: the NLL increase per scored token when only that layer is compressed by Q-Filters at
-    ``budget`` (the stock window), on the first search document: calibration text, like the rest of the search."""
+    ``budget`` (the stock window), on the first search document: calibration text, like the rest of the search.
+    ``first_full_nll`` is that document's full-cache NLL, from the search's own full pass."""
     from qfilters.recipes import layer_sensitivity
     from qfilters.scorers import QFilterScorer
 
     measured = layer_sensitivity(lm.model, chunks.ids[:1], QFilterScorer(filters), budget, settings.window_for(budget),
-                                 settings.score_last, on_pass=tick)
+                                 settings.score_last, on_pass=tick, full_nll=[first_full_nll])
     return [round(x, 9) for x in measured.nll_increase]
 
 
