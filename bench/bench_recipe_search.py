@@ -36,6 +36,8 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def once(args: argparse.Namespace) -> None:
     """One validation in this process: report.json + filters in --out, timings in --out/timing.json."""
+    import torch
+
     from qfilters.models import load_model
     from qfilters.validation.output import write_report
     from qfilters.validation.run import run_validation
@@ -57,7 +59,7 @@ def once(args: argparse.Namespace) -> None:
     run.filters.save_pretrained(out / "filters")
     (out / "timing.json").write_text(json.dumps({"validation_s": total,
                                                  "search_s": marks["search_end"] - marks["search_start"],
-                                                 "threads": __import__("torch").get_num_threads()}))
+                                                 "threads": torch.get_num_threads()}))
 
 
 def _sha(path: Path) -> str:

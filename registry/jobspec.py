@@ -75,9 +75,8 @@ class JobSpec:
             passkey_trials=self.passkey_trials, passkey_context=self.passkey_context)
 
 
-def spec_version(request: Any) -> int:
-    """The lowest spec version that holds what a job asks for (a ``JobCreate`` or its canonical dict)."""
-    get = request.get if isinstance(request, dict) else lambda name, default=None: getattr(request, name, default)
-    if get("passkey_trials", 0):
+def spec_version(request: dict[str, Any]) -> int:
+    """The lowest spec version that holds what a job asks for (its canonical request)."""
+    if request.get("passkey_trials"):
         return 3
-    return 2 if get("search_recipe", False) else 1
+    return 2 if request.get("search_recipe") else 1

@@ -130,16 +130,11 @@ class JobCreate(BaseModel):
         return self
 
     def validation_settings(self) -> Any:
-        """The library's :class:`ValidationSettings` for this job (the one code path runners and workers call)."""
-        from qfilters.validation.run import ValidationSettings
+        """The library's :class:`ValidationSettings` for this job, through the job spec runners and workers read (one
+        mapping, so what is checked at submission is what runs)."""
+        from registry.jobspec import CURRENT_VERSION, JobSpec
 
-        return ValidationSettings(
-            tokens_per_dataset=self.tokens, calib_seq_len=self.seq_len, calib_batch_size=self.batch_size,
-            seed=self.seed, eval_seq_len=self.eval_seq_len, score_last=self.score_last or self.eval_seq_len // 2,
-            budgets=tuple(self.budgets) if self.budgets else None, window=self.window, max_docs=self.max_docs,
-            gates=dict(self.gates), search_recipe=self.search_recipe, recipe_docs=self.recipe_docs,
-            passkey_trials=self.passkey_trials, passkey_context=self.passkey_context,
-        )
+        return JobSpec.from_row(CURRENT_VERSION, self.model_dump(mode="json")).validation_settings()
 
 
 class JobProgress(BaseModel):

@@ -105,7 +105,7 @@ def submit(session: Session, token: ApiToken, body: JobCreate, idempotency_key: 
     values = dict(id=job_id, token_id=token.id, idempotency_key=idempotency_key, request_hash=digest,
                   request=request, model_id=model.id, status="queued", max_attempts=max_attempts, created_at=utcnow(),
                   tokens_done=0, tokens_total=body.tokens * len(body.datasets), steps_done=0, steps_total=0,
-                  fraction=0.0, attempts=0, cancel_requested=False, spec_version=spec_version(body))
+                  fraction=0.0, attempts=0, cancel_requested=False, spec_version=spec_version(request))
     if idempotency_key is None:
         session.add(Job(**values))
         session.flush()
