@@ -204,6 +204,7 @@ def test_default_settings_sweep_and_reference_budget() -> None:
     (dict(tokens_per_dataset=100), "less than one"),
     (dict(max_docs=0), "max_docs"),
     (dict(gates={"bogus": 1.0}), "unknown gate"),
+    (dict(passkey_context=512), "does nothing without passkey trials"),
 ])
 def test_bad_settings(kw, match) -> None:
     with pytest.raises(ValidationInputError, match=match):

@@ -84,6 +84,9 @@ def check_settings(s: ValidationSettings) -> dict[str, float]:
         raise ValidationInputError(f"recipe_docs must be a positive integer, got {s.recipe_docs!r}")
     if isinstance(s.passkey_trials, bool) or not isinstance(s.passkey_trials, int) or s.passkey_trials < 0:
         raise ValidationInputError(f"passkey_trials must be a non-negative integer, got {s.passkey_trials!r}")
+    if not s.passkey_trials and s.passkey_context is not None:
+        raise ValidationInputError(f"passkey_context={s.passkey_context} does nothing without passkey trials: "
+                                   "set passkey_trials (e.g. 48) or drop passkey_context")
     if s.passkey_trials and s.resolved_passkey_context() < 64:
         raise ValidationInputError(f"passkey_context must be at least 64 tokens, got {s.passkey_context}")
     if s.max_docs is not None and s.max_docs <= 0:

@@ -430,6 +430,9 @@ def test_a_job_can_search_a_recipe_and_ships_it_with_the_filters(registry, tiny_
     assert "cannot be both" in _problem(overlapping, 422)["detail"]
     for bad in ({"passkey_trials": 257}, {"passkey_trials": -1}, {"passkey_trials": 2, "passkey_context": 8}):
         assert client.post("/v1/jobs", json=_job(**bad), headers=headers).status_code == 422, bad
+    # found by a hostile probe: a context without trials was accepted, then silently dropped from the stored job
+    alone = client.post("/v1/jobs", json=_job(passkey_context=128), headers=headers)
+    assert "does nothing without passkey trials" in _problem(alone, 422)["detail"]
     recipe_only = client.post("/v1/jobs", json=_job(search_recipe=True, eval_datasets=["handbook:fr"], seed=1),
                               headers=headers).json()
     job = client.post("/v1/jobs", json=_job(gates={**PASSING_GATES, "passkey_vs_streamingllm": -1.0},
