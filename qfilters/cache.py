@@ -64,6 +64,7 @@ class EvictingLayer(DynamicLayer):
         self.seen = 0
         self.scores: Tensor | None = None
         self.positions: Tensor | None = None
+        self.score_state: Tensor | None = None  # a causal scorer's running state (batch first), None if static
 
     @property
     def budget(self) -> int:
@@ -85,7 +86,8 @@ class EvictingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         batch, heads, n_new, _ = key_states.shape
         new_pos = torch.arange(self.seen, self.seen + n_new, device=key_states.device)  # [n]
-        new_scores = self.policy.scores(key_states, self.layer_idx, new_pos)
+        new_scores, self.score_state = self.policy.scores_stream(key_states, self.layer_idx, new_pos,
+                                                                 self.score_state)
         self.seen += n_new
 
         # set by lazy_initialization, cleared only by reset() (which clears is_initialized too)
@@ -134,7 +136,7 @@ class EvictingLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.seen = 0
-        self.scores = self.positions = None
+        self.scores = self.positions = self.score_state = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
@@ -151,6 +153,8 @@ class EvictingLayer(DynamicLayer):
             self.keys, self.values, self.scores, self.positions = (
                 t.repeat_interleave(repeats, dim=0) for t in (self.keys, self.values, self.scores, self.positions)
             )
+            if self.score_state is not None:
+                self.score_state = self.score_state.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: Tensor) -> None:
         if self.is_initialized:
@@ -160,6 +164,8 @@ class EvictingLayer(DynamicLayer):
             self.keys, self.values, self.scores, self.positions = (
                 t.index_select(0, idx) for t in (self.keys, self.values, self.scores, self.positions)
             )
+            if self.score_state is not None:
+                self.score_state = self.score_state.index_select(0, idx.to(self.score_state.device))
 
 
 class QFiltersCache(Cache):

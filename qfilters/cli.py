@@ -214,7 +214,12 @@ def passkey(
             qf = QFilters.from_pretrained(filters, expected_shape=lm.info.filter_shape)
             moments = load_moments(filters) if Path(filters).is_dir() else None
         policies = standard_policies(lm.model, sorted(set(budget)), window, qf, moments, context)
-        run = run_passkey(lm.model, make_trials(lm.tokenizer, filler, trials, context, seed), policies)
+        needles = make_trials(lm.tokenizer, filler, trials, context, seed)
+        columns = (TextColumn("[bold]passkey"), BarColumn(), MofNCompleteColumn(), TextColumn("needles"),
+                   TextColumn(f"x {len(policies)} policies"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=err) as progress:  # stderr: --json output stays clean
+            task = progress.add_task("passkey", total=len(needles))
+            run = run_passkey(lm.model, needles, policies, progress=lambda done: progress.update(task, completed=done))
     except (QFiltersError, ValueError) as e:
         _fail(e)
     if as_json:

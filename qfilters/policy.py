@@ -86,6 +86,14 @@ class EvictionPolicy:
 
         return prepare_scores(self.scorer.score(keys, layer_idx, positions), positions, self.n_sinks)
 
+    def scores_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
+                      state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`scores` for keys that continue a sequence (the cache's steps), with the scorer's running state."""
+        from qfilters.eviction import prepare_scores
+
+        scores, state = self.scorer.score_stream(keys, layer_idx, positions, state)
+        return prepare_scores(scores, positions, self.n_sinks), state
+
     def describe(self) -> dict[str, Any]:
         """JSON-able identity (results and provenance)."""
         return {"scorer": self.scorer.describe(), "budget": self.budget, "window": self.window,

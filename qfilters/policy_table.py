@@ -79,6 +79,7 @@ POLICY_TABLE: dict[str, PolicyEntry] = {e.name: e for e in (
                 needs=("query_stats",)),
     PolicyEntry("gaussian", "Expected attention (Gaussian)", "#ff7f0e", "qfilters.moment_scorers:GaussianScorer",
                 needs=("query_stats",)),
+    PolicyEntry("novelty", "Novelty (running key mean)", "#bcbd22", "qfilters.scorers:NoveltyScorer"),
     PolicyEntry("snapkv", "SnapKV-like (needs attention weights)", "#8c564b", None),
     # a per-layer recipe (qfilters.recipes), not one scorer: the validator's searched recipe, shipped with the filters
     PolicyEntry(RECIPE, "Searched recipe", "#e377c2", None),

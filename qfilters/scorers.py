@@ -1,8 +1,10 @@
 """Per-key eviction scores: one small class per method, one ``score()`` each (higher = keep).
 
-Every scorer here is *static*: a key's score depends only on that key, its layer/head and its absolute position, never
-on later keys or on queries. That is what lets the cache score a key once when it arrives, and what gives greedy
-eviction a closed form, so the one-pass evaluator (``qfilters.evaluate``) is exact rather than an approximation.
+Every scorer here is *causal*: a key's score depends on that key, its layer/head, its absolute position and at most
+the keys before it, never on later keys or on queries. That is what lets the cache score a key once when it arrives,
+and what gives greedy eviction a closed form, so the one-pass evaluator (``qfilters.evaluate``) is exact rather than
+an approximation. Most are *static* (the key alone); one that reads earlier keys (:class:`NoveltyScorer`) carries a
+running state from step to step through :meth:`Scorer.score_stream`.
 
 Expressions follow kvpress where it has the method (``QFilterPress``, ``KnormPress``), evaluated in the keys' dtype
 with the same operation order, then widened to float32, so rankings agree with kvpress's.
@@ -29,6 +31,7 @@ __all__ = [
     "KNormScorer",
     "StreamingLLMScorer",
     "RandomScorer",
+    "NoveltyScorer",
     "make_scorer",
 ]
 
@@ -44,13 +47,25 @@ def _check_keys(keys: Tensor, positions: Tensor) -> None:
 
 
 class Scorer(ABC):
-    """Scores cached keys; higher = keep. Subclasses must stay static per key (see module docstring)."""
+    """Scores cached keys; higher = keep. Subclasses must stay causal per key (see module docstring)."""
 
     name: ClassVar[str] = "base"
 
     @abstractmethod
     def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
-        """keys [B, H_kv, T, D] post-RoPE as cached; positions [T] absolute positions (long) -> [B, H_kv, T] float32."""
+        """keys [B, H_kv, T, D] post-RoPE as cached; positions [T] absolute positions (long) -> [B, H_kv, T] float32.
+
+        ``keys`` are a whole sequence from its start (a scorer that reads earlier keys starts from none)."""
+
+    def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
+                     state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Scores of keys that continue a sequence, and the state to pass with the next keys.
+
+        ``state`` is what this method returned for the same layer's previous keys (None at the sequence start); a
+        state is a tensor whose first dimension is the batch, so a cache can reorder it with its beams. Static
+        scorers keep none; the cache calls this, so that scoring token by token equals scoring the whole sequence.
+        """
+        return self.score(keys, layer_idx, positions), None
 
     @classmethod
     def from_inputs(cls, inputs: ScorerInputs) -> Scorer:
@@ -158,6 +173,38 @@ class StreamingLLMScorer(Scorer):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "n_sinks": self.n_sinks}
+
+
+@dataclass
+class NoveltyScorer(Scorer):
+    """Novelty: keep keys that point away from what the text has said so far, score = -cos(k_t, k_0 + ... + k_t)
+    per layer and KV head.
+
+    Why: Q-Filters and the moment scorers keep the keys an average query attends to, i.e. keys that look like most
+    keys; a one-off fact (a number said once, a passkey) looks like none of them and is evicted first. Its keys point
+    away from the running sum of the document's keys. Causal (the running sum stops at the key itself), so the
+    one-pass evaluator stays exact; the cache carries the sum (float64, [B, H_kv, D]) through :meth:`score_stream`.
+    No calibration, no attention weights: FlashAttention-compatible, O(d) per key.
+    """
+
+    name: ClassVar[str] = "novelty"
+
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        return self.score_stream(keys, layer_idx, positions, None)[0]
+
+    def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
+                     state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        _check_keys(keys, positions)
+        wide = keys.double()
+        running = wide.cumsum(dim=2)  # sequential sums: scoring token by token gives the same bits
+        if state is not None:
+            if state.shape != (keys.shape[0], keys.shape[1], keys.shape[3]):
+                raise ShapeMismatchError(f"novelty state of shape {tuple(state.shape)} does not continue keys of "
+                                         f"shape {tuple(keys.shape)}")
+            running = state[:, :, None].to(running.device) + running
+        scores = -torch.nn.functional.cosine_similarity(wide, running, dim=-1)
+        new_state = running[:, :, -1] if keys.shape[2] else state
+        return scores.float(), new_state
 
 
 _MASK32 = 0xFFFFFFFF

@@ -111,7 +111,7 @@ def test_passkey_compress_once_matches_a_dense_masked_forward(tiny_llama) -> Non
 
 
 def test_passkey_cli_reports_every_policy_with_the_snapkv_reference(smollm2, tmp_path) -> None:
-    """`qfilters passkey` on the real model: full cache, the baselines and the attention-based reference per budget;
+    """`qfilters passkey` on the real model: full cache, the baselines, novelty and the attention-based reference per budget;
     a filter artifact without query moments adds Q-Filters only."""
     import json
 
@@ -126,4 +126,4 @@ def test_passkey_cli_reports_every_policy_with_the_snapkv_reference(smollm2, tmp
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["trials"] == 2
-    assert set(report["accuracy"]) == {"full", "streamingllm@64", "knorm@64", "qfilters@64", "snapkv@64"}
+    assert set(report["accuracy"]) == {"full", "streamingllm@64", "knorm@64", "qfilters@64", "novelty@64", "snapkv@64"}
