@@ -3,8 +3,10 @@
 A recipe says how a total of ``budget x compressible layers`` stored keys (per KV head) is spent: which scorer ranks
 old keys, what share of each layer's budget is a recent window, how many sinks are forced, how the total is split
 across layers (``uniform``; ``pyramid``: more to early layers, linearly; ``sensitivity``: half uniform, half in
-proportion to each layer's measured perplexity loss when compressed alone), and how many first layers are kept whole
-(paid for at the sequence length, out of the same total).
+proportion to each layer's measured perplexity loss when compressed alone), how many first layers are kept whole
+(paid for at the sequence length, out of the same total), and what share of the last layers rank old keys by novelty
+instead (:class:`~qfilters.scorers.NoveltyScorer`: keeps one-off details such as a passkey, which the filter direction
+ranks last).
 
 A recipe at a budget is a :class:`~qfilters.policy.LayerwisePolicy` (one ``EvictionPolicy`` per layer), which the
 cache, the one-pass evaluator and passkey retrieval all take: evaluation stays exact, since each layer is still
@@ -48,17 +50,17 @@ class Recipe:
     n_sinks: int = 0
     allocation: str = "uniform"
     full_layers: int = 0  # first compressible layers kept whole, paid for out of the total
+    novelty_layers: float = 0.0  # share of the (non-whole) compressed layers, counted from the last, ranked by novelty
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.window_share < 1.0:
             raise ValueError(f"window_share must be in [0, 1), got {self.window_share}")
+        if not 0.0 <= self.novelty_layers <= 1.0:
+            raise ValueError(f"novelty_layers must be in [0, 1], got {self.novelty_layers}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.n_sinks < 0 or self.full_layers < 0:
             raise ValueError("n_sinks and full_layers must be non-negative")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
@@ -78,7 +80,7 @@ class Recipe:
         if nulls:
             raise ValueError(f"recipe field(s) {nulls} are null: leave them out for the defaults")
         for name, kind in (("window_share", (int, float)), ("n_sinks", int), ("full_layers", int),
-                           ("allocation", str)):
+                           ("allocation", str), ("novelty_layers", (int, float))):
             value = data.get(name)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 raise ValueError(f"recipe field {name!r} has the wrong type ({type(value).__name__})")
@@ -87,7 +89,8 @@ class Recipe:
     @property
     def label(self) -> str:
         return (f"{self.scorer} w={self.window_share:g} s={self.n_sinks} {self.allocation}"
-                + (f" full={self.full_layers}" if self.full_layers else ""))
+                + (f" full={self.full_layers}" if self.full_layers else "")
+                + (f" novelty={self.novelty_layers:g}" if self.novelty_layers else ""))
 
     def describe(self) -> str:
         """One line a report reader understands."""
@@ -97,7 +100,17 @@ class Recipe:
                   "sensitivity": "budget by measured layer sensitivity"}[self.allocation]]
         if self.full_layers:
             parts.append(f"first {self.full_layers} compressed layer(s) kept whole")
+        if self.novelty_layers:
+            parts.append(f"the last {self.novelty_layers:.0%} of compressed layers rank old keys by novelty (recall)")
         return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields at their defaults that older readers do not know are left out (a recipe without novelty layers
+        stays loadable by qfilters versions before them)."""
+        out = asdict(self)
+        if not self.novelty_layers:
+            del out["novelty_layers"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -159,8 +172,9 @@ class RecipeBook:
             raise ValueError(f"the recipe keeps {recipe.full_layers} layers whole but this model compresses only "
                              f"{len(layers)}: it was not searched for this model")
         scorer = build_scorer(recipe.scorer, replace(inputs, n_sinks=recipe.n_sinks))
+        novelty = build_scorer("novelty", inputs) if recipe.novelty_layers else None
         try:
-            return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity)
+            return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity, novelty)
         except ValueError as e:
             raise ValueError(f"the recipe searched at budget {searched} ({recipe.label}) does not fit budget "
                              f"{budget}: {e}; pass recipe=None for the stock policy") from e
@@ -232,11 +246,12 @@ def allocate(allocation: str, budget: int, n_layers: int, minimum: int,
 
 
 def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers: Sequence[int], seq_len: int,
-                   sensitivity: Sequence[float] | None = None) -> LayerwisePolicy:
+                   sensitivity: Sequence[float] | None = None, novelty: Scorer | None = None) -> LayerwisePolicy:
     """The per-layer policy of ``recipe`` at a mean ``budget`` over ``compress_layers`` (first ones kept whole).
 
     Total memory is ``budget * len(compress_layers)`` keys per KV head; a layer kept whole costs ``seq_len``.
-    ``sensitivity`` is per entry of ``compress_layers`` (only the ``sensitivity`` allocation reads it).
+    ``sensitivity`` is per entry of ``compress_layers`` (only the ``sensitivity`` allocation reads it); ``novelty``
+    ranks the last ``recipe.novelty_layers`` share of the compressed layers (needed when that share is not 0).
     """
     layers = list(compress_layers)
     whole, rest = layers[: recipe.full_layers], layers[recipe.full_layers:]
@@ -247,10 +262,14 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
                          f"{len(rest)} layers at budget {budget}: fewer first layers or a larger budget")
     sens = None if sensitivity is None else list(sensitivity)[recipe.full_layers:]
     budgets = allocate(recipe.allocation, budget, len(rest), minimum, sens, total)
+    n_novel = round(recipe.novelty_layers * len(rest))
+    if n_novel and novelty is None:
+        raise ValueError("this recipe ranks some layers by novelty: pass the novelty scorer")
     out: dict[int, EvictionPolicy | None] = {i: None for i in whole}
-    for i, b in zip(rest, budgets, strict=True):
+    for k, (i, b) in enumerate(zip(rest, budgets, strict=True)):
         window = min(b - recipe.n_sinks - 1, round(recipe.window_share * b))
-        out[i] = EvictionPolicy(scorer, b, window, recipe.n_sinks)
+        ranker = novelty if k >= len(rest) - n_novel and novelty is not None else scorer
+        out[i] = EvictionPolicy(ranker, b, window, recipe.n_sinks)
     return LayerwisePolicy(out)
 
 

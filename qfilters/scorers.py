@@ -185,9 +185,24 @@ class NoveltyScorer(Scorer):
     away from the running sum of the document's keys. Causal (the running sum stops at the key itself), so the
     one-pass evaluator stays exact; the cache carries the sum (float64, [B, H_kv, D]) through :meth:`score_stream`.
     No calibration, no attention weights: FlashAttention-compatible, O(d) per key.
+
+    The first key is its own running sum (cosine 1, the lowest score) although it is the attention sink every later
+    query leans on: the first ``n_sinks`` keys are forced to +inf, as StreamingLLM forces them.
     """
 
+    n_sinks: int = 4
     name: ClassVar[str] = "novelty"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_sinks, bool) or not isinstance(self.n_sinks, int) or self.n_sinks < 0:
+            raise ValueError(f"n_sinks must be a non-negative integer, got {self.n_sinks!r}")
+
+    @classmethod
+    def from_inputs(cls, inputs: ScorerInputs) -> NoveltyScorer:
+        return cls()  # its own sinks, whatever StreamingLLM's (``inputs.n_sinks``) or a policy's are
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "n_sinks": self.n_sinks}
 
     def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
         return self.score_stream(keys, layer_idx, positions, None)[0]
@@ -202,9 +217,9 @@ class NoveltyScorer(Scorer):
                 raise ShapeMismatchError(f"novelty state of shape {tuple(state.shape)} does not continue keys of "
                                          f"shape {tuple(keys.shape)}")
             running = state[:, :, None].to(running.device) + running
-        scores = -torch.nn.functional.cosine_similarity(wide, running, dim=-1)
+        scores = -torch.nn.functional.cosine_similarity(wide, running, dim=-1).float()
         new_state = running[:, :, -1] if keys.shape[2] else state
-        return scores.float(), new_state
+        return force_sinks(scores, positions, self.n_sinks), new_state
 
 
 _MASK32 = 0xFFFFFFFF

@@ -26,7 +26,18 @@ def test_a_key_unlike_the_text_so_far_scores_highest() -> None:
     keys[0, 0, 30] = torch.tensor([-5.0, 0, 0, 0, 0, 0, 0, 1.0])  # a one-off fact points the other way
     scores = make_scorer("novelty").score(keys, 0, torch.arange(40))
     assert scores.dtype == torch.float32 and scores.shape == (1, 1, 40)
-    assert int(scores[0, 0, 1:].argmax()) + 1 == 30
+    assert int(scores[0, 0, 4:].argmax()) + 4 == 30
+
+
+def test_the_first_keys_are_sinks_not_the_least_novel() -> None:
+    """Key 0 is its own running sum (the lowest possible score) but it is the attention sink: forced kept."""
+    keys, positions = _keys(length=10), torch.arange(10)
+    assert torch.isinf(NoveltyScorer().score(keys, 0, positions)[..., :4]).all()
+    bare = NoveltyScorer(n_sinks=0).score(keys, 0, positions)
+    assert torch.allclose(bare[..., 0], torch.tensor(-1.0)) and bool((bare[..., 0] <= bare.min(dim=-1).values).all())
+    assert make_scorer("novelty", n_sinks=0).n_sinks == 4  # its own sinks, not StreamingLLM's setting
+    with pytest.raises(ValueError, match="n_sinks"):
+        NoveltyScorer(n_sinks=-1)
 
 
 def test_streaming_in_pieces_equals_scoring_the_whole_sequence() -> None:

@@ -69,6 +69,8 @@ def test_round_trip_through_qfilters_json(tmp_path) -> None:
     ({"by_budget": {"64": {"scorer": "knorm", "allocation": "sensitivity"}}, "sensitivity": [1.0, float("nan")]},
      "finite"),
     ({"by_budget": {"64": {"scorer": "knorm", "full_layers": 2}}}, "layers whole"),
+    ({"by_budget": {"64": {"scorer": "knorm", "novelty_layers": "all"}}}, "wrong type"),
+    ({"by_budget": {"64": {"scorer": "knorm", "novelty_layers": -0.5}}}, "novelty_layers"),
 ])
 def test_a_malformed_recipe_is_refused_with_the_reason(tmp_path, bad, message) -> None:
     _filters().with_recipe(BOOK).save_pretrained(tmp_path)
@@ -174,3 +176,25 @@ def test_a_sensitivity_recipe_travels_with_its_weights_and_the_cache_spends_them
     budgets = [p.budget for p in _layer_policies(cache) if p is not None]
     assert budgets == allocate("sensitivity", 32, len(layers), 4, weights) and sum(budgets) == 32 * len(layers)
     assert len(set(budgets)) > 1  # the weights did move memory between layers
+
+
+def test_a_novelty_recipe_ranks_the_last_layers_by_novelty(tiny_llama, tmp_path) -> None:
+    """The retrieval gate's recipes: the later share of the compressed layers ranks old keys by novelty, the rest by
+    the recipe's scorer; it travels in qfilters.json and the cache uses it."""
+    from qfilters.architecture import compressed_layers
+    from qfilters.scorers import NoveltyScorer
+
+    layers = compressed_layers(tiny_llama.model)
+    book = RecipeBook({32: Recipe("qfilters", 0.25, 2, "uniform", novelty_layers=0.5)})
+    filters = QFilters(torch.randn(*tiny_llama.info.filter_shape, generator=torch.Generator().manual_seed(2)))
+    path = filters.with_recipe(book).save_pretrained(tmp_path / "f")
+    assert json.loads((path / "qfilters.json").read_text())["recipe"]["by_budget"]["32"]["novelty_layers"] == 0.5
+    loaded = QFilters.from_pretrained(path)
+    assert loaded.recipe == book
+    policies = [p for p in _layer_policies(QFiltersCache(tiny_llama.model, loaded, budget=32)) if p is not None]
+    assert len(policies) == len(layers) == 2
+    assert isinstance(policies[0].scorer, QFilterScorer) and isinstance(policies[1].scorer, NoveltyScorer)
+    assert "novelty" in Recipe("knorm", novelty_layers=1.0).describe() and Recipe("knorm").to_dict().keys() == {
+        "scorer", "window_share", "n_sinks", "allocation", "full_layers"}  # the default stays out: older readers
+    with pytest.raises(ValueError, match="novelty_layers"):
+        Recipe("knorm", novelty_layers=1.5)

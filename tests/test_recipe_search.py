@@ -257,9 +257,37 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
     assert "### Retrieval under compression (passkey)" in render_markdown(run.report)
     assert 'id="passkey-table"' in render_html(run.report) and 'id="passkey-vs-budget"' in render_html(run.report)
     assert [w for w in run.report.verdict.warnings if w.startswith("Passkey")] == passkey_warnings(pk, "recipe")
+    # the search's retrieval gate ran the passkey test on calibration text, never on the held-out filler
+    rg = run.report.recipe.retrieval_gate
+    assert rg is not None and rg.filler == _corpus(0).spec and rg.trials == 3 and rg.skipped is None
+    assert all(c.search_passkey is not None and c.search_streamingllm_passkey is not None
+               for c in run.report.recipe.chosen)
+    assert "Retrieval gate" in render_markdown(run.report) and "needles recipe / StreamingLLM" in render_html(
+        run.report)
     # a filler too short for the context is refused before any forward pass
     from qfilters.validation.gates import ValidationInputError
 
     with pytest.raises(ValidationInputError, match="passkey"):
         _run(tiny_llama, replace(settings, passkey_context=5000), evaluation=[_corpus(3)])
 
+
+
+def test_the_retrieval_gate_ships_the_best_perplexity_among_recipes_that_beat_streamingllm() -> None:
+    from qfilters.validation.recipe_search import RetrievalGate, _gated
+
+    plain, half, full = (Recipe("qfilters", 0.25, 4, novelty_layers=v) for v in (0.0, 0.5, 1.0))
+    ppl = {plain: 10.0, half: 10.5, full: 12.0}
+
+    def score(r: Recipe, budget: int) -> float:
+        return ppl[r]
+
+    def gate(found: dict[Recipe, int], streaming: int, skipped: str | None = None) -> RetrievalGate:
+        return RetrievalGate("handbook:en", 48, 1024, {128: streaming}, {128: {r.label: n for r, n in found.items()}},
+                             skipped)
+
+    assert _gated([plain, half, full], 128, gate({plain: 3, half: 9, full: 20}, 7), score) == half
+    assert _gated([plain, half, full], 128, gate({plain: 8, half: 9, full: 20}, 7), score) == plain
+    assert _gated([plain, half, full], 128, gate({plain: 3, half: 7, full: 20}, 7), score) == full  # ties lose
+    # none beats StreamingLLM, or the gate could not run: the perplexity winner, as without the gate
+    assert _gated([plain, half, full], 128, gate({plain: 1, half: 2, full: 3}, 7), score) == plain
+    assert _gated([plain, half, full], 128, gate({}, 0, skipped="filler text too short"), score) == plain

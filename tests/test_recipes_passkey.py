@@ -111,8 +111,8 @@ def test_passkey_compress_once_matches_a_dense_masked_forward(tiny_llama) -> Non
 
 
 def test_passkey_cli_reports_every_policy_with_the_snapkv_reference(smollm2, tmp_path) -> None:
-    """`qfilters passkey` on the real model: full cache, the baselines, novelty and the attention-based reference per budget;
-    a filter artifact without query moments adds Q-Filters only."""
+    """`qfilters passkey` on the real model: full cache, the baselines, novelty and the attention-based reference per
+    budget; a filter artifact without query moments adds Q-Filters only."""
     import json
 
     from typer.testing import CliRunner

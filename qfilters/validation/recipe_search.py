@@ -2,16 +2,22 @@
 
 At each budget of the sweep, a coordinate search (axis by axis, from a fixed start, ties broken by the recipe's
 label so the result is deterministic) over the scorer, the recent-window share, the sinks, the per-layer allocation
-(uniform, pyramid, or by each layer's measured sensitivity) and whole first layers, at the same total KV memory,
-scored by the exact one-pass perplexity on the first documents of the calibration datasets (the text the filters were
-fitted on: the search never reads evaluation text). The layer sensitivity is measured once, on the first search
+(uniform, pyramid, or by each layer's measured sensitivity), whole first layers and novelty in the later layers, at
+the same total KV memory, scored by the exact one-pass perplexity on the first documents of the calibration datasets
+(the text the filters were fitted on: the search never reads evaluation text). The layer sensitivity is measured once, on the first search
 document, when the search first needs it, and stored with the recipes only when a chosen one allocates by it. The
 chosen recipes are then measured on the held-out evaluation datasets beside the stock policies, like every other row.
 
 The stock policy is a candidate as well, so the shipped default is never worse than stock on the search text; held-out
 datasets where it is worse than stock get a warning in the report. Only scorers a filter set carries without extra
-files are searched (Q-Filters and K-norm), so a published artifact
-stays loadable by kvpress and the official code; its recipe lives in ``qfilters.json``.
+files are searched (Q-Filters and K-norm; novelty needs nothing), so a published artifact stays loadable by kvpress
+and the official code; its recipe lives in ``qfilters.json``.
+
+Retrieval gate (when the validation runs the passkey test): perplexity alone ships recipes that drop one-off details
+(a passkey) sooner than StreamingLLM does. So, at each budget, the perplexity winner and its variants that rank the
+last layers by novelty (:data:`NOVELTY_SHARES`) are run through the passkey test with calibration text as filler;
+the recipe shipped is the best by perplexity among those that retrieve more needles than StreamingLLM there, or,
+when none does, the perplexity winner (the report says so).
 """
 
 from __future__ import annotations
@@ -44,7 +50,10 @@ AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("n_sinks", (0, 4)),
     ("allocation", ("uniform", "pyramid", "sensitivity")),
     ("full_layers", (0, 1)),
+    ("novelty_layers", (0.0, 0.5)),  # novelty in the later half: measured to help perplexity at 4x on SmolLM2
 )
+#: shares of the last compressed layers ranked by novelty, tried by the retrieval gate
+NOVELTY_SHARES = (0.5, 1.0)
 
 
 @dataclass
@@ -58,6 +67,19 @@ class RecipeSearch:
     chosen_perplexity: dict[int, float]  # the chosen recipe's, per budget
     trace: list[dict[str, Any]] = field(default_factory=list)  # every (budget, recipe, perplexity) evaluated
     sensitivity: list[float] | None = None  # per compressible layer, when the search measured it
+    retrieval: RetrievalGate | None = None  # the passkey check on calibration text, when the validation runs one
+
+
+@dataclass
+class RetrievalGate:
+    """Needles retrieved on calibration text, per budget: StreamingLLM's and each candidate recipe's (by label)."""
+
+    filler: str
+    trials: int
+    context_tokens: int
+    streamingllm: dict[int, int]
+    candidates: dict[int, dict[str, int]]
+    skipped: str | None = None  # why the gate did not run (calibration text too short for the contexts)
 
 
 def stock_recipe(budget: int, settings: ValidationSettings) -> Recipe:
@@ -105,9 +127,9 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     chunks = _search_chunks(lm, corpora, settings)
     label = f"{len(chunks)} calibration document(s)"
     n_layers = len(compressed_layers(lm.model))
-    # an upper bound (repeated recipes are cached): the full pass, per budget StreamingLLM + every axis value + stock,
-    # and the sensitivity's pass per compressible layer
-    steps = 1 + len(budgets) * (2 + sum(len(v) for _, v in AXES)) + n_layers
+    # an upper bound (repeated recipes are cached): the full pass, per budget StreamingLLM + every axis value + stock
+    # (+ the retrieval gate's novelty variants), and the sensitivity's pass per compressible layer
+    steps = 1 + len(budgets) * (2 + sum(len(v) for _, v in AXES) + len(NOVELTY_SHARES)) + n_layers
     done = 0
 
     def step(detail: str = "") -> None:
@@ -126,39 +148,50 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     streaming: dict[int, float] = {}
     trace: list[dict[str, Any]] = []
     chosen: dict[int, Recipe] = {}
-    chosen_ppl: dict[int, float] = {}
+    seen_by_budget: dict[int, dict[Recipe, float]] = {}
+
+    def score(recipe: Recipe, budget: int) -> float:
+        seen = seen_by_budget.setdefault(budget, {})
+        if recipe not in seen:
+            try:
+                policy = _policy(recipe, budget, settings.eval_seq_len)
+            except ValueError:  # not feasible at this budget (the sinks and a window do not fit)
+                seen[recipe] = math.inf
+            else:
+                seen[recipe] = run({(RECIPE, budget): policy}, full.full_nll).perplexity(RECIPE, budget)
+            trace.append({"budget": budget, "label": recipe.label, "recipe": recipe.to_dict(),
+                          "perplexity": seen[recipe]})
+        return seen[recipe]
+
+    def _policy(recipe: Recipe, budget: int, context_length: int) -> LayerwisePolicy:
+        if recipe.allocation == "sensitivity" and not sensitivity:
+            sensitivity.extend(measure_sensitivity(lm, chunks, filters, min(budgets), settings,
+                                                   full.full_nll[0], lambda: step("layer sensitivity")))
+        weights = tuple(sensitivity) if recipe.allocation == "sensitivity" else None
+        return RecipeBook({budget: recipe}, weights).policy(budget, lm.model, ScorerInputs(filters=filters),
+                                                            context_length)
+
     for budget in sorted(budgets):
         baseline = sweep_policies(filters, [budget], settings, [BASELINE])  # the sweep's own StreamingLLM
         streaming[budget] = run(baseline, full.full_nll).perplexity(BASELINE, budget)
-        seen: dict[Recipe, float] = {}
-
-        def score(recipe: Recipe, budget: int = budget, seen: dict[Recipe, float] = seen) -> float:
-            if recipe not in seen:
-                if recipe.allocation == "sensitivity" and not sensitivity:
-                    sensitivity.extend(measure_sensitivity(lm, chunks, filters, min(budgets), settings,
-                                                           full.full_nll[0], lambda: step("layer sensitivity")))
-                weights = tuple(sensitivity) if recipe.allocation == "sensitivity" else None
-                try:
-                    policy = RecipeBook({budget: recipe}, weights).policy(budget, lm.model,
-                                                                          ScorerInputs(filters=filters),
-                                                                          settings.eval_seq_len)
-                except ValueError:  # not feasible at this budget (the sinks and a window do not fit)
-                    seen[recipe] = math.inf
-                else:
-                    seen[recipe] = run({(RECIPE, budget): policy}, full.full_nll).perplexity(RECIPE, budget)
-                trace.append({"budget": budget, "label": recipe.label, "recipe": recipe.to_dict(),
-                              "perplexity": seen[recipe]})
-            return seen[recipe]
-
         best = START
         for axis, values in AXES:
-            best = min((replace(best, **{axis: v}) for v in values), key=lambda r: (score(r), r.label))
+            best = min((replace(best, **{axis: v}) for v in values), key=lambda r: (score(r, budget), r.label))
         # the stock policy (Q-Filters, window min(window, b // 2), no sinks) is a candidate too: a search that
         # cannot beat it on its own text ships it, so the default never gets worse than stock there
-        best = min((best, stock_recipe(budget, settings)), key=lambda r: (score(r), r.label))
-        if not math.isfinite(score(best)):
+        best = min((best, stock_recipe(budget, settings)), key=lambda r: (score(r, budget), r.label))
+        if not math.isfinite(score(best, budget)):
             raise ValidationInputError(f"no eviction recipe fits a budget of {budget} keys: raise the budget")
-        chosen[budget], chosen_ppl[budget] = best, score(best)
+        chosen[budget] = best
+    retrieval = None
+    if settings.passkey_trials:
+        candidates = {b: [r, *(replace(r, novelty_layers=v) for v in NOVELTY_SHARES if v != r.novelty_layers)]
+                      for b, r in chosen.items()}
+        for b, recipes in candidates.items():  # their perplexity first: an infeasible variant is no candidate
+            candidates[b] = [r for r in recipes if math.isfinite(score(r, b))]
+        retrieval = retrieval_gate(lm, corpora[0], filters, candidates, _policy, settings, notify)
+        chosen = {b: _gated(recipes, b, retrieval, score) for b, recipes in candidates.items()}
+    chosen_ppl = {b: score(r, b) for b, r in chosen.items()}
     notify(Progress("recipe", label, steps, steps))
     specs = ", ".join(c.spec for c in corpora)
     used = any(r.allocation == "sensitivity" for r in chosen.values())
@@ -167,7 +200,50 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
                                   f"last {settings.score_last} scored)")
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
-                        sensitivity=list(sensitivity) or None)
+                        sensitivity=list(sensitivity) or None, retrieval=retrieval)
+
+
+def _gated(recipes: list[Recipe], budget: int, gate: RetrievalGate, score: Any) -> Recipe:
+    """The best recipe by search perplexity among those retrieving more needles than StreamingLLM; else the first
+    (the perplexity winner)."""
+    if gate.skipped is not None:
+        return recipes[0]
+    found = gate.candidates[budget]
+    passing = [r for r in recipes if found[r.label] > gate.streamingllm[budget]]
+    return min(passing, key=lambda r: (score(r, budget), r.label)) if passing else recipes[0]
+
+
+def retrieval_gate(lm: LoadedModel, corpus: Corpus, filters: Any, candidates: dict[int, list[Recipe]],
+                   policy_of: Any, settings: ValidationSettings, notify: ProgressFn) -> RetrievalGate:
+    """The passkey test (the validation's needles and context length) with ``corpus`` (calibration text) as filler:
+    StreamingLLM and every candidate recipe, per budget, all on the same prefills."""
+    from qfilters.passkey import make_trials, run_passkey
+
+    context = settings.resolved_passkey_context()
+    gate = RetrievalGate(filler=corpus.spec, trials=settings.passkey_trials, context_tokens=context,
+                         streamingllm={}, candidates={b: {} for b in candidates})
+    text = "\n".join(d.text for d in corpus.documents)
+    try:
+        trials = make_trials(lm.tokenizer, text, settings.passkey_trials, context, settings.seed)
+    except ValueError as e:
+        gate.skipped = str(e)
+        return gate
+    policies: dict[str, Any] = {}
+    for b, recipes in candidates.items():
+        policies[f"{BASELINE}@{b}"] = sweep_policies(filters, [b], settings, [BASELINE])[BASELINE, b]
+        for r in recipes:
+            policies[f"{r.label}@{b}"] = policy_of(r, b, context)
+    label = f"{len(trials)} needles in {corpus.spec} (retrieval gate)"
+    notify(Progress("recipe", label, 0, len(trials)))
+    run = run_passkey(lm.model, trials, policies,
+                      progress=lambda done: notify(Progress("recipe", label, done, len(trials))))
+    for key, hits in run.hits.items():
+        name, _, budget = key.rpartition("@")
+        if name == BASELINE:
+            gate.streamingllm[int(budget)] = sum(hits)
+        else:
+            gate.candidates[int(budget)][name] = sum(hits)
+    return gate
 
 
 def measure_sensitivity(lm: LoadedModel, chunks: EvalChunks, filters: Any, budget: int,
@@ -185,12 +261,19 @@ def measure_sensitivity(lm: LoadedModel, chunks: EvalChunks, filters: Any, budge
 
 def recipe_report(search: RecipeSearch) -> RecipeReport:
     """The report section of a search: per budget, the chosen recipe and its score beside StreamingLLM's."""
-    from qfilters.validation.schema import RecipeChoice, RecipeReport, rnd
+    from qfilters.validation.schema import RecipeChoice, RecipeReport, RetrievalGateReport, rnd
 
+    gate = search.retrieval
+    ran = gate is not None and gate.skipped is None
     chosen = [RecipeChoice(budget=b, recipe=r.to_dict(), description=r.describe(),
                            search_perplexity=rnd(search.chosen_perplexity[b]),
-                           search_streamingllm_perplexity=rnd(search.streamingllm[b]))
+                           search_streamingllm_perplexity=rnd(search.streamingllm[b]),
+                           search_passkey=gate.candidates[b][r.label] if gate is not None and ran else None,
+                           search_streamingllm_passkey=gate.streamingllm[b] if gate is not None and ran else None)
               for b, r in sorted(search.book.by_budget.items())]
     return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,
                         search_full_perplexity=rnd(search.full_perplexity), evaluations=len(search.trace),
-                        chosen=chosen)
+                        chosen=chosen,
+                        retrieval_gate=None if gate is None else RetrievalGateReport(
+                            filler=gate.filler, trials=gate.trials, context_tokens=gate.context_tokens,
+                            skipped=gate.skipped))

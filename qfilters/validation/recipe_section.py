@@ -26,12 +26,17 @@ def recipe_rows(report: ValidationReport) -> tuple[list[str], list[list[str]]]:
     if report.recipe is None:
         return [], []
     specs = [p.dataset.spec for p in report.perplexity]
+    gated = any(c.search_passkey is not None for c in report.recipe.chosen)
     headers = ["Budget", "Chosen recipe", "Search text: recipe / StreamingLLM perplexity",
+               *(["Search text: needles recipe / StreamingLLM"] if gated else []),
                *[f"{s}: gap ratio recipe (stock Q-Filters)" for s in specs]]
     rows = []
     for choice in report.recipe.chosen:
         cells = [str(choice.budget), choice.description,
                  f"{num(choice.search_perplexity, 2)} / {num(choice.search_streamingllm_perplexity, 2)}"]
+        if gated:
+            cells.append(f"{choice.search_passkey} / {choice.search_streamingllm_passkey}"
+                         if choice.search_passkey is not None else "n/a")
         for i in range(len(specs)):
             ours, stock = (_ratio(report, i, p, choice.budget) for p in (RECIPE, "qfilters"))
             cells.append(f"{num(ours, 3)} ({num(stock, 3)})")
@@ -49,5 +54,12 @@ def recipe_section(report: ValidationReport) -> Section | None:
              f"full-cache perplexity there {num(r.search_full_perplexity, 2)}), at the same total KV memory as "
              "each budget. The chosen recipes are stored in the filters' qfilters.json: "
              "QFiltersCache(model, filters, budget=...) uses them unless given recipe=None.")
+    gate = r.retrieval_gate
+    if gate is not None and gate.skipped is None:
+        intro += (f" Retrieval gate: the best by perplexity among the recipes that retrieve more of {gate.trials} "
+                  f"passkeys than StreamingLLM in {gate.context_tokens}-token contexts of {gate.filler} (calibration "
+                  "text); where none does, the best by perplexity.")
+    elif gate is not None:
+        intro += f" The retrieval gate did not run: {gate.skipped}."
     return Section("recipe", "Eviction recipe", intro, headers, rows,
                    numeric=frozenset(i for i in range(len(headers)) if i != 1))

@@ -183,6 +183,17 @@ class RecipeChoice(_Strict):
     description: str
     search_perplexity: float
     search_streamingllm_perplexity: float
+    search_passkey: int | None = None  # needles the recipe retrieved on calibration text (retrieval gate)
+    search_streamingllm_passkey: int | None = None
+
+
+class RetrievalGateReport(_Strict):
+    """The recipe search's passkey check on calibration text (see qfilters.validation.recipe_search)."""
+
+    filler: str
+    trials: int
+    context_tokens: int
+    skipped: str | None = None  # why it did not run
 
 
 class RecipeReport(_Strict):
@@ -193,6 +204,7 @@ class RecipeReport(_Strict):
     search_full_perplexity: float
     evaluations: int  # one-pass evaluations the search ran (its cost)
     chosen: list[RecipeChoice]
+    retrieval_gate: RetrievalGateReport | None = None
 
 
 class ValidationReport(_Strict):
