@@ -83,3 +83,15 @@ def test_the_hub_card_carries_the_passkey_figure(report_with_passkey) -> None:
     assert paths[-1] == PASSKEY_FIGURE and all(p.startswith("report/perplexity-") for p in paths[:-1])
     assert figures[-1][2].startswith(b"\x89PNG")
     assert PASSKEY_FIGURE not in [p for p, _, _ in _figures(make_report(True))]
+
+
+def test_a_deployable_policy_that_retrieves_better_than_the_shipped_one_is_named() -> None:
+    """Measured shape (research/issue13): novelty keeps over half at 4x where Q-Filters keep almost nothing."""
+    cells = {**{k: v for k, v in MEASURED.items() if k != "recipe"}, "novelty": [8, 26, 42]}
+    findings, warnings = passkey_findings(_report(cells), "qfilters")
+    assert ("Novelty (running key mean) keeps 26/48 (54% of full) at budget 256 (4x compression), against 3/48 for "
+            "the shipped policy") in " ".join(findings)
+    assert not any("No FlashAttention-compatible" in f for f in findings)
+    assert any("less than half" in w for w in warnings)  # the shipped policy's own shortfall is still a warning
+    # when the shipped policy is the best, nothing is recommended instead
+    assert not any("use it" in f for f in passkey_findings(_report({**cells, "recipe": [9, 30, 44]}), "recipe")[0])

@@ -99,6 +99,11 @@ def passkey_findings(pk: PasskeyReport, shipped: str) -> tuple[list[str], list[s
                             f"{target} ({FOUR_X}x compression): the best is {policy_label(best_name)} with "
                             f"{best}/{pk.trials} ({_pct(best, full)} of full). Do not rely on compressed contexts "
                             "for exact recall of a detail at this budget.")
+        elif best > cells[shipped, target]:
+            findings.append(f"{policy_label(best_name)} keeps {best}/{pk.trials} ({_pct(best, full)} of full) at "
+                            f"budget {target} ({FOUR_X}x compression), against {cells[shipped, target]}/{pk.trials} "
+                            f"for the shipped policy: where exact recall of one-off details matters more than "
+                            "perplexity, use it (its perplexity is in the tables above).")
     return findings + warnings, warnings
 
 

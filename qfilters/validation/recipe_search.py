@@ -1,23 +1,23 @@
 """The validator's recipe search: which eviction recipe to ship with a filter set, chosen on calibration text only.
 
-At each budget of the sweep, a coordinate search (axis by axis, from a fixed start, ties broken by the recipe's
-label so the result is deterministic) over the scorer, the recent-window share, the sinks, the per-layer allocation
-(uniform, pyramid, or by each layer's measured sensitivity), whole first layers and novelty in the later layers, at
-the same total KV memory, scored by the exact one-pass perplexity on the first documents of the calibration datasets
-(the text the filters were fitted on: the search never reads evaluation text). The layer sensitivity is measured once, on the first search
-document, when the search first needs it, and stored with the recipes only when a chosen one allocates by it. The
+At each budget of the sweep, a coordinate search (axis by axis, from a fixed start, ties broken by the recipe's label so
+the result is deterministic) over the scorer, the recent-window share, the sinks, the per-layer allocation (uniform,
+pyramid, or by each layer's measured sensitivity), whole first layers and novelty in the later layers, at the same total
+KV memory, scored by the exact one-pass perplexity on the first documents of the calibration datasets (the text the
+filters were fitted on: the search never reads evaluation text). The layer sensitivity is measured once, on the first
+search document, when the search first needs it, and stored with the recipes only when a chosen one allocates by it. The
 chosen recipes are then measured on the held-out evaluation datasets beside the stock policies, like every other row.
 
 The stock policy is a candidate as well, so the shipped default is never worse than stock on the search text; held-out
-datasets where it is worse than stock get a warning in the report. Only scorers a filter set carries without extra
-files are searched (Q-Filters and K-norm; novelty needs nothing), so a published artifact stays loadable by kvpress
-and the official code; its recipe lives in ``qfilters.json``.
+datasets where it is worse than stock get a warning in the report. Only scorers a filter set carries without extra files
+are searched (Q-Filters and K-norm; novelty needs nothing), so a published artifact stays loadable by kvpress and the
+official code; its recipe lives in ``qfilters.json``.
 
-Retrieval gate (when the validation runs the passkey test): perplexity alone ships recipes that drop one-off details
-(a passkey) sooner than StreamingLLM does. So, at each budget, the perplexity winner and its variants that rank the
-last layers by novelty (:data:`NOVELTY_SHARES`) are run through the passkey test with calibration text as filler;
-the recipe shipped is the best by perplexity among those that retrieve more needles than StreamingLLM there, or,
-when none does, the perplexity winner (the report says so).
+Retrieval gate (when the validation runs the passkey test): perplexity alone ships recipes that drop one-off details (a
+passkey) sooner than StreamingLLM does. So, at each budget, the perplexity winner and its variants that rank the last
+layers by novelty (:data:`NOVELTY_SHARES`) are run through the passkey test with calibration text as filler; the recipe
+shipped is the best by perplexity among those that retrieve more needles than StreamingLLM there, or, when none does,
+the perplexity winner (the report says so).
 """
 
 from __future__ import annotations

@@ -59,6 +59,11 @@ def recipe_section(report: ValidationReport) -> Section | None:
         intro += (f" Retrieval gate: the best by perplexity among the recipes that retrieve more of {gate.trials} "
                   f"passkeys than StreamingLLM in {gate.context_tokens}-token contexts of {gate.filler} (calibration "
                   "text); where none does, the best by perplexity.")
+        failed = [str(c.budget) for c in r.chosen if c.search_passkey is not None
+                  and c.search_streamingllm_passkey is not None and c.search_passkey <= c.search_streamingllm_passkey]
+        if failed:
+            intro += (f" At budget(s) {', '.join(failed)} no candidate beat StreamingLLM there: the recipe shipped "
+                      "is the perplexity winner, and retrieval suffers (see the passkey section).")
     elif gate is not None:
         intro += f" The retrieval gate did not run: {gate.skipped}."
     return Section("recipe", "Eviction recipe", intro, headers, rows,
