@@ -27,6 +27,7 @@ import torch
 
 from qfilters.artifact_format import (
     ARTIFACT_FILES,
+    BASE_FORMAT_VERSION,
     CONFIG_KEYS,
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -200,7 +201,8 @@ class QFilters:
         from qfilters import __version__
 
         metadata = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.recipe is not None and self.recipe.uses_novelty
+            else BASE_FORMAT_VERSION,
             "library": "qfilters",
             "library_version": __version__,
             "tensor_name": TENSOR_NAME,

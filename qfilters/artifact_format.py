@@ -35,7 +35,10 @@ CONFIG_NAME, WEIGHTS_NAME, METADATA_NAME = ARTIFACT_FILES
 REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # third-party artifacts (kvpress, official repos) have no qfilters.json
 TENSOR_NAME = "q_filters"
 CONFIG_KEYS = ("kv_head_dim", "num_kv_heads", "num_layers")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this library reads and writes
+#: written when nothing needs a newer format, so older qfilters still load the artifact; 2 adds recipes that rank
+#: layers by novelty (``novelty_layers``, or the ``novelty`` scorer), which version-1 readers would refuse as malformed
+BASE_FORMAT_VERSION = 1
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")

@@ -143,6 +143,11 @@ class RecipeBook:
         if self.context_length is not None and self.context_length <= 0:
             raise ValueError(f"context_length must be positive, got {self.context_length}")
 
+    @property
+    def uses_novelty(self) -> bool:
+        """Whether a recipe ranks any layer by novelty (artifact format 2: older readers do not know it)."""
+        return any(r.novelty_layers or r.scorer == "novelty" for r in self.by_budget.values())
+
     def recipe_for(self, budget: int) -> Recipe:
         """The recipe of the searched budget nearest to ``budget`` (log scale; ties go to the smaller budget)."""
         if budget <= 0:
@@ -256,7 +261,7 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     layers = list(compress_layers)
     whole, rest = layers[: recipe.full_layers], layers[recipe.full_layers:]
     total = budget * len(layers) - seq_len * len(whole)
-    minimum = recipe.n_sinks + 2
+    minimum = max(recipe.n_sinks, getattr(novelty, "n_sinks", 0) if recipe.novelty_layers else 0) + 2
     if total < minimum * len(rest):
         raise ValueError(f"keeping {len(whole)} layers whole at {seq_len} tokens leaves {total} keys for "
                          f"{len(rest)} layers at budget {budget}: fewer first layers or a larger budget")
@@ -267,9 +272,10 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
         raise ValueError("this recipe ranks some layers by novelty: pass the novelty scorer")
     out: dict[int, EvictionPolicy | None] = {i: None for i in whole}
     for k, (i, b) in enumerate(zip(rest, budgets, strict=True)):
-        window = min(b - recipe.n_sinks - 1, round(recipe.window_share * b))
         ranker = novelty if k >= len(rest) - n_novel and novelty is not None else scorer
-        out[i] = EvictionPolicy(ranker, b, window, recipe.n_sinks)
+        sinks = max(recipe.n_sinks, getattr(ranker, "n_sinks", 0)) if ranker is novelty else recipe.n_sinks
+        window = min(b - sinks - 1, round(recipe.window_share * b))
+        out[i] = EvictionPolicy(ranker, b, window, sinks)
     return LayerwisePolicy(out)
 
 

@@ -218,7 +218,7 @@ class NoveltyScorer(Scorer):
                                          f"shape {tuple(keys.shape)}")
             running = state[:, :, None].to(running.device) + running
         scores = -torch.nn.functional.cosine_similarity(wide, running, dim=-1).float()
-        new_state = running[:, :, -1] if keys.shape[2] else state
+        new_state = running[:, :, -1].clone() if keys.shape[2] else state  # not a view pinning [B, H, T, D]
         return force_sinks(scores, positions, self.n_sinks), new_state
 
 

@@ -188,12 +188,18 @@ def test_a_novelty_recipe_ranks_the_last_layers_by_novelty(tiny_llama, tmp_path)
     book = RecipeBook({32: Recipe("qfilters", 0.25, 2, "uniform", novelty_layers=0.5)})
     filters = QFilters(torch.randn(*tiny_llama.info.filter_shape, generator=torch.Generator().manual_seed(2)))
     path = filters.with_recipe(book).save_pretrained(tmp_path / "f")
-    assert json.loads((path / "qfilters.json").read_text())["recipe"]["by_budget"]["32"]["novelty_layers"] == 0.5
+    meta = json.loads((path / "qfilters.json").read_text())
+    assert meta["recipe"]["by_budget"]["32"]["novelty_layers"] == 0.5
+    # format 2 only when a recipe needs it: qfilters versions that predate novelty say "upgrade", not "malformed"
+    assert meta["format_version"] == 2
+    filters.with_recipe(BOOK).save_pretrained(tmp_path / "old")
+    assert json.loads((tmp_path / "old" / "qfilters.json").read_text())["format_version"] == 1
     loaded = QFilters.from_pretrained(path)
     assert loaded.recipe == book
     policies = [p for p in _layer_policies(QFiltersCache(tiny_llama.model, loaded, budget=32)) if p is not None]
     assert len(policies) == len(layers) == 2
     assert isinstance(policies[0].scorer, QFilterScorer) and isinstance(policies[1].scorer, NoveltyScorer)
+    assert (policies[0].n_sinks, policies[1].n_sinks) == (2, 4)  # the novelty layer's own sinks are counted
     assert "novelty" in Recipe("knorm", novelty_layers=1.0).describe() and Recipe("knorm").to_dict().keys() == {
         "scorer", "window_share", "n_sinks", "allocation", "full_layers"}  # the default stays out: older readers
     with pytest.raises(ValueError, match="novelty_layers"):

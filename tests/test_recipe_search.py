@@ -286,6 +286,7 @@ def test_the_retrieval_gate_ships_the_best_perplexity_among_recipes_that_beat_st
                              skipped)
 
     assert _gated([plain, half, full], 128, gate({plain: 3, half: 9, full: 20}, 7), score) == half
+    assert _gated([plain, half, full], 128, gate({plain: 3, full: 20}, 7), score) == full  # half did not fit there
     assert _gated([plain, half, full], 128, gate({plain: 8, half: 9, full: 20}, 7), score) == plain
     assert _gated([plain, half, full], 128, gate({plain: 3, half: 7, full: 20}, 7), score) == full  # ties lose
     # none beats StreamingLLM, or the gate could not run: the perplexity winner, as without the gate

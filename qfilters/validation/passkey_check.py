@@ -103,7 +103,8 @@ def passkey_findings(pk: PasskeyReport, shipped: str) -> tuple[list[str], list[s
             findings.append(f"{policy_label(best_name)} keeps {best}/{pk.trials} ({_pct(best, full)} of full) at "
                             f"budget {target} ({FOUR_X}x compression), against {cells[shipped, target]}/{pk.trials} "
                             f"for the shipped policy: where exact recall of one-off details matters more than "
-                            "perplexity, use it (its perplexity is in the tables above).")
+                            f"perplexity, consider it (measure its perplexity on your text first: qfilters eval "
+                            f"--policy {best_name}).")
     return findings + warnings, warnings
 
 

@@ -209,7 +209,7 @@ def _gated(recipes: list[Recipe], budget: int, gate: RetrievalGate, score: Any) 
     if gate.skipped is not None:
         return recipes[0]
     found = gate.candidates[budget]
-    passing = [r for r in recipes if found[r.label] > gate.streamingllm[budget]]
+    passing = [r for r in recipes if found.get(r.label, -1) > gate.streamingllm[budget]]
     return min(passing, key=lambda r: (score(r, budget), r.label)) if passing else recipes[0]
 
 
@@ -232,7 +232,10 @@ def retrieval_gate(lm: LoadedModel, corpus: Corpus, filters: Any, candidates: di
     for b, recipes in candidates.items():
         policies[f"{BASELINE}@{b}"] = sweep_policies(filters, [b], settings, [BASELINE])[BASELINE, b]
         for r in recipes:
-            policies[f"{r.label}@{b}"] = policy_of(r, b, context)
+            try:  # whole layers are paid for at the passkey context, which may not fit where eval_seq_len did
+                policies[f"{r.label}@{b}"] = policy_of(r, b, context)
+            except ValueError:
+                continue
     label = f"{len(trials)} needles in {corpus.spec} (retrieval gate)"
     notify(Progress("recipe", label, 0, len(trials)))
     run = run_passkey(lm.model, trials, policies,
@@ -268,7 +271,7 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
     chosen = [RecipeChoice(budget=b, recipe=r.to_dict(), description=r.describe(),
                            search_perplexity=rnd(search.chosen_perplexity[b]),
                            search_streamingllm_perplexity=rnd(search.streamingllm[b]),
-                           search_passkey=gate.candidates[b][r.label] if gate is not None and ran else None,
+                           search_passkey=gate.candidates[b].get(r.label) if gate is not None and ran else None,
                            search_streamingllm_passkey=gate.streamingllm[b] if gate is not None and ran else None)
               for b, r in sorted(search.book.by_budget.items())]
     return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,
