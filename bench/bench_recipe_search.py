@@ -3,7 +3,8 @@
     python bench/bench_recipe_search.py --filters artifacts/smollm2-handbook-en   # SmolLM2, two runs, ~10 min
 
 Each run is a fresh process (``--once``) doing a whole ``--search-recipe`` validation of the given filters
-(handbook:en + handbook:fr searched, austen held out) with ``SOURCE_DATE_EPOCH`` fixed, so its report carries no
+(handbook:en + handbook:fr searched, austen held out; ``--passkey`` needles for the search's retrieval gate on
+handbook:en and the held-out check on austen) with ``SOURCE_DATE_EPOCH`` fixed, so its report carries no
 wall-clock time. The runs must write identical ``report.json`` and ``qfilters.json`` (the shipped recipe); the search
 phase's wall time is read off the validator's own progress events. Prints one JSON object (and ``--out`` keeps it).
 """
@@ -31,7 +32,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
     return ValidationSettings(tokens_per_dataset=args.tokens, calib_seq_len=1024, eval_seq_len=args.seq_len,
                               score_last=args.seq_len // 2, budgets=tuple(args.budgets), max_docs=args.docs,
-                              search_recipe=True, recipe_docs=1)
+                              search_recipe=True, recipe_docs=1, passkey_trials=args.passkey)
 
 
 def once(args: argparse.Namespace) -> None:
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=2, help="held-out austen documents")
     parser.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--passkey", type=int, default=12,
+                        help="passkey needles (the search's retrieval gate and the held-out check; 0: neither)")
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -86,7 +89,7 @@ def main() -> None:
             out = Path(tmp) / f"run{i}"
             cmd = [sys.executable, __file__, "--once", "--out", str(out), "--filters", args.filters,
                    "--tokens", str(args.tokens), "--seq-len", str(args.seq_len), "--docs", str(args.docs),
-                   "--budgets", *map(str, args.budgets)]
+                   "--budgets", *map(str, args.budgets), "--passkey", str(args.passkey)]
             subprocess.run(cmd, check=True, env={**os.environ, "SOURCE_DATE_EPOCH": EPOCH})
             runs.append({"report_sha256": _sha(out / "report.json"),
                          "qfilters_json_sha256": _sha(out / "filters" / "qfilters.json"),
