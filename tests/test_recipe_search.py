@@ -264,6 +264,11 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
                for c in run.report.recipe.chosen)
     assert "Retrieval gate" in render_markdown(run.report) and "needles recipe / StreamingLLM" in render_html(
         run.report)
+    chosen = run.report.recipe.chosen
+    for c in chosen:  # every candidate's count is reported; the shipped one's is among them
+        assert c.search_passkey_candidates[Recipe.from_dict(c.recipe).label] == c.search_passkey
+    failed = any(c.search_passkey <= c.search_streamingllm_passkey for c in chosen)
+    assert ("no candidate beat StreamingLLM" in render_markdown(run.report)) == failed
     # a filler too short for the context is refused before any forward pass
     from qfilters.validation.gates import ValidationInputError
 

@@ -272,7 +272,8 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
                            search_perplexity=rnd(search.chosen_perplexity[b]),
                            search_streamingllm_perplexity=rnd(search.streamingllm[b]),
                            search_passkey=gate.candidates[b].get(r.label) if gate is not None and ran else None,
-                           search_streamingllm_passkey=gate.streamingllm[b] if gate is not None and ran else None)
+                           search_streamingllm_passkey=gate.streamingllm[b] if gate is not None and ran else None,
+                           search_passkey_candidates=dict(gate.candidates[b]) if gate is not None and ran else None)
               for b, r in sorted(search.book.by_budget.items())]
     return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,
                         search_full_perplexity=rnd(search.full_perplexity), evaluations=len(search.trace),

@@ -59,11 +59,18 @@ def recipe_section(report: ValidationReport) -> Section | None:
         intro += (f" Retrieval gate: the best by perplexity among the recipes that retrieve more of {gate.trials} "
                   f"passkeys than StreamingLLM in {gate.context_tokens}-token contexts of {gate.filler} (calibration "
                   "text); where none does, the best by perplexity.")
-        failed = [str(c.budget) for c in r.chosen if c.search_passkey is not None
-                  and c.search_streamingllm_passkey is not None and c.search_passkey <= c.search_streamingllm_passkey]
+        failed = [c for c in r.chosen if c.search_passkey is not None and c.search_streamingllm_passkey is not None
+                  and c.search_passkey <= c.search_streamingllm_passkey]
         if failed:
-            intro += (f" At budget(s) {', '.join(failed)} no candidate beat StreamingLLM there: the recipe shipped "
-                      "is the perplexity winner, and retrieval suffers (see the passkey section).")
+            best = []
+            for c in failed:
+                if c.search_passkey_candidates:  # reports written before the field have only the shipped count
+                    label, found = max(c.search_passkey_candidates.items(), key=lambda x: (x[1], x[0]))
+                    best.append(f"{c.budget}: best candidate {label} {found}/{gate.trials} against StreamingLLM's "
+                                f"{c.search_streamingllm_passkey}/{gate.trials}")
+            intro += (f" At budget(s) {', '.join(str(c.budget) for c in failed)} no candidate beat StreamingLLM there"
+                      + (f" ({'; '.join(best)})" if best else "") + ": the recipe shipped is the perplexity winner, "
+                      "and retrieval suffers (see the passkey section).")
     elif gate is not None:
         intro += f" The retrieval gate did not run: {gate.skipped}."
     return Section("recipe", "Eviction recipe", intro, headers, rows,

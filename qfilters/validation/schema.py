@@ -185,6 +185,7 @@ class RecipeChoice(_Strict):
     search_streamingllm_perplexity: float
     search_passkey: int | None = None  # needles the recipe retrieved on calibration text (retrieval gate)
     search_streamingllm_passkey: int | None = None
+    search_passkey_candidates: dict[str, int] | None = None  # every candidate of the gate, by recipe label
 
 
 class RetrievalGateReport(_Strict):
