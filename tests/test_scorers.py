@@ -1,4 +1,4 @@
-"""Scorers: shape, determinism and static-ness for every method in SCORERS, plus each method's own expression."""
+"""Scorers: shape, determinism and causality for every method in SCORERS, plus each method's own expression."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from qfilters.scorers import (
 )
 
 L, H, D = 3, 2, 8
-# every static scorer of the policy table that filters alone can build
+# every scorer of the policy table that filters alone can build
 SCORERS = {n: e.scorer_class() for n, e in POLICY_TABLE.items() if e.scorer is not None and set(e.needs) <= {"filters"}}
 
 
@@ -45,18 +45,25 @@ def test_shape_dtype_and_determinism(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SCORERS))
-def test_scores_are_static_per_key(name: str) -> None:
-    """A key's score depends only on itself, its layer/head and position: not on other keys or batch rows."""
+def test_scores_are_causal_per_key(name: str) -> None:
+    """A key's score depends on itself, its layer/head, its position and, for a scorer with a running state, the
+    earlier keys of its row: never on later keys or other batch rows. Static scorers read no other key at all."""
     scorer, keys = _make(name), _keys(length=16)
     pos = torch.arange(100, 116)
     full = scorer.score(keys, 2, pos)
-    # scoring one key at a time (as the cache does during decoding) gives the same numbers
-    one_by_one = torch.cat([scorer.score(keys[:, :, t : t + 1], 2, pos[t : t + 1]) for t in range(16)], dim=-1)
-    assert torch.equal(full, one_by_one)
-    # changing the other keys and the other batch row changes nothing for key 5 of row 0
+    # scoring one key at a time through score_stream (as the cache does during decoding) gives the same numbers
+    parts, state = [], None
+    for t in range(16):
+        part, state = scorer.score_stream(keys[:, :, t : t + 1], 2, pos[t : t + 1], state)
+        parts.append(part)
+    assert torch.equal(full, torch.cat(parts, dim=-1))
+    # later keys and the other batch row change nothing for key 5 of row 0
     other = _keys(length=16, seed=7)
-    other[0, :, 5] = keys[0, :, 5]
+    other[0, :, :6] = keys[0, :, :6]
     assert torch.equal(scorer.score(other, 2, pos)[0, :, 5], full[0, :, 5])
+    if type(scorer).score_stream is Scorer.score_stream:  # static: earlier keys do not matter either
+        other[0, :, :5] = _keys(length=16, seed=8)[0, :, :5]
+        assert torch.equal(scorer.score(other, 2, pos)[0, :, 5], full[0, :, 5])
 
 
 def test_qfilter_score_is_kvpress_expression_and_accepts_qfilters_objects() -> None:
