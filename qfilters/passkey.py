@@ -237,8 +237,7 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
 def standard_policies(model: Any, budgets: Sequence[int], window: int = 64, filters: Any = None,
                       moments: Any = None, context_length: int | None = None) -> dict[str, Any]:
     """Full cache, then per budget: StreamingLLM (4 sinks), K-norm, Q-Filters / mean query / Gaussian when given,
-    novelty,
-    the filter set's searched recipe when it carries one, and the SnapKV reference; static scorers keep
+    novelty, the filter set's searched recipe when it carries one, and the SnapKV reference; the scorers keep
     ``min(window, budget // 2)`` recent keys, uniformly per layer."""
     from qfilters.policy_table import RECIPE, ScorerInputs, build_scorer
 

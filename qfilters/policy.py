@@ -81,10 +81,9 @@ class EvictionPolicy:
         self.scorer.check_model(*model_dims(model_or_config))
 
     def scores(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
-        """Keys' eviction scores, ready to rank: the scorer's, sinks forced to +inf, NaN ranked last."""
-        from qfilters.eviction import prepare_scores
-
-        return prepare_scores(self.scorer.score(keys, layer_idx, positions), positions, self.n_sinks)
+        """Keys' eviction scores, ready to rank: the scorer's, sinks forced to +inf, NaN ranked last (``keys`` are a
+        whole sequence from its start)."""
+        return self.scores_stream(keys, layer_idx, positions, None)[0]
 
     def scores_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
                       state: Tensor | None) -> tuple[Tensor, Tensor | None]:

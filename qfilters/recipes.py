@@ -261,7 +261,9 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     layers = list(compress_layers)
     whole, rest = layers[: recipe.full_layers], layers[recipe.full_layers:]
     total = budget * len(layers) - seq_len * len(whole)
-    minimum = max(recipe.n_sinks, getattr(novelty, "n_sinks", 0) if recipe.novelty_layers else 0) + 2
+    # novelty layers keep the scorer's own sinks too (the first key is its own running sum, the lowest score)
+    novelty_sinks = max(recipe.n_sinks, getattr(novelty, "n_sinks", 0))
+    minimum = (novelty_sinks if recipe.novelty_layers else recipe.n_sinks) + 2
     if total < minimum * len(rest):
         raise ValueError(f"keeping {len(whole)} layers whole at {seq_len} tokens leaves {total} keys for "
                          f"{len(rest)} layers at budget {budget}: fewer first layers or a larger budget")
@@ -272,8 +274,10 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
         raise ValueError("this recipe ranks some layers by novelty: pass the novelty scorer")
     out: dict[int, EvictionPolicy | None] = {i: None for i in whole}
     for k, (i, b) in enumerate(zip(rest, budgets, strict=True)):
-        ranker = novelty if k >= len(rest) - n_novel and novelty is not None else scorer
-        sinks = max(recipe.n_sinks, getattr(ranker, "n_sinks", 0)) if ranker is novelty else recipe.n_sinks
+        if k >= len(rest) - n_novel and novelty is not None:  # the later layers
+            ranker, sinks = novelty, novelty_sinks
+        else:
+            ranker, sinks = scorer, recipe.n_sinks
         window = min(b - sinks - 1, round(recipe.window_share * b))
         out[i] = EvictionPolicy(ranker, b, window, sinks)
     return LayerwisePolicy(out)

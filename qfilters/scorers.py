@@ -148,18 +148,27 @@ class KNormScorer(Scorer):
 
 
 @dataclass
-class StreamingLLMScorer(Scorer):
+class _SinkScorer(Scorer):
+    """A scorer that forces its ``n_sinks`` first positions to +inf (kept), whatever its policy's sinks."""
+
+    n_sinks: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_sinks, bool) or not isinstance(self.n_sinks, int) or self.n_sinks < 0:
+            raise ValueError(f"n_sinks must be a non-negative integer, got {self.n_sinks!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "n_sinks": self.n_sinks}
+
+
+@dataclass
+class StreamingLLMScorer(_SinkScorer):
     """StreamingLLM (Xiao et al. 2023): keep ``n_sinks`` attention sinks and the most recent keys.
 
     Sinks score +inf, any other key its position, so the newest keys win the remaining slots.
     """
 
-    n_sinks: int = 4
     name: ClassVar[str] = "streamingllm"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_sinks, bool) or not isinstance(self.n_sinks, int) or self.n_sinks < 0:
-            raise ValueError(f"n_sinks must be a non-negative integer, got {self.n_sinks!r}")
 
     @classmethod
     def from_inputs(cls, inputs: ScorerInputs) -> StreamingLLMScorer:
@@ -171,12 +180,9 @@ class StreamingLLMScorer(Scorer):
         pos = pos.expand(keys.shape[0], keys.shape[1], -1)  # [T] -> [B, H, T]
         return force_sinks(pos, positions, self.n_sinks).clone()
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "n_sinks": self.n_sinks}
-
 
 @dataclass
-class NoveltyScorer(Scorer):
+class NoveltyScorer(_SinkScorer):
     """Novelty: keep keys that point away from what the text has said so far, score = -cos(k_t, k_0 + ... + k_t)
     per layer and KV head.
 
@@ -190,19 +196,11 @@ class NoveltyScorer(Scorer):
     query leans on: the first ``n_sinks`` keys are forced to +inf, as StreamingLLM forces them.
     """
 
-    n_sinks: int = 4
     name: ClassVar[str] = "novelty"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.n_sinks, bool) or not isinstance(self.n_sinks, int) or self.n_sinks < 0:
-            raise ValueError(f"n_sinks must be a non-negative integer, got {self.n_sinks!r}")
 
     @classmethod
     def from_inputs(cls, inputs: ScorerInputs) -> NoveltyScorer:
         return cls()  # its own sinks, whatever StreamingLLM's (``inputs.n_sinks``) or a policy's are
-
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "n_sinks": self.n_sinks}
 
     def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
         return self.score_stream(keys, layer_idx, positions, None)[0]

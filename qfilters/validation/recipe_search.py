@@ -228,9 +228,10 @@ def retrieval_gate(lm: LoadedModel, corpus: Corpus, filters: Any, candidates: di
     except ValueError as e:
         gate.skipped = str(e)
         return gate
+    baselines = sweep_policies(filters, list(candidates), settings, [BASELINE])
     policies: dict[str, Any] = {}
     for b, recipes in candidates.items():
-        policies[f"{BASELINE}@{b}"] = sweep_policies(filters, [b], settings, [BASELINE])[BASELINE, b]
+        policies[f"{BASELINE}@{b}"] = baselines[BASELINE, b]
         for r in recipes:
             try:  # whole layers are paid for at the passkey context, which may not fit where eval_seq_len did
                 policies[f"{r.label}@{b}"] = policy_of(r, b, context)
@@ -267,13 +268,13 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
     from qfilters.validation.schema import RecipeChoice, RecipeReport, RetrievalGateReport, rnd
 
     gate = search.retrieval
-    ran = gate is not None and gate.skipped is None
+    counted = gate if gate is not None and gate.skipped is None else None  # needles, when the gate ran
     chosen = [RecipeChoice(budget=b, recipe=r.to_dict(), description=r.describe(),
                            search_perplexity=rnd(search.chosen_perplexity[b]),
                            search_streamingllm_perplexity=rnd(search.streamingllm[b]),
-                           search_passkey=gate.candidates[b].get(r.label) if gate is not None and ran else None,
-                           search_streamingllm_passkey=gate.streamingllm[b] if gate is not None and ran else None,
-                           search_passkey_candidates=dict(gate.candidates[b]) if gate is not None and ran else None)
+                           search_passkey=counted.candidates[b].get(r.label) if counted else None,
+                           search_streamingllm_passkey=counted.streamingllm[b] if counted else None,
+                           search_passkey_candidates=dict(counted.candidates[b]) if counted else None)
               for b, r in sorted(search.book.by_budget.items())]
     return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,
                         search_full_perplexity=rnd(search.full_perplexity), evaluations=len(search.trace),
