@@ -23,15 +23,16 @@ _LAZY = {
     "StreamingLLMScorer": "qfilters.scorers",
     "RandomScorer": "qfilters.scorers",
     "NoveltyScorer": "qfilters.scorers",
+    "BlendScorer": "qfilters.scorers",
     "calibrate": "qfilters.calibrate",
     "load_model": "qfilters.models",
     "load_corpus": "qfilters.data",
 }
 
 __all__ = [  # spelled out (not derived from _LAZY) so linters and type checkers see the public names
-    "EvictionPolicy", "KNormScorer", "LayerwisePolicy", "NoveltyScorer", "QFilterScorer", "QFilters", "QFiltersCache",
-    "RandomScorer", "Scorer", "StreamingLLMScorer", "__version__", "cache_kwargs", "calibrate", "load_corpus",
-    "load_model",
+    "BlendScorer", "EvictionPolicy", "KNormScorer", "LayerwisePolicy", "NoveltyScorer", "QFilterScorer", "QFilters",
+    "QFiltersCache", "RandomScorer", "Scorer", "StreamingLLMScorer", "__version__", "cache_kwargs", "calibrate",
+    "load_corpus", "load_model",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,7 +42,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from qfilters.data import load_corpus
     from qfilters.models import load_model
     from qfilters.policy import EvictionPolicy, LayerwisePolicy
-    from qfilters.scorers import KNormScorer, NoveltyScorer, QFilterScorer, RandomScorer, Scorer, StreamingLLMScorer
+    from qfilters.scorers import (
+        BlendScorer,
+        KNormScorer,
+        NoveltyScorer,
+        QFilterScorer,
+        RandomScorer,
+        Scorer,
+        StreamingLLMScorer,
+    )
 
 
 assert set(__all__) == {"__version__", *_LAZY}, "keep __all__ and _LAZY in step"

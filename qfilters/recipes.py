@@ -4,9 +4,10 @@ A recipe says how a total of ``budget x compressible layers`` stored keys (per K
 old keys, what share of each layer's budget is a recent window, how many sinks are forced, how the total is split
 across layers (``uniform``; ``pyramid``: more to early layers, linearly; ``sensitivity``: half uniform, half in
 proportion to each layer's measured perplexity loss when compressed alone), how many first layers are kept whole
-(paid for at the sequence length, out of the same total), and what share of the last layers rank old keys by novelty
+(paid for at the sequence length, out of the same total), what share of the last layers rank old keys by novelty
 instead (:class:`~qfilters.scorers.NoveltyScorer`: keeps one-off details such as a passkey, which the filter direction
-ranks last).
+ranks last), and how much novelty the other layers add to the scorer (:class:`~qfilters.scorers.BlendScorer`, on
+per-head scales measured on calibration text: :func:`score_spread`).
 
 A recipe at a budget is a :class:`~qfilters.policy.LayerwisePolicy` (one ``EvictionPolicy`` per layer), which the
 cache, the one-pass evaluator and passkey retrieval all take: evaluation stays exact, since each layer is still
@@ -29,9 +30,12 @@ if TYPE_CHECKING:
     from qfilters.policy_table import ScorerInputs
     from qfilters.scorers import Scorer
 
-__all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "layer_policies", "layer_sensitivity"]
+__all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "layer_policies", "layer_sensitivity", "score_spread"]
 
 ALLOCATIONS = ("uniform", "pyramid", "sensitivity")
+#: scorers a recipe may blend novelty into (static ones a filter set builds alone); their spreads are measured
+BLENDABLE = ("qfilters", "knorm")
+MAX_NOVELTY_WEIGHT = 100.0
 
 
 def storable_scorers() -> tuple[str, ...]:
@@ -51,12 +55,17 @@ class Recipe:
     allocation: str = "uniform"
     full_layers: int = 0  # first compressible layers kept whole, paid for out of the total
     novelty_layers: float = 0.0  # share of the (non-whole) compressed layers, counted from the last, ranked by novelty
+    novelty_weight: float = 0.0  # the other layers rank by scorer + this x novelty, both in units of their spread
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.window_share < 1.0:
             raise ValueError(f"window_share must be in [0, 1), got {self.window_share}")
         if not 0.0 <= self.novelty_layers <= 1.0:
             raise ValueError(f"novelty_layers must be in [0, 1], got {self.novelty_layers}")
+        if not 0.0 <= self.novelty_weight <= MAX_NOVELTY_WEIGHT:
+            raise ValueError(f"novelty_weight must be in [0, {MAX_NOVELTY_WEIGHT:g}], got {self.novelty_weight}")
+        if self.novelty_weight and self.scorer not in BLENDABLE:
+            raise ValueError(f"novelty_weight blends novelty into {', '.join(BLENDABLE)}, not {self.scorer!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.n_sinks < 0 or self.full_layers < 0:
@@ -80,7 +89,7 @@ class Recipe:
         if nulls:
             raise ValueError(f"recipe field(s) {nulls} are null: leave them out for the defaults")
         for name, kind in (("window_share", (int, float)), ("n_sinks", int), ("full_layers", int),
-                           ("allocation", str), ("novelty_layers", (int, float))):
+                           ("allocation", str), ("novelty_layers", (int, float)), ("novelty_weight", (int, float))):
             value = data.get(name)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 raise ValueError(f"recipe field {name!r} has the wrong type ({type(value).__name__})")
@@ -90,11 +99,13 @@ class Recipe:
     def label(self) -> str:
         return (f"{self.scorer} w={self.window_share:g} s={self.n_sinks} {self.allocation}"
                 + (f" full={self.full_layers}" if self.full_layers else "")
-                + (f" novelty={self.novelty_layers:g}" if self.novelty_layers else ""))
+                + (f" novelty={self.novelty_layers:g}" if self.novelty_layers else "")
+                + (f" blend={self.novelty_weight:g}" if self.novelty_weight else ""))
 
     def describe(self) -> str:
         """One line a report reader understands."""
-        parts = [f"scorer {self.scorer}", f"recent window {self.window_share:.0%} of each layer's budget",
+        scorer = f"{self.scorer} + {self.novelty_weight:g} x novelty" if self.novelty_weight else self.scorer
+        parts = [f"scorer {scorer}", f"recent window {self.window_share:.0%} of each layer's budget",
                  f"{self.n_sinks} sink tokens" if self.n_sinks else "no sink tokens",
                  {"uniform": "the same budget in every layer", "pyramid": "more budget to early layers",
                   "sensitivity": "budget by measured layer sensitivity"}[self.allocation]]
@@ -105,11 +116,12 @@ class Recipe:
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """Fields at their defaults that older readers do not know are left out (a recipe without novelty layers
-        stays loadable by qfilters versions before them)."""
+        """Fields at their defaults that older readers do not know are left out (a recipe without novelty stays
+        loadable by qfilters versions before it)."""
         out = asdict(self)
-        if not self.novelty_layers:
-            del out["novelty_layers"]
+        for name in ("novelty_layers", "novelty_weight"):
+            if not out[name]:
+                del out[name]
         return out
 
 
@@ -120,13 +132,15 @@ class RecipeBook:
     Any budget can be asked for: it takes the recipe of the nearest searched budget (log scale, ties to the smaller),
     so a filter set searched at 128 and 512 still has a default at 256. ``sensitivity`` (per compressible layer) is
     what the ``sensitivity`` allocation spreads the budget by; ``context_length`` is the sequence length whole layers
-    were paid for at during the search (a cache keeping layers whole needs one).
+    were paid for at during the search (a cache keeping layers whole needs one). ``score_spread`` (scorer name ->
+    [layer][KV head] standard deviation of its scores on calibration text) puts a blend's two scores on one scale.
     """
 
     by_budget: Mapping[int, Recipe]
     sensitivity: tuple[float, ...] | None = None
     context_length: int | None = None
     searched_on: str = ""
+    score_spread: Mapping[str, tuple[tuple[float, ...], ...]] | None = None
 
     def __post_init__(self) -> None:
         if not self.by_budget:
@@ -138,6 +152,14 @@ class RecipeBook:
                 raise ValueError(f"the recipe at budget {budget} is a {type(recipe).__name__}, not a Recipe")
             if recipe.allocation == "sensitivity" and self.sensitivity is None:
                 raise ValueError(f"the recipe at budget {budget} allocates by sensitivity but none is stored")
+            if recipe.novelty_weight and not {recipe.scorer, "novelty"} <= set(self.score_spread or {}):
+                raise ValueError(f"the recipe at budget {budget} blends novelty into {recipe.scorer} but their "
+                                 "score spreads are not stored")
+        for name, rows in (self.score_spread or {}).items():
+            if not rows or any(not row or len(row) != len(rows[0]) for row in rows) or not all(
+                    math.isfinite(x) and x >= 0 for row in rows for x in row):
+                raise ValueError(f"score spread of {name!r} must be a [layer][KV head] table of finite, "
+                                 "non-negative numbers")
         if self.sensitivity is not None and not all(math.isfinite(x) for x in self.sensitivity):
             raise ValueError("recipe 'sensitivity' must hold finite numbers")
         if self.context_length is not None and self.context_length <= 0:
@@ -146,7 +168,7 @@ class RecipeBook:
     @property
     def uses_novelty(self) -> bool:
         """Whether a recipe ranks any layer by novelty (artifact format 2: older readers do not know it)."""
-        return any(r.novelty_layers or r.scorer == "novelty" for r in self.by_budget.values())
+        return any(r.novelty_layers or r.novelty_weight or r.scorer == "novelty" for r in self.by_budget.values())
 
     def recipe_for(self, budget: int) -> Recipe:
         """The recipe of the searched budget nearest to ``budget`` (log scale; ties go to the smaller budget)."""
@@ -177,6 +199,8 @@ class RecipeBook:
             raise ValueError(f"the recipe keeps {recipe.full_layers} layers whole but this model compresses only "
                              f"{len(layers)}: it was not searched for this model")
         scorer = build_scorer(recipe.scorer, replace(inputs, n_sinks=recipe.n_sinks))
+        if recipe.novelty_weight:
+            scorer = self.blend(recipe, scorer)
         novelty = build_scorer("novelty", inputs) if recipe.novelty_layers else None
         try:
             return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity, novelty)
@@ -184,15 +208,32 @@ class RecipeBook:
             raise ValueError(f"the recipe searched at budget {searched} ({recipe.label}) does not fit budget "
                              f"{budget}: {e}; pass recipe=None for the stock policy") from e
 
+    def blend(self, recipe: Recipe, scorer: Scorer) -> Scorer:
+        """``scorer`` plus ``recipe.novelty_weight`` x novelty, each in units of its stored spread per (layer, head)."""
+        import torch
+
+        from qfilters.scorers import BlendScorer
+
+        base = torch.tensor(self.score_spread[recipe.scorer], dtype=torch.float64)
+        novelty = torch.tensor(self.score_spread["novelty"], dtype=torch.float64)
+        if base.shape != novelty.shape:
+            raise ValueError(f"score spreads of {recipe.scorer} {tuple(base.shape)} and novelty "
+                             f"{tuple(novelty.shape)} differ in shape")
+        ratio = torch.where(novelty > 0, base / novelty.clamp_min(1e-30), torch.zeros_like(base))
+        return BlendScorer(base=scorer, weights=(recipe.novelty_weight * ratio).float())
+
     def policies(self, budgets: Sequence[int], model_or_config: Any, inputs: ScorerInputs,
                  context_length: int | None = None) -> dict[int, LayerwisePolicy]:
         """:meth:`policy` at each of ``budgets`` (what the evaluator, the validator and passkey compare)."""
         return {b: self.policy(b, model_or_config, inputs, context_length) for b in budgets}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"by_budget": {str(b): r.to_dict() for b, r in sorted(self.by_budget.items())},
-                "sensitivity": None if self.sensitivity is None else list(self.sensitivity),
-                "context_length": self.context_length, "searched_on": self.searched_on}
+        out = {"by_budget": {str(b): r.to_dict() for b, r in sorted(self.by_budget.items())},
+               "sensitivity": None if self.sensitivity is None else list(self.sensitivity),
+               "context_length": self.context_length, "searched_on": self.searched_on}
+        if self.score_spread is not None:  # only books that blend carry it (and are format 2)
+            out["score_spread"] = {k: [list(row) for row in v] for k, v in sorted(self.score_spread.items())}
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> RecipeBook:
@@ -211,8 +252,16 @@ class RecipeBook:
         context_length = data.get("context_length")
         if context_length is not None and (not isinstance(context_length, int) or isinstance(context_length, bool)):
             raise ValueError("recipe 'context_length' must be an integer")
+        spread = data.get("score_spread")
+        if spread is not None and not (isinstance(spread, dict) and all(
+                isinstance(k, str) and isinstance(v, list) and all(isinstance(row, list) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in v)
+                for k, v in spread.items())):
+            raise ValueError("recipe 'score_spread' must map scorer names to [layer][KV head] lists of numbers")
         return cls(by_budget, None if sensitivity is None else tuple(float(x) for x in sensitivity),
-                   context_length, str(data.get("searched_on") or ""))
+                   context_length, str(data.get("searched_on") or ""),
+                   None if spread is None else {k: tuple(tuple(float(x) for x in row) for row in v)
+                                                for k, v in spread.items()})
 
 
 def _round_to_total(weights: Sequence[float], total: int, minimum: int) -> list[int]:
@@ -261,9 +310,10 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     layers = list(compress_layers)
     whole, rest = layers[: recipe.full_layers], layers[recipe.full_layers:]
     total = budget * len(layers) - seq_len * len(whole)
-    # novelty layers keep the scorer's own sinks too (the first key is its own running sum, the lowest score)
+    # novelty (and blend) layers keep the scorer's own sinks too (the first key is its own running sum, lowest score)
     novelty_sinks = max(recipe.n_sinks, getattr(novelty, "n_sinks", 0))
-    minimum = (novelty_sinks if recipe.novelty_layers else recipe.n_sinks) + 2
+    scorer_sinks = max(recipe.n_sinks, getattr(scorer, "n_sinks", 0) if recipe.novelty_weight else 0)
+    minimum = max(novelty_sinks if recipe.novelty_layers else 0, scorer_sinks) + 2
     if total < minimum * len(rest):
         raise ValueError(f"keeping {len(whole)} layers whole at {seq_len} tokens leaves {total} keys for "
                          f"{len(rest)} layers at budget {budget}: fewer first layers or a larger budget")
@@ -277,7 +327,7 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
         if k >= len(rest) - n_novel and novelty is not None:  # the later layers
             ranker, sinks = novelty, novelty_sinks
         else:
-            ranker, sinks = scorer, recipe.n_sinks
+            ranker, sinks = scorer, scorer_sinks
         window = min(b - sinks - 1, round(recipe.window_share * b))
         out[i] = EvictionPolicy(ranker, b, window, sinks)
     return LayerwisePolicy(out)
@@ -315,3 +365,32 @@ def layer_sensitivity(model: Any, chunks: Sequence[Tensor], scorer: Scorer, budg
     for i in layers:
         out.nll_increase.append((total(LayerwisePolicy({i: EvictionPolicy(scorer, budget, window)})) - full) / n_tok)
     return out
+
+
+def score_spread(model: Any, input_ids: Tensor, scorers: Mapping[str, Scorer], skip_first: int = 4
+                 ) -> dict[str, tuple[tuple[float, ...], ...]]:
+    """Per scorer, the standard deviation of its scores over the keys of ``input_ids`` (full cache; calibration
+    text), per [layer][KV head]: the scale a blend divides each score by. The first ``skip_first`` positions (sinks,
+    where novelty is extreme by construction) are left out. Rounded to 9 digits, so the stored JSON is stable."""
+    import torch
+
+    from qfilters.attention import attention_hook
+
+    found: dict[str, dict[int, list[float]]] = {name: {} for name in scorers}
+
+    def hook(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, base_fn: Any,
+             **kwargs: Any) -> Any:
+        positions = torch.arange(key.shape[2], device=key.device)
+        for name, scorer in scorers.items():
+            scores = scorer.score(key, module.layer_idx, positions)[..., skip_first:].double()  # [B, H, T']
+            spread = scores.transpose(0, 1).reshape(scores.shape[1], -1).std(dim=-1)  # [H]
+            found[name][module.layer_idx] = [round(float(x), 9) for x in spread]
+        return base_fn(module, query, key, value, attention_mask, **kwargs)
+
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[1] <= skip_first + 1:
+        raise ValueError(f"score spreads need more than {skip_first + 1} tokens, got {input_ids.shape[1]}")
+    with torch.inference_mode(), attention_hook(model, hook):
+        model(input_ids.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
+    return {name: tuple(tuple(per_layer[i]) for i in sorted(per_layer)) for name, per_layer in found.items()}

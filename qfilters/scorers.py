@@ -32,6 +32,7 @@ __all__ = [
     "StreamingLLMScorer",
     "RandomScorer",
     "NoveltyScorer",
+    "BlendScorer",
     "make_scorer",
 ]
 
@@ -208,16 +209,74 @@ class NoveltyScorer(_SinkScorer):
     def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
                      state: Tensor | None) -> tuple[Tensor, Tensor | None]:
         _check_keys(keys, positions)
-        wide = keys.double()
-        running = wide.cumsum(dim=2)  # sequential sums: scoring token by token gives the same bits
-        if state is not None:
-            if state.shape != (keys.shape[0], keys.shape[1], keys.shape[3]):
-                raise ShapeMismatchError(f"novelty state of shape {tuple(state.shape)} does not continue keys of "
-                                         f"shape {tuple(keys.shape)}")
-            running = state[:, :, None].to(running.device) + running
-        scores = -torch.nn.functional.cosine_similarity(wide, running, dim=-1).float()
-        new_state = running[:, :, -1].clone() if keys.shape[2] else state  # not a view pinning [B, H, T, D]
+        scores, new_state = novelty_stream(keys, state)
         return force_sinks(scores, positions, self.n_sinks), new_state
+
+
+def novelty_stream(keys: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """-cos(k_t, state + k_0 + ... + k_t) per key [B, H, T] (float32, no sinks) and the running sum after the last key
+    (float64 [B, H, D]; ``state`` when there are no keys)."""
+    wide = keys.double()
+    running = wide.cumsum(dim=2)  # sequential sums: scoring token by token gives the same bits
+    if state is not None:
+        if state.shape != (keys.shape[0], keys.shape[1], keys.shape[3]):
+            raise ShapeMismatchError(f"novelty state of shape {tuple(state.shape)} does not continue keys of "
+                                     f"shape {tuple(keys.shape)}")
+        running = state[:, :, None].to(running.device) + running
+    scores = -torch.nn.functional.cosine_similarity(wide, running, dim=-1).float()
+    return scores, (running[:, :, -1].clone() if keys.shape[2] else state)  # not a view pinning [B, H, T, D]
+
+
+@dataclass
+class BlendScorer(_SinkScorer):
+    """A static scorer plus novelty, weighted per layer and KV head: score = base + weights[l, h] * novelty.
+
+    Why: Q-Filters keep the keys an average query reads, novelty the one-off ones it would miss; on prose the sum
+    loses less perplexity than either. The two live on different scales per head, so a recipe sets ``weights`` to
+    ``w * spread(base) / spread(novelty)`` with spreads measured on calibration text (see
+    :func:`qfilters.recipes.score_spread`). Causal, with novelty's running sum as the stream state; ``n_sinks`` first
+    keys are forced as for :class:`NoveltyScorer` (the first key is its own running sum).
+    """
+
+    base: Scorer | None = None
+    weights: Tensor | None = None  # [num_layers, num_kv_heads]
+    name: ClassVar[str] = "blend"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.base, Scorer):
+            raise TypeError(f"base must be a Scorer, got {type(self.base).__name__}")
+        if type(self.base).score_stream is not Scorer.score_stream:
+            raise TypeError(f"the base of a blend must be a static scorer, not {self.base.name!r}")
+        if not isinstance(self.weights, torch.Tensor) or self.weights.dim() != 2 or min(self.weights.shape) == 0:
+            raise ShapeMismatchError("weights must be a non-empty tensor [num_layers, num_kv_heads]")
+        if not bool(torch.isfinite(self.weights).all()) or bool((self.weights < 0).any()):
+            raise ValueError("blend weights must be finite and non-negative")
+        self.weights = self.weights.detach().float()
+
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        self.base.check_model(num_layers, num_kv_heads, head_dim)
+        if tuple(self.weights.shape) != (num_layers, num_kv_heads):
+            raise ShapeMismatchError(f"blend weights have shape {tuple(self.weights.shape)} [layers, kv_heads] but "
+                                     f"the model has {(num_layers, num_kv_heads)}")
+
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        return self.score_stream(keys, layer_idx, positions, None)[0]
+
+    def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
+                     state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        _check_keys(keys, positions)
+        if not 0 <= layer_idx < self.weights.shape[0] or keys.shape[1] != self.weights.shape[1]:
+            raise ShapeMismatchError(f"keys of layer {layer_idx} with {keys.shape[1]} KV heads do not match blend "
+                                     f"weights of shape {tuple(self.weights.shape)}")
+        novelty, new_state = novelty_stream(keys, state)
+        weight = self.weights[layer_idx][None, :, None].to(novelty.device)
+        scores = self.base.score(keys, layer_idx, positions).float() + weight * novelty
+        return force_sinks(scores, positions, self.n_sinks), new_state
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "base": self.base.describe(), "n_sinks": self.n_sinks,
+                "weights": [[round(float(x), 6) for x in row] for row in self.weights]}
 
 
 _MASK32 = 0xFFFFFFFF

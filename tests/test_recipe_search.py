@@ -174,13 +174,14 @@ def _cost(recipe: Recipe, case: str) -> float:
     the measured allocation wins)."""
     allocation = {"uniform": 0.0, "pyramid": -0.05, "sensitivity": -0.1 if case == "sensitivity" else -0.02}
     value = ({"qfilters": 0.0, "knorm": 1.0}[recipe.scorer] + {0.125: 0.3, 0.25: 0.2, 0.5: 0.25}[recipe.window_share]
-             + {0: 0.1, 4: 0.0}[recipe.n_sinks] + allocation[recipe.allocation] + 0.5 * recipe.full_layers)
+             + {0: 0.1, 4: 0.0}[recipe.n_sinks] + allocation[recipe.allocation] + 0.5 * recipe.full_layers
+             + ({0.0: 0.0, 0.5: -0.3, 1.0: -0.1}[recipe.novelty_weight] if case == "blend" else 0.0))
     if case == "interaction" and (recipe.window_share, recipe.n_sinks, recipe.allocation) == (0.5, 0, "uniform"):
         value -= 1.0  # only reachable by changing two axes at once: the coordinate search misses it, stock has it
     return 10.0 + value
 
 
-@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity"])
+@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend"])
 def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, case) -> None:
     import qfilters.evaluate
     from qfilters.architecture import compressed_layers
@@ -205,18 +206,26 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
     search = search_recipes(tiny_llama, [_corpus(0), _corpus(1)], filters, [48, 24], SEARCH, events.append)
     for b in (24, 48):
         expected = {"plain": Recipe("qfilters", 0.25, 4, "pyramid"), "interaction": stock_recipe(b, SEARCH),
-                    "sensitivity": Recipe("qfilters", 0.25, 4, "sensitivity")}[case]
+                    "sensitivity": Recipe("qfilters", 0.25, 4, "sensitivity"),
+                    "blend": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5)}[case]
         assert search.book.by_budget[b] == expected
         assert search.streamingllm[b] == 99.0
     labels = [t["label"] for t in search.trace if t["budget"] == 48]
     assert len(labels) == len(set(labels))  # every recipe is evaluated once per budget
-    assert {"knorm w=0.25 s=4 uniform", "qfilters w=0.125 s=4 uniform", "qfilters w=0.25 s=4 sensitivity"
-            } <= set(labels) and any(label.endswith(" full=1") for label in labels)
+    tail = " blend=0.5" if case == "blend" else ""  # the axes after the blend's are searched with it
+    assert {"knorm w=0.25 s=4 uniform", "qfilters w=0.25 s=4 uniform blend=1", f"qfilters w=0.125 s=4 uniform{tail}",
+            f"qfilters w=0.25 s=4 sensitivity{tail}"} <= set(labels) and any(" full=1" in label for label in labels)
     # the sensitivity is measured once (every budget reuses it) and shipped only when a chosen recipe allocates by it
     layers = compressed_layers(tiny_llama.model)
     assert search.sensitivity is not None and len(search.sensitivity) == len(layers)
     assert search.book.sensitivity == (tuple(search.sensitivity) if case == "sensitivity" else None)
     assert sum(e.detail == "layer sensitivity" for e in events) == len(layers)  # the search's full pass is reused
+    # the score spreads a blend needs: measured once, shipped only for the scorers a chosen recipe blends
+    n_layers, n_heads = tiny_llama.info.filter_shape[:2]
+    assert search.score_spread is not None and {"qfilters", "knorm", "novelty"} <= set(search.score_spread)
+    assert all(len(v) == n_layers and all(len(row) == n_heads for row in v) for v in search.score_spread.values())
+    assert search.book.score_spread == ({k: search.score_spread[k] for k in ("qfilters", "novelty")}
+                                        if case == "blend" else None)
     steps = [(e.completed, e.total) for e in events]
     assert all(done <= total for done, total in steps) and steps[-1][0] == steps[-1][1]
     assert [d for d, _ in steps] == sorted(d for d, _ in steps)

@@ -2,10 +2,12 @@
 
 At each budget of the sweep, a coordinate search (axis by axis, from a fixed start, ties broken by the recipe's label so
 the result is deterministic) over the scorer, the recent-window share, the sinks, the per-layer allocation (uniform,
-pyramid, or by each layer's measured sensitivity), whole first layers and novelty in the later layers, at the same total
+pyramid, or by each layer's measured sensitivity), whole first layers, novelty blended into the scorer and novelty alone
+in the later layers, at the same total
 KV memory, scored by the exact one-pass perplexity on the first documents of the calibration datasets (the text the
 filters were fitted on: the search never reads evaluation text). The layer sensitivity is measured once, on the first
-search document, when the search first needs it, and stored with the recipes only when a chosen one allocates by it. The
+search document, when the search first needs it, and stored with the recipes only when a chosen one allocates by it;
+so are the scorers' spreads a blend needs (:func:`qfilters.recipes.score_spread`, full cache on the same document). The
 chosen recipes are then measured on the held-out evaluation datasets beside the stock policies, like every other row.
 
 The stock policy is a candidate as well, so the shipped default is never worse than stock on the search text; held-out
@@ -46,6 +48,9 @@ __all__ = ["RecipeSearch", "recipe_policies", "recipe_report", "recipe_warnings"
 START = Recipe("qfilters", window_share=0.25, n_sinks=4, allocation="uniform")
 AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("scorer", ("qfilters", "knorm")),
+    # novelty blended into the scorer (each score in units of its spread on calibration text): keeps the keys queries
+    # read AND the one-off ones; tuned before the window, sinks and allocation, which it changes
+    ("novelty_weight", (0.0, 0.5, 1.0)),
     ("window_share", (0.125, 0.25, 0.5)),
     ("n_sinks", (0, 4)),
     ("allocation", ("uniform", "pyramid", "sensitivity")),
@@ -67,6 +72,7 @@ class RecipeSearch:
     chosen_perplexity: dict[int, float]  # the chosen recipe's, per budget
     trace: list[dict[str, Any]] = field(default_factory=list)  # every (budget, recipe, perplexity) evaluated
     sensitivity: list[float] | None = None  # per compressible layer, when the search measured it
+    score_spread: dict[str, Any] | None = None  # per scorer [layer][KV head], when a blend was tried
     retrieval: RetrievalGate | None = None  # the passkey check on calibration text, when the validation runs one
 
 
@@ -145,6 +151,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     notify(Progress("recipe", label, 0, steps, f"budgets {', '.join(map(str, budgets))}"))
     full = run({})
     sensitivity: list[float] = []  # measured once, when a recipe first allocates by it (see measure_sensitivity)
+    spread: dict[str, Any] = {}  # measured once, when a recipe first blends (see measure_spread)
     streaming: dict[int, float] = {}
     trace: list[dict[str, Any]] = []
     chosen: dict[int, Recipe] = {}
@@ -167,9 +174,11 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         if recipe.allocation == "sensitivity" and not sensitivity:
             sensitivity.extend(measure_sensitivity(lm, chunks, filters, min(budgets), settings,
                                                    full.full_nll[0], lambda: step("layer sensitivity")))
+        if recipe.novelty_weight and not spread:
+            spread.update(measure_spread(lm, chunks, filters))
         weights = tuple(sensitivity) if recipe.allocation == "sensitivity" else None
-        return RecipeBook({budget: recipe}, weights).policy(budget, lm.model, ScorerInputs(filters=filters),
-                                                            context_length)
+        book = RecipeBook({budget: recipe}, weights, score_spread=spread if recipe.novelty_weight else None)
+        return book.policy(budget, lm.model, ScorerInputs(filters=filters), context_length)
 
     for budget in sorted(budgets):
         baseline = sweep_policies(filters, [budget], settings, [BASELINE])  # the sweep's own StreamingLLM
@@ -195,12 +204,15 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     notify(Progress("recipe", label, steps, steps))
     specs = ", ".join(c.spec for c in corpora)
     used = any(r.allocation == "sensitivity" for r in chosen.values())
+    blends = {r.scorer for r in chosen.values() if r.novelty_weight}
     book = RecipeBook(chosen, tuple(sensitivity) if used else None, context_length=settings.eval_seq_len,
                       searched_on=f"{specs} (calibration text: {len(chunks)} x {settings.eval_seq_len} tokens, "
-                                  f"last {settings.score_last} scored)")
+                                  f"last {settings.score_last} scored)",
+                      score_spread={k: v for k, v in spread.items() if k in blends | {"novelty"}} if blends else None)
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
-                        sensitivity=list(sensitivity) or None, retrieval=retrieval)
+                        sensitivity=list(sensitivity) or None, score_spread=dict(spread) or None,
+                        retrieval=retrieval)
 
 
 def _gated(recipes: list[Recipe], budget: int, gate: RetrievalGate, score: Any) -> Recipe:
@@ -248,6 +260,16 @@ def retrieval_gate(lm: LoadedModel, corpus: Corpus, filters: Any, candidates: di
         else:
             gate.candidates[int(budget)][name] = sum(hits)
     return gate
+
+
+def measure_spread(lm: LoadedModel, chunks: EvalChunks, filters: Any) -> dict[str, Any]:
+    """The spreads of every blendable scorer and of novelty on the first search document (calibration text)."""
+    from qfilters.policy_table import build_scorer
+    from qfilters.recipes import BLENDABLE, score_spread
+    from qfilters.scorers import NoveltyScorer
+
+    scorers = {name: build_scorer(name, ScorerInputs(filters=filters, n_sinks=0)) for name in BLENDABLE}
+    return score_spread(lm.model, chunks.ids[0], {**scorers, "novelty": NoveltyScorer(n_sinks=0)})
 
 
 def measure_sensitivity(lm: LoadedModel, chunks: EvalChunks, filters: Any, budget: int,
