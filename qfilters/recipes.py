@@ -214,8 +214,12 @@ class RecipeBook:
 
         from qfilters.scorers import BlendScorer
 
-        base = torch.tensor(self.score_spread[recipe.scorer], dtype=torch.float64)
-        novelty = torch.tensor(self.score_spread["novelty"], dtype=torch.float64)
+        spread = self.score_spread or {}
+        if not {recipe.scorer, "novelty"} <= set(spread):
+            raise ValueError(f"blending novelty into {recipe.scorer} needs both score spreads; this book has "
+                             f"{sorted(spread) or 'none'}")
+        base = torch.tensor(spread[recipe.scorer], dtype=torch.float64)
+        novelty = torch.tensor(spread["novelty"], dtype=torch.float64)
         if base.shape != novelty.shape:
             raise ValueError(f"score spreads of {recipe.scorer} {tuple(base.shape)} and novelty "
                              f"{tuple(novelty.shape)} differ in shape")
@@ -228,9 +232,9 @@ class RecipeBook:
         return {b: self.policy(b, model_or_config, inputs, context_length) for b in budgets}
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"by_budget": {str(b): r.to_dict() for b, r in sorted(self.by_budget.items())},
-               "sensitivity": None if self.sensitivity is None else list(self.sensitivity),
-               "context_length": self.context_length, "searched_on": self.searched_on}
+        out: dict[str, Any] = {"by_budget": {str(b): r.to_dict() for b, r in sorted(self.by_budget.items())},
+                               "sensitivity": None if self.sensitivity is None else list(self.sensitivity),
+                               "context_length": self.context_length, "searched_on": self.searched_on}
         if self.score_spread is not None:  # only books that blend carry it (and are format 2)
             out["score_spread"] = {k: [list(row) for row in v] for k, v in sorted(self.score_spread.items())}
         return out

@@ -3,8 +3,9 @@
 Every scorer here is *causal*: a key's score depends on that key, its layer/head, its absolute position and at most
 the keys before it, never on later keys or on queries. That is what lets the cache score a key once when it arrives,
 and what gives greedy eviction a closed form, so the one-pass evaluator (``qfilters.evaluate``) is exact rather than
-an approximation. Most are *static* (the key alone); one that reads earlier keys (:class:`NoveltyScorer`) carries a
-running state from step to step through :meth:`Scorer.score_stream`.
+an approximation. Most are *static* (the key alone); those that read earlier keys (:class:`NoveltyScorer`, and
+:class:`BlendScorer`, which adds novelty to a static score) carry a running state from step to step through
+:meth:`Scorer.score_stream`.
 
 Expressions follow kvpress where it has the method (``QFilterPress``, ``KnormPress``), evaluated in the keys' dtype
 with the same operation order, then widened to float32, so rankings agree with kvpress's.
@@ -227,7 +228,7 @@ def novelty_stream(keys: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor |
     return scores, (running[:, :, -1].clone() if keys.shape[2] else state)  # not a view pinning [B, H, T, D]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BlendScorer(_SinkScorer):
     """A static scorer plus novelty, weighted per layer and KV head: score = base + weights[l, h] * novelty.
 
@@ -238,8 +239,8 @@ class BlendScorer(_SinkScorer):
     keys are forced as for :class:`NoveltyScorer` (the first key is its own running sum).
     """
 
-    base: Scorer | None = None
-    weights: Tensor | None = None  # [num_layers, num_kv_heads]
+    base: Scorer
+    weights: Tensor  # [num_layers, num_kv_heads]
     name: ClassVar[str] = "blend"
 
     def __post_init__(self) -> None:
