@@ -3,7 +3,9 @@ handbook:fr calibration text, quickstart filters, budgets 64..512, 48-needle ret
 (6 x 2048 tokens, last 1024 scored) of the chosen recipes on austen and python-docs at the budgets where the choice
 differs from the recipes in research/issue13/validator-smollm2 (the others were measured there).
 
-Measures what the search's repeated passes change. Writes research/issue13/search-converged.json.
+Measures what the search's repeated passes change (apply research/issue13/second-pass.patch first; not yet run).
+Pass the full budget list: the search measures layer sensitivity at its smallest budget, so a subset of budgets gets
+other sensitivity weights than the validator did. Writes research/issue13/search-converged.json.
 Usage: .venv/bin/python research/issue13/search_converged.py artifacts/smollm2-handbook-en [BUDGET ...]
 """
 
