@@ -314,9 +314,12 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     layers = list(compress_layers)
     whole, rest = layers[: recipe.full_layers], layers[recipe.full_layers:]
     total = budget * len(layers) - seq_len * len(whole)
-    # novelty (and blend) layers keep the scorer's own sinks too (the first key is its own running sum, lowest score)
-    novelty_sinks = max(recipe.n_sinks, getattr(novelty, "n_sinks", 0))
-    scorer_sinks = max(recipe.n_sinks, getattr(scorer, "n_sinks", 0) if recipe.novelty_weight else 0)
+    # a ranker that forces sinks of its own (novelty, a blend: the first key is its own running sum, the lowest
+    # score) keeps them whatever the recipe's, so its layers pay for them
+    def sinks_of(ranker: Scorer | None) -> int:
+        return max(recipe.n_sinks, getattr(ranker, "n_sinks", 0))
+
+    novelty_sinks, scorer_sinks = sinks_of(novelty), sinks_of(scorer)
     minimum = max(novelty_sinks if recipe.novelty_layers else 0, scorer_sinks) + 2
     if total < minimum * len(rest):
         raise ValueError(f"keeping {len(whole)} layers whole at {seq_len} tokens leaves {total} keys for "
