@@ -171,17 +171,20 @@ def test_cli_search_recipe_writes_filters_with_the_recipe(tiny_llama, tmp_path) 
 
 def _cost(recipe: Recipe, case: str) -> float:
     """A made-up perplexity with a known coordinate-search path (``interaction``: a better stock; ``sensitivity``:
-    the measured allocation wins)."""
+    the measured allocation wins; ``blend``: novelty blended in wins; ``second_pass``: the blend wins only after the
+    allocation has moved, so only a second pass over the axes finds it)."""
     allocation = {"uniform": 0.0, "pyramid": -0.05, "sensitivity": -0.1 if case == "sensitivity" else -0.02}
     value = ({"qfilters": 0.0, "knorm": 1.0}[recipe.scorer] + {0.125: 0.3, 0.25: 0.2, 0.5: 0.25}[recipe.window_share]
              + {0: 0.1, 4: 0.0}[recipe.n_sinks] + allocation[recipe.allocation] + 0.5 * recipe.full_layers
              + ({0.0: 0.0, 0.5: -0.3, 1.0: -0.1}[recipe.novelty_weight] if case == "blend" else 0.0))
+    if case == "second_pass" and recipe.novelty_weight == 0.5:
+        value += -0.2 if recipe.allocation == "pyramid" else 0.1  # wins only once a later axis has moved
     if case == "interaction" and (recipe.window_share, recipe.n_sinks, recipe.allocation) == (0.5, 0, "uniform"):
         value -= 1.0  # only reachable by changing two axes at once: the coordinate search misses it, stock has it
     return 10.0 + value
 
 
-@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend"])
+@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass"])
 def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, case) -> None:
     import qfilters.evaluate
     from qfilters.architecture import compressed_layers
@@ -207,7 +210,8 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
     for b in (24, 48):
         expected = {"plain": Recipe("qfilters", 0.25, 4, "pyramid"), "interaction": stock_recipe(b, SEARCH),
                     "sensitivity": Recipe("qfilters", 0.25, 4, "sensitivity"),
-                    "blend": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5)}[case]
+                    "blend": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5),
+                    "second_pass": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5)}[case]
         assert search.book.by_budget[b] == expected
         assert search.streamingllm[b] == 99.0
     labels = [t["label"] for t in search.trace if t["budget"] == 48]
@@ -225,7 +229,7 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
     assert search.score_spread is not None and {"qfilters", "knorm", "novelty"} <= set(search.score_spread)
     assert all(len(v) == n_layers and all(len(row) == n_heads for row in v) for v in search.score_spread.values())
     assert search.book.score_spread == ({k: search.score_spread[k] for k in ("qfilters", "novelty")}
-                                        if case == "blend" else None)
+                                        if case in ("blend", "second_pass") else None)
     steps = [(e.completed, e.total) for e in events]
     assert all(done <= total for done, total in steps) and steps[-1][0] == steps[-1][1]
     assert [d for d, _ in steps] == sorted(d for d, _ in steps)

@@ -1,10 +1,10 @@
 """The validator's recipe search: which eviction recipe to ship with a filter set, chosen on calibration text only.
 
-At each budget of the sweep, a coordinate search (axis by axis, from a fixed start, ties broken by the recipe's label so
-the result is deterministic) over the scorer, the recent-window share, the sinks, the per-layer allocation (uniform,
-pyramid, or by each layer's measured sensitivity), whole first layers, novelty blended into the scorer and novelty alone
-in the later layers, at the same total
-KV memory, scored by the exact one-pass perplexity on the first documents of the calibration datasets (the text the
+At each budget of the sweep, a coordinate search (axis by axis from a fixed start, pass after pass until one changes
+nothing, at most :data:`MAX_PASSES`; ties broken by the recipe's label so the result is deterministic) over the
+scorer, novelty blended into it, the recent-window share, the sinks, the per-layer allocation (uniform, pyramid, or by
+each layer's measured sensitivity), whole first layers and novelty alone in the later layers, at the same total KV
+memory, scored by the exact one-pass perplexity on the first documents of the calibration datasets (the text the
 filters were fitted on: the search never reads evaluation text). The layer sensitivity is measured once, on the first
 search document, when the search first needs it, and stored with the recipes only when a chosen one allocates by it;
 so are the scorers' spreads a blend needs (:func:`qfilters.recipes.score_spread`, full cache on the same document). The
@@ -57,6 +57,8 @@ AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("full_layers", (0, 1)),
     ("novelty_layers", (0.0, 0.5)),  # novelty in the later half: measured to help perplexity at 4x on SmolLM2
 )
+#: passes over the axes at most (the search stops at the first pass that changes nothing)
+MAX_PASSES = 3
 #: shares of the last compressed layers ranked by novelty, tried by the retrieval gate
 NOVELTY_SHARES = (0.5, 1.0)
 
@@ -135,7 +137,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     n_layers = len(compressed_layers(lm.model))
     # an upper bound (repeated recipes are cached): the full pass, per budget StreamingLLM + every axis value + stock
     # (+ the retrieval gate's novelty variants), and the sensitivity's pass per compressible layer
-    steps = 1 + len(budgets) * (2 + sum(len(v) for _, v in AXES) + len(NOVELTY_SHARES)) + n_layers
+    steps = 1 + len(budgets) * (2 + MAX_PASSES * sum(len(v) - 1 for _, v in AXES) + 1 + len(NOVELTY_SHARES)) + n_layers
     done = 0
 
     def step(detail: str = "") -> None:
@@ -184,8 +186,12 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         baseline = sweep_policies(filters, [budget], settings, [BASELINE])  # the sweep's own StreamingLLM
         streaming[budget] = run(baseline, full.full_nll).perplexity(BASELINE, budget)
         best = START
-        for axis, values in AXES:
-            best = min((replace(best, **{axis: v}) for v in values), key=lambda r: (score(r, budget), r.label))
+        for _ in range(MAX_PASSES):  # until a whole pass changes nothing: an axis tried early (the blend at the
+            before = best            # start's window) can win once later axes have moved
+            for axis, values in AXES:
+                best = min((replace(best, **{axis: v}) for v in values), key=lambda r: (score(r, budget), r.label))
+            if best == before:
+                break
         # the stock policy (Q-Filters, window min(window, b // 2), no sinks) is a candidate too: a search that
         # cannot beat it on its own text ships it, so the default never gets worse than stock there
         best = min((best, stock_recipe(budget, settings)), key=lambda r: (score(r, budget), r.label))
