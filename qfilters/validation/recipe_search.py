@@ -135,9 +135,10 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     chunks = _search_chunks(lm, corpora, settings)
     label = f"{len(chunks)} calibration document(s)"
     n_layers = len(compressed_layers(lm.model))
-    # an upper bound (repeated recipes are cached): the full pass, per budget StreamingLLM + every axis value + stock
-    # (+ the retrieval gate's novelty variants), and the sensitivity's pass per compressible layer
-    steps = 1 + len(budgets) * (2 + MAX_PASSES * sum(len(v) - 1 for _, v in AXES) + 1 + len(NOVELTY_SHARES)) + n_layers
+    # an upper bound (repeated recipes are cached): the full pass; per budget StreamingLLM, the start, each pass's new
+    # axis values, stock and the retrieval gate's novelty variants; the sensitivity's pass per compressible layer
+    per_budget = 3 + MAX_PASSES * sum(len(v) - 1 for _, v in AXES) + len(NOVELTY_SHARES)
+    steps = 1 + len(budgets) * per_budget + n_layers
     done = 0
 
     def step(detail: str = "") -> None:
