@@ -24,15 +24,16 @@ _LAZY = {
     "RandomScorer": "qfilters.scorers",
     "NoveltyScorer": "qfilters.scorers",
     "BlendScorer": "qfilters.scorers",
+    "AgedScorer": "qfilters.scorers",
     "calibrate": "qfilters.calibrate",
     "load_model": "qfilters.models",
     "load_corpus": "qfilters.data",
 }
 
 __all__ = [  # spelled out (not derived from _LAZY) so linters and type checkers see the public names
-    "BlendScorer", "EvictionPolicy", "KNormScorer", "LayerwisePolicy", "NoveltyScorer", "QFilterScorer", "QFilters",
-    "QFiltersCache", "RandomScorer", "Scorer", "StreamingLLMScorer", "__version__", "cache_kwargs", "calibrate",
-    "load_corpus", "load_model",
+    "AgedScorer", "BlendScorer", "EvictionPolicy", "KNormScorer", "LayerwisePolicy", "NoveltyScorer", "QFilterScorer",
+    "QFilters", "QFiltersCache", "RandomScorer", "Scorer", "StreamingLLMScorer", "__version__", "cache_kwargs",
+    "calibrate", "load_corpus", "load_model",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from qfilters.models import load_model
     from qfilters.policy import EvictionPolicy, LayerwisePolicy
     from qfilters.scorers import (
+        AgedScorer,
         BlendScorer,
         KNormScorer,
         NoveltyScorer,

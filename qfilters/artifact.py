@@ -201,7 +201,7 @@ class QFilters:
         from qfilters import __version__
 
         metadata = {
-            "format_version": FORMAT_VERSION if self.recipe is not None and self.recipe.uses_novelty
+            "format_version": FORMAT_VERSION if self.recipe is not None and self.recipe.needs_format_2
             else BASE_FORMAT_VERSION,
             "library": "qfilters",
             "library_version": __version__,

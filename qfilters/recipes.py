@@ -6,8 +6,9 @@ across layers (``uniform``; ``pyramid``: more to early layers, linearly; ``sensi
 proportion to each layer's measured perplexity loss when compressed alone), how many first layers are kept whole
 (paid for at the sequence length, out of the same total), what share of the last layers rank old keys by novelty
 instead (:class:`~qfilters.scorers.NoveltyScorer`: keeps one-off details such as a passkey, which the filter direction
-ranks last), and how much novelty the other layers add to the scorer (:class:`~qfilters.scorers.BlendScorer`, on
-per-head scales measured on calibration text: :func:`score_spread`).
+ranks last), how much novelty the other layers add to the scorer (:class:`~qfilters.scorers.BlendScorer`, on
+per-head scales measured on calibration text: :func:`score_spread`), and how fast an old key's score is discounted
+with its age (:class:`~qfilters.scorers.AgedScorer`: a soft recent window, on the same scales).
 
 A recipe at a budget is a :class:`~qfilters.policy.LayerwisePolicy` (one ``EvictionPolicy`` per layer), which the
 cache, the one-pass evaluator and passkey retrieval all take: evaluation stays exact, since each layer is still
@@ -36,6 +37,9 @@ ALLOCATIONS = ("uniform", "pyramid", "sensitivity")
 #: scorers a recipe may blend novelty into (static ones a filter set builds alone); their spreads are measured
 BLENDABLE = ("qfilters", "knorm")
 MAX_NOVELTY_WEIGHT = 100.0
+#: scorers whose scores a recipe may discount by age (their spreads are what the discount is counted in)
+AGEABLE = (*BLENDABLE, "novelty")
+MAX_RECENCY_WEIGHT = 100.0
 
 
 def storable_scorers() -> tuple[str, ...]:
@@ -56,6 +60,7 @@ class Recipe:
     full_layers: int = 0  # first compressible layers kept whole, paid for out of the total
     novelty_layers: float = 0.0  # share of the (non-whole) compressed layers, counted from the last, ranked by novelty
     novelty_weight: float = 0.0  # the other layers rank by scorer + this x novelty, both in units of their spread
+    recency_weight: float = 0.0  # spreads of score a key loses per layer budget of newer keys (a soft recent window)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.window_share < 1.0:
@@ -66,6 +71,11 @@ class Recipe:
             raise ValueError(f"novelty_weight must be in [0, {MAX_NOVELTY_WEIGHT:g}], got {self.novelty_weight}")
         if self.novelty_weight and self.scorer not in BLENDABLE:
             raise ValueError(f"novelty_weight blends novelty into {', '.join(BLENDABLE)}, not {self.scorer!r}")
+        if not 0.0 <= self.recency_weight <= MAX_RECENCY_WEIGHT:
+            raise ValueError(f"recency_weight must be in [0, {MAX_RECENCY_WEIGHT:g}], got {self.recency_weight}")
+        if self.recency_weight and self.scorer not in AGEABLE:
+            raise ValueError(f"recency_weight discounts the scores of {', '.join(AGEABLE)} by age, not "
+                             f"{self.scorer!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.n_sinks < 0 or self.full_layers < 0:
@@ -89,7 +99,8 @@ class Recipe:
         if nulls:
             raise ValueError(f"recipe field(s) {nulls} are null: leave them out for the defaults")
         for name, kind in (("window_share", (int, float)), ("n_sinks", int), ("full_layers", int),
-                           ("allocation", str), ("novelty_layers", (int, float)), ("novelty_weight", (int, float))):
+                           ("allocation", str), ("novelty_layers", (int, float)), ("novelty_weight", (int, float)),
+                           ("recency_weight", (int, float))):
             value = data.get(name)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 raise ValueError(f"recipe field {name!r} has the wrong type ({type(value).__name__})")
@@ -100,7 +111,8 @@ class Recipe:
         return (f"{self.scorer} w={self.window_share:g} s={self.n_sinks} {self.allocation}"
                 + (f" full={self.full_layers}" if self.full_layers else "")
                 + (f" novelty={self.novelty_layers:g}" if self.novelty_layers else "")
-                + (f" blend={self.novelty_weight:g}" if self.novelty_weight else ""))
+                + (f" blend={self.novelty_weight:g}" if self.novelty_weight else "")
+                + (f" age={self.recency_weight:g}" if self.recency_weight else ""))
 
     def describe(self) -> str:
         """One line a report reader understands."""
@@ -113,13 +125,23 @@ class Recipe:
             parts.append(f"first {self.full_layers} compressed layer(s) kept whole")
         if self.novelty_layers:
             parts.append(f"the last {self.novelty_layers:.0%} of compressed layers rank old keys by novelty (recall)")
+        if self.recency_weight:
+            parts.append(f"a key's score falls by {self.recency_weight:g} spread(s) per layer budget of newer keys "
+                         "(soft recency)")
         return ", ".join(parts)
+
+    def spreads_needed(self) -> set[str]:
+        """The scorers whose score spreads this recipe reads (a blend's two; the aged layers' rankers)."""
+        needed = {self.scorer, "novelty"} if self.novelty_weight else set()
+        if self.recency_weight:
+            needed |= {self.scorer} | ({"novelty"} if self.novelty_layers else set())
+        return needed
 
     def to_dict(self) -> dict[str, Any]:
         """Fields at their defaults that older readers do not know are left out (a recipe without novelty stays
         loadable by qfilters versions before it)."""
         out = asdict(self)
-        for name in ("novelty_layers", "novelty_weight"):
+        for name in ("novelty_layers", "novelty_weight", "recency_weight"):
             if not out[name]:
                 del out[name]
         return out
@@ -152,9 +174,10 @@ class RecipeBook:
                 raise ValueError(f"the recipe at budget {budget} is a {type(recipe).__name__}, not a Recipe")
             if recipe.allocation == "sensitivity" and self.sensitivity is None:
                 raise ValueError(f"the recipe at budget {budget} allocates by sensitivity but none is stored")
-            if recipe.novelty_weight and not {recipe.scorer, "novelty"} <= set(self.score_spread or {}):
-                raise ValueError(f"the recipe at budget {budget} blends novelty into {recipe.scorer} but their "
-                                 "score spreads are not stored")
+            missing = recipe.spreads_needed() - set(self.score_spread or {})
+            if missing:
+                raise ValueError(f"the recipe at budget {budget} ({recipe.label}) reads score spreads that are not "
+                                 f"stored ({', '.join(sorted(missing))})")
         for name, rows in (self.score_spread or {}).items():
             if not rows or any(not row or len(row) != len(rows[0]) for row in rows) or not all(
                     math.isfinite(x) and x >= 0 for row in rows for x in row):
@@ -166,9 +189,11 @@ class RecipeBook:
             raise ValueError(f"context_length must be positive, got {self.context_length}")
 
     @property
-    def uses_novelty(self) -> bool:
-        """Whether a recipe ranks any layer by novelty (artifact format 2: older readers do not know it)."""
-        return any(r.novelty_layers or r.novelty_weight or r.scorer == "novelty" for r in self.by_budget.values())
+    def needs_format_2(self) -> bool:
+        """Whether a recipe ranks any layer by novelty or discounts by age (artifact format 2: older readers do not
+        know them)."""
+        return any(r.novelty_layers or r.novelty_weight or r.recency_weight or r.scorer == "novelty"
+                   for r in self.by_budget.values())
 
     def recipe_for(self, budget: int) -> Recipe:
         """The recipe of the searched budget nearest to ``budget`` (log scale; ties go to the smaller budget)."""
@@ -203,7 +228,8 @@ class RecipeBook:
             scorer = self.blend(recipe, scorer)
         novelty = build_scorer("novelty", inputs) if recipe.novelty_layers else None
         try:
-            return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity, novelty)
+            return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity, novelty,
+                                  self.score_spread)
         except ValueError as e:
             raise ValueError(f"the recipe searched at budget {searched} ({recipe.label}) does not fit budget "
                              f"{budget}: {e}; pass recipe=None for the stock policy") from e
@@ -304,12 +330,14 @@ def allocate(allocation: str, budget: int, n_layers: int, minimum: int,
 
 
 def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers: Sequence[int], seq_len: int,
-                   sensitivity: Sequence[float] | None = None, novelty: Scorer | None = None) -> LayerwisePolicy:
+                   sensitivity: Sequence[float] | None = None, novelty: Scorer | None = None,
+                   score_spread: Mapping[str, Sequence[Sequence[float]]] | None = None) -> LayerwisePolicy:
     """The per-layer policy of ``recipe`` at a mean ``budget`` over ``compress_layers`` (first ones kept whole).
 
     Total memory is ``budget * len(compress_layers)`` keys per KV head; a layer kept whole costs ``seq_len``.
     ``sensitivity`` is per entry of ``compress_layers`` (only the ``sensitivity`` allocation reads it); ``novelty``
-    ranks the last ``recipe.novelty_layers`` share of the compressed layers (needed when that share is not 0).
+    ranks the last ``recipe.novelty_layers`` share of the compressed layers (needed when that share is not 0);
+    ``score_spread`` ([layer][KV head] per scorer name) is the unit of an age discount (``recipe.recency_weight``).
     """
     layers = list(compress_layers)
     whole, rest = layers[: recipe.full_layers], layers[recipe.full_layers:]
@@ -329,15 +357,46 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     n_novel = round(recipe.novelty_layers * len(rest))
     if n_novel and novelty is None:
         raise ValueError("this recipe ranks some layers by novelty: pass the novelty scorer")
+    roles = ["novelty" if k >= len(rest) - n_novel and novelty is not None else recipe.scorer  # the later layers
+             for k in range(len(rest))]
+    rankers = {recipe.scorer: scorer, "novelty": novelty}
+    if recipe.recency_weight:
+        rankers = _aged(recipe, rankers, dict(zip(rest, budgets, strict=True)), dict(zip(rest, roles, strict=True)),
+                        score_spread)
     out: dict[int, EvictionPolicy | None] = {i: None for i in whole}
-    for k, (i, b) in enumerate(zip(rest, budgets, strict=True)):
-        if k >= len(rest) - n_novel and novelty is not None:  # the later layers
-            ranker, sinks = novelty, novelty_sinks
-        else:
-            ranker, sinks = scorer, scorer_sinks
+    for i, b, role in zip(rest, budgets, roles, strict=True):
+        ranker, sinks = rankers[role], (novelty_sinks if role == "novelty" else scorer_sinks)
         window = min(b - sinks - 1, round(recipe.window_share * b))
-        out[i] = EvictionPolicy(ranker, b, window, sinks)
+        out[i] = EvictionPolicy(ranker, b, window, sinks)  # type: ignore[arg-type]  # a role always has its ranker
     return LayerwisePolicy(out)
+
+
+def _aged(recipe: Recipe, rankers: Mapping[str, Scorer | None], budgets: Mapping[int, int], roles: Mapping[int, str],
+          score_spread: Mapping[str, Sequence[Sequence[float]]] | None) -> dict[str, Scorer | None]:
+    """Each ranker with the recipe's age discount: at layer l, ``recency_weight * spread[l] / budget[l]`` per token."""
+    import torch
+
+    from qfilters.scorers import AgedScorer
+
+    spread = score_spread or {}
+    missing = recipe.spreads_needed() - set(spread)
+    if missing:
+        raise ValueError(f"an age discount is counted in score spreads; those of {', '.join(sorted(missing))} are "
+                         "not given")
+    out = dict(rankers)
+    for role in sorted(set(roles.values())):  # the rankers some layer uses
+        ranker = rankers[role]
+        assert ranker is not None, role
+        table = torch.tensor(spread[role], dtype=torch.float64) if role in spread else None
+        if table is None or table.dim() != 2 or any(i >= table.shape[0] for i in budgets):
+            raise ValueError(f"the score spread of {role!r} does not cover the compressed layers "
+                             f"{sorted(budgets)}: was it measured on this model?")
+        rates = torch.zeros_like(table)
+        for i, b in budgets.items():
+            if roles[i] == role:
+                rates[i] = recipe.recency_weight * table[i] / b
+        out[role] = AgedScorer(ranker, rates.float())
+    return out
 
 
 @dataclass

@@ -34,6 +34,7 @@ __all__ = [
     "RandomScorer",
     "NoveltyScorer",
     "BlendScorer",
+    "AgedScorer",
     "make_scorer",
 ]
 
@@ -278,6 +279,63 @@ class BlendScorer(_SinkScorer):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "base": self.base.describe(), "n_sinks": self.n_sinks,
                 "weights": [[round(float(x), 6) for x in row] for row in self.weights]}
+
+
+@dataclass
+class AgedScorer(Scorer):
+    """Another scorer with an age discount: score = inner + rates[l, h] * position, so an old key must beat a newer
+    one by ``rates[l, h]`` per token of age to stay.
+
+    Why: a hard recent window keeps the last keys whatever their score and judges every older key by its score
+    alone; text also has a soft recency (a key read 100 tokens ago is more likely read again than one from 1000
+    tokens ago). The discount is that soft window between Q-Filters (rates 0) and StreamingLLM (rates -> inf). A
+    recipe sets ``rates`` to ``w * spread(inner) / layer budget``: a key loses ``w`` spreads of its score for every
+    budget's worth of keys that came after it. Static per key given its position (the inner scorer's stream state
+    passes through), so greedy eviction and the one-pass evaluator stay exact; sinks forced by the inner scorer
+    stay +inf.
+    """
+
+    inner: Scorer
+    rates: Tensor  # [num_layers, num_kv_heads], score units per position
+    name: ClassVar[str] = "aged"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, Scorer):
+            raise TypeError(f"inner must be a Scorer, got {type(self.inner).__name__}")
+        if not isinstance(self.rates, torch.Tensor) or self.rates.dim() != 2 or min(self.rates.shape) == 0:
+            raise ShapeMismatchError("rates must be a non-empty tensor [num_layers, num_kv_heads]")
+        if not bool(torch.isfinite(self.rates).all()) or bool((self.rates < 0).any()):
+            raise ValueError("age discount rates must be finite and non-negative")
+        self.rates = self.rates.detach().float()
+
+    @property
+    def n_sinks(self) -> int:
+        """The inner scorer's own forced sinks (a recipe's layers pay for them)."""
+        return int(getattr(self.inner, "n_sinks", 0))
+
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        self.inner.check_model(num_layers, num_kv_heads, head_dim)
+        if tuple(self.rates.shape) != (num_layers, num_kv_heads):
+            raise ShapeMismatchError(f"age discount rates have shape {tuple(self.rates.shape)} [layers, kv_heads] "
+                                     f"but the model has {(num_layers, num_kv_heads)}")
+
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        return self.score_stream(keys, layer_idx, positions, None)[0]
+
+    def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
+                     state: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        _check_keys(keys, positions)
+        if not 0 <= layer_idx < self.rates.shape[0] or keys.shape[1] != self.rates.shape[1]:
+            raise ShapeMismatchError(f"keys of layer {layer_idx} with {keys.shape[1]} KV heads do not match age "
+                                     f"discount rates of shape {tuple(self.rates.shape)}")
+        scores, new_state = self.inner.score_stream(keys, layer_idx, positions, state)
+        rate = self.rates[layer_idx].to(scores.device, torch.float64)[None, :, None]
+        age_term = rate * positions.to(scores.device, torch.float64)[None, None]  # exact for any position
+        return (scores.double() + age_term).float(), new_state
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "inner": self.inner.describe(),
+                "rates": [[round(float(x), 9) for x in row] for row in self.rates]}
 
 
 _MASK32 = 0xFFFFFFFF

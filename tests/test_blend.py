@@ -121,8 +121,8 @@ def test_a_blend_recipe_travels_with_its_spreads_and_the_cache_uses_them(tiny_ll
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda r: r.pop("score_spread"), "spreads are not stored"),
-    (lambda r: r["score_spread"].pop("novelty"), "spreads are not stored"),
+    (lambda r: r.pop("score_spread"), "spreads that are not stored"),
+    (lambda r: r["score_spread"].pop("novelty"), "spreads that are not stored"),
     (lambda r: r["score_spread"].update(novelty=[[1.0], [1.0, 2.0]]), "table"),
     (lambda r: r["score_spread"].update(novelty=[[-1.0]]), "non-negative"),
     (lambda r: r["score_spread"].update(novelty="wide"), "score_spread"),

@@ -65,8 +65,9 @@ def _on_search_text(run, recipe: Recipe, budget: int) -> float:
     chunks = parts[0]
     chunks.ids = [x for c in parts for x in c.ids]
     chunks.titles = [t for c in parts for t in c.titles]
-    policy = RecipeBook({budget: recipe}).policy(budget, lm.model, ScorerInputs(filters=run.filters),
-                                                 SEARCH.eval_seq_len)
+    stored = run.filters.recipe  # its sensitivity and score spreads, when the recipe reads them
+    policy = RecipeBook({budget: recipe}, stored.sensitivity, score_spread=stored.score_spread).policy(
+        budget, lm.model, ScorerInputs(filters=run.filters), SEARCH.eval_seq_len)
     return evaluate_chunks(lm.model, chunks, {("r", budget): policy}, score_last=SEARCH.score_last
                            ).perplexity("r", budget)
 
@@ -172,11 +173,12 @@ def test_cli_search_recipe_writes_filters_with_the_recipe(tiny_llama, tmp_path) 
 def _cost(recipe: Recipe, case: str) -> float:
     """A made-up perplexity with a known coordinate-search path (``interaction``: a better stock; ``sensitivity``:
     the measured allocation wins; ``blend``: novelty blended in wins; ``second_pass``: the blend wins only after the
-    allocation has moved, so only a second pass over the axes finds it)."""
+    allocation has moved, so only a second pass over the axes finds it; ``recency``: an age discount wins)."""
     allocation = {"uniform": 0.0, "pyramid": -0.05, "sensitivity": -0.1 if case == "sensitivity" else -0.02}
     value = ({"qfilters": 0.0, "knorm": 1.0}[recipe.scorer] + {0.125: 0.3, 0.25: 0.2, 0.5: 0.25}[recipe.window_share]
              + {0: 0.1, 4: 0.0}[recipe.n_sinks] + allocation[recipe.allocation] + 0.5 * recipe.full_layers
-             + ({0.0: 0.0, 0.5: -0.3, 1.0: -0.1}[recipe.novelty_weight] if case == "blend" else 0.0))
+             + ({0.0: 0.0, 0.5: -0.3, 1.0: -0.1}[recipe.novelty_weight] if case == "blend" else 0.0)
+             + ({0.0: 0.0, 0.125: -0.05, 0.25: -0.2, 0.5: -0.1}[recipe.recency_weight] if case == "recency" else 0.0))
     if case == "second_pass" and recipe.novelty_weight == 0.5:
         value += -0.2 if recipe.allocation == "pyramid" else 0.1  # wins only once a later axis has moved
     if case == "interaction" and (recipe.window_share, recipe.n_sinks, recipe.allocation) == (0.5, 0, "uniform"):
@@ -184,7 +186,7 @@ def _cost(recipe: Recipe, case: str) -> float:
     return 10.0 + value
 
 
-@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass"])
+@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass", "recency"])
 def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, case) -> None:
     import qfilters.evaluate
     from qfilters.architecture import compressed_layers
@@ -211,25 +213,31 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
         expected = {"plain": Recipe("qfilters", 0.25, 4, "pyramid"), "interaction": stock_recipe(b, SEARCH),
                     "sensitivity": Recipe("qfilters", 0.25, 4, "sensitivity"),
                     "blend": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5),
-                    "second_pass": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5)}[case]
+                    "second_pass": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5),
+                    "recency": Recipe("qfilters", 0.25, 4, "pyramid", recency_weight=0.25)}[case]
         assert search.book.by_budget[b] == expected
         assert search.streamingllm[b] == 99.0
     labels = [t["label"] for t in search.trace if t["budget"] == 48]
     assert len(labels) == len(set(labels))  # every recipe is evaluated once per budget
-    tail = " blend=0.5" if case == "blend" else ""  # the axes after the blend's are searched with it
-    assert {"knorm w=0.25 s=4 uniform", "qfilters w=0.25 s=4 uniform blend=1", f"qfilters w=0.125 s=4 uniform{tail}",
+    tail = {"blend": " blend=0.5", "recency": " age=0.25"}.get(case, "")  # later axes are searched with it
+    blend = " blend=0.5" if case == "blend" else ""  # the age axis comes after the blend's
+    assert {"knorm w=0.25 s=4 uniform", "qfilters w=0.25 s=4 uniform blend=1",
+            f"qfilters w=0.25 s=4 uniform{blend} age=0.5",
+            f"qfilters w=0.125 s=4 uniform{tail}",
             f"qfilters w=0.25 s=4 sensitivity{tail}"} <= set(labels) and any(" full=1" in label for label in labels)
     # the sensitivity is measured once (every budget reuses it) and shipped only when a chosen recipe allocates by it
     layers = compressed_layers(tiny_llama.model)
     assert search.sensitivity is not None and len(search.sensitivity) == len(layers)
     assert search.book.sensitivity == (tuple(search.sensitivity) if case == "sensitivity" else None)
     assert sum(e.detail == "layer sensitivity" for e in events) == len(layers)  # the search's full pass is reused
-    # the score spreads a blend needs: measured once, shipped only for the scorers a chosen recipe blends
+    # the score spreads a blend or an age discount needs: measured once, shipped only for the scorers a chosen recipe
+    # reads them of
     n_layers, n_heads = tiny_llama.info.filter_shape[:2]
     assert search.score_spread is not None and {"qfilters", "knorm", "novelty"} <= set(search.score_spread)
     assert all(len(v) == n_layers and all(len(row) == n_heads for row in v) for v in search.score_spread.values())
-    assert search.book.score_spread == ({k: search.score_spread[k] for k in ("qfilters", "novelty")}
-                                        if case in ("blend", "second_pass") else None)
+    shipped = {"blend": ("qfilters", "novelty"), "second_pass": ("qfilters", "novelty"), "recency": ("qfilters",)}
+    assert search.book.score_spread == ({k: search.score_spread[k] for k in shipped[case]}
+                                        if case in shipped else None)
     steps = [(e.completed, e.total) for e in events]
     assert all(done <= total for done, total in steps) and steps[-1][0] == steps[-1][1]
     assert [d for d, _ in steps] == sorted(d for d, _ in steps)

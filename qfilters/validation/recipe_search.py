@@ -2,13 +2,14 @@
 
 At each budget of the sweep, a coordinate search (axis by axis from a fixed start, pass after pass until one changes
 nothing, at most :data:`MAX_PASSES`; ties broken by the recipe's label so the result is deterministic) over the
-scorer, novelty blended into it, the recent-window share, the sinks, the per-layer allocation (uniform, pyramid, or by
-each layer's measured sensitivity), whole first layers and novelty alone in the later layers, at the same total KV
-memory, scored by the exact one-pass perplexity on the first documents of the calibration datasets (the text the
-filters were fitted on: the search never reads evaluation text). The layer sensitivity is measured once, on the first
-search document, when the search first needs it, and stored with the recipes only when a chosen one allocates by it;
-so are the scorers' spreads a blend needs (:func:`qfilters.recipes.score_spread`, full cache on the same document). The
-chosen recipes are then measured on the held-out evaluation datasets beside the stock policies, like every other row.
+scorer, novelty blended into it, an age discount (a soft recent window), the recent-window share, the sinks, the
+per-layer allocation (uniform, pyramid, or by each layer's measured sensitivity), whole first layers and novelty
+alone in the later layers, at the same total KV memory, scored by the exact one-pass perplexity on the first
+documents of the calibration datasets (the text the filters were fitted on: the search never reads evaluation text).
+The layer sensitivity is measured once, on the first search document, when the search first needs it, and stored
+with the recipes only when a chosen one allocates by it; so are the scorers' spreads a blend or an age discount needs
+(:func:`qfilters.recipes.score_spread`, full cache on the same document). The chosen recipes are then measured on
+the held-out evaluation datasets beside the stock policies, like every other row.
 
 The stock policy is a candidate as well, so the shipped default is never worse than stock on the search text; held-out
 datasets where it is worse than stock get a warning in the report. Only scorers a filter set carries without extra files
@@ -51,6 +52,8 @@ AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     # novelty blended into the scorer (each score in units of its spread on calibration text): keeps the keys queries
     # read AND the one-off ones; tuned before the window, sinks and allocation, which it changes
     ("novelty_weight", (0.0, 0.5, 1.0)),
+    # a soft recent window: an old key's score falls by this many spreads per layer budget of newer keys
+    ("recency_weight", (0.0, 0.125, 0.25, 0.5)),
     ("window_share", (0.125, 0.25, 0.5)),
     ("n_sinks", (0, 4)),
     ("allocation", ("uniform", "pyramid", "sensitivity")),
@@ -177,10 +180,10 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         if recipe.allocation == "sensitivity" and not sensitivity:
             sensitivity.extend(measure_sensitivity(lm, chunks, filters, min(budgets), settings,
                                                    full.full_nll[0], lambda: step("layer sensitivity")))
-        if recipe.novelty_weight and not spread:
+        if recipe.spreads_needed() and not spread:
             spread.update(measure_spread(lm, chunks, filters))
         weights = tuple(sensitivity) if recipe.allocation == "sensitivity" else None
-        book = RecipeBook({budget: recipe}, weights, score_spread=spread if recipe.novelty_weight else None)
+        book = RecipeBook({budget: recipe}, weights, score_spread=spread if recipe.spreads_needed() else None)
         return book.policy(budget, lm.model, ScorerInputs(filters=filters), context_length)
 
     for budget in sorted(budgets):
@@ -211,11 +214,11 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     notify(Progress("recipe", label, steps, steps))
     specs = ", ".join(c.spec for c in corpora)
     used = any(r.allocation == "sensitivity" for r in chosen.values())
-    blends = {r.scorer for r in chosen.values() if r.novelty_weight}
+    spreads_read = set().union(*(r.spreads_needed() for r in chosen.values()))
     book = RecipeBook(chosen, tuple(sensitivity) if used else None, context_length=settings.eval_seq_len,
                       searched_on=f"{specs} (calibration text: {len(chunks)} x {settings.eval_seq_len} tokens, "
                                   f"last {settings.score_last} scored)",
-                      score_spread={k: v for k, v in spread.items() if k in blends | {"novelty"}} if blends else None)
+                      score_spread={k: v for k, v in spread.items() if k in spreads_read} if spreads_read else None)
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
                         sensitivity=list(sensitivity) or None, score_spread=dict(spread) or None,
