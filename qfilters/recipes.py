@@ -209,6 +209,7 @@ class RecipeBook:
                context_length: int | None = None) -> LayerwisePolicy:
         """The per-layer policy at ``budget`` for this model, with scorers built from ``inputs`` (the filters...)."""
         from qfilters.architecture import compressed_layers
+        from qfilters.errors import ShapeMismatchError
         from qfilters.policy_table import build_scorer
 
         if isinstance(budget, bool) or not isinstance(budget, int):
@@ -230,6 +231,8 @@ class RecipeBook:
         try:
             return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity, novelty,
                                   self.score_spread)
+        except ShapeMismatchError:  # stored tables for another model: no budget would fit
+            raise
         except ValueError as e:
             raise ValueError(f"the recipe searched at budget {searched} ({recipe.label}) does not fit budget "
                              f"{budget}: {e}; pass recipe=None for the stock policy") from e
@@ -376,6 +379,7 @@ def _aged(recipe: Recipe, rankers: Mapping[str, Scorer | None], budgets: Mapping
     """Each ranker with the recipe's age discount: at layer l, ``recency_weight * spread[l] / budget[l]`` per token."""
     import torch
 
+    from qfilters.errors import ShapeMismatchError
     from qfilters.scorers import AgedScorer
 
     spread = score_spread or {}
@@ -389,7 +393,7 @@ def _aged(recipe: Recipe, rankers: Mapping[str, Scorer | None], budgets: Mapping
         assert ranker is not None, role
         table = torch.tensor(spread[role], dtype=torch.float64) if role in spread else None
         if table is None or table.dim() != 2 or any(i >= table.shape[0] for i in budgets):
-            raise ValueError(f"the score spread of {role!r} does not cover the compressed layers "
+            raise ShapeMismatchError(f"the score spread of {role!r} does not cover the compressed layers "
                              f"{sorted(budgets)}: was it measured on this model?")
         rates = torch.zeros_like(table)
         for i, b in budgets.items():

@@ -147,7 +147,7 @@ def test_spreads_for_another_model_are_refused_when_the_cache_is_built(tiny_llam
     n_layers, n_heads, dim = tiny_llama.info.filter_shape
     book = RecipeBook({32: Recipe("qfilters", 0.25, 0, "uniform", recency_weight=0.5)},
                       score_spread={"qfilters": _spread(n_layers - 1, n_heads)["qfilters"]})
-    with pytest.raises(ValueError, match="does not cover the compressed layers"):
+    with pytest.raises(ShapeMismatchError, match="does not cover the compressed layers.*this model"):
         QFiltersCache(tiny_llama.model, QFilters(_filters((n_layers, n_heads, dim))).with_recipe(book), budget=32)
     wide = RecipeBook({32: Recipe("qfilters", 0.25, 0, "uniform", recency_weight=0.5)},
                       score_spread={"qfilters": _spread(n_layers, n_heads + 1)["qfilters"]})
