@@ -238,9 +238,10 @@ def _filters_policy(model_or_config: Any, filters: QFilters, budget: int | None,
         raise TypeError(f"budget must be an int (keys per KV head), got {budget!r}")
     stored = filters.recipe
     book = stored if recipe == "stored" else recipe
-    if isinstance(book, Recipe):  # the stored sensitivity still serves a given recipe that allocates by it
+    if isinstance(book, Recipe):  # the stored sensitivity and score spreads still serve a given recipe that reads them
         book = RecipeBook({budget: book}, stored.sensitivity if stored else None,
-                          stored.context_length if stored else None)
+                          stored.context_length if stored else None,
+                          score_spread=stored.score_spread if stored else None)
     if book is None:
         if context_length is not None:
             raise TypeError("context_length applies to a recipe that keeps layers whole; the stock policy has none")

@@ -60,7 +60,7 @@ class Recipe:
     full_layers: int = 0  # first compressible layers kept whole, paid for out of the total
     novelty_layers: float = 0.0  # share of the (non-whole) compressed layers, counted from the last, ranked by novelty
     novelty_weight: float = 0.0  # the other layers rank by scorer + this x novelty, both in units of their spread
-    recency_weight: float = 0.0  # spreads of score a key loses per layer budget of newer keys (a soft recent window)
+    recency_weight: float = 0.0  # scorer spreads (a blend: its base's) a key loses per layer budget of newer keys
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.window_share < 1.0:

@@ -289,10 +289,10 @@ class AgedScorer(Scorer):
     Why: a hard recent window keeps the last keys whatever their score and judges every older key by its score
     alone; text also has a soft recency (a key read 100 tokens ago is more likely read again than one from 1000
     tokens ago). The discount is that soft window between Q-Filters (rates 0) and StreamingLLM (rates -> inf). A
-    recipe sets ``rates`` to ``w * spread(inner) / layer budget``: a key loses ``w`` spreads of its score for every
-    budget's worth of keys that came after it. Static per key given its position (the inner scorer's stream state
-    passes through), so greedy eviction and the one-pass evaluator stay exact; sinks forced by the inner scorer
-    stay +inf.
+    recipe sets ``rates`` to ``w * spread / layer budget`` (the spread of its scorer; of the base, for a blend): a key
+    loses ``w`` spreads of score for every budget's worth of keys that came after it. Static per key given its
+    position (the inner scorer's stream state passes through), so greedy eviction and the one-pass evaluator stay
+    exact; sinks forced by the inner scorer stay +inf.
     """
 
     inner: Scorer
@@ -330,7 +330,8 @@ class AgedScorer(Scorer):
                                      f"discount rates of shape {tuple(self.rates.shape)}")
         scores, new_state = self.inner.score_stream(keys, layer_idx, positions, state)
         rate = self.rates[layer_idx].to(scores.device, torch.float64)[None, :, None]
-        age_term = rate * positions.to(scores.device, torch.float64)[None, None]  # exact for any position
+        age_term = rate * positions.to(scores.device, torch.float64)[None, None]  # summed in float64, then float32:
+        # the same bits whether a key is scored in the cache or by the one-pass evaluator
         return (scores.double() + age_term).float(), new_state
 
     def describe(self) -> dict[str, Any]:

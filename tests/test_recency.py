@@ -94,7 +94,7 @@ def test_an_aged_recipe_travels_with_its_spreads_and_the_cache_uses_them(tiny_ll
     book = RecipeBook({32: recipe}, score_spread={"qfilters": _spread(n_layers, n_heads)["qfilters"]})
     path = QFilters(_filters((n_layers, n_heads, dim))).with_recipe(book).save_pretrained(tmp_path / "f")
     meta = json.loads((path / "qfilters.json").read_text())
-    assert meta["format_version"] == 2  # older readers say "upgrade", not "malformed"
+    assert meta["format_version"] == 2  # format-1 readers say "upgrade", not "malformed"
     assert meta["recipe"]["by_budget"]["32"]["recency_weight"] == 0.5
     loaded = QFilters.from_pretrained(path)
     assert loaded.recipe == book
@@ -108,6 +108,22 @@ def test_an_aged_recipe_travels_with_its_spreads_and_the_cache_uses_them(tiny_ll
     assert len({p.budget for p in policies.values()}) > 1
     assert "soft recency" in recipe.describe() and "age=0.5" in recipe.label
     assert "recency_weight" not in Recipe("qfilters").to_dict()  # the default stays out: older readers
+
+
+def test_a_recipe_given_to_the_cache_reads_the_stored_spreads(tiny_llama) -> None:
+    n_layers, n_heads, dim = tiny_llama.info.filter_shape
+    stored = RecipeBook({32: Recipe("qfilters", 0.25, 0, "uniform")}, score_spread=_spread(n_layers, n_heads))
+    filters = QFilters(_filters((n_layers, n_heads, dim))).with_recipe(stored)
+    given = Recipe("qfilters", 0.5, 0, "uniform", recency_weight=0.25)
+    cache = QFiltersCache(tiny_llama.model, filters, budget=32, recipe=given)
+    policies = {i: layer.policy for i, layer in enumerate(cache.layers) if getattr(layer, "policy", None) is not None}
+    assert policies and all(isinstance(p.scorer, AgedScorer) and p.window == 16 for p in policies.values())
+    i = min(policies)
+    expected = torch.tensor([0.25 * (2.0 + i + h) / 32 for h in range(n_heads)])
+    assert torch.allclose(policies[i].scorer.rates[i], expected)
+    bare = QFilters(_filters((n_layers, n_heads, dim)))  # no stored spreads: the reason, not a crash
+    with pytest.raises(ValueError, match=r"spreads that are not stored \(qfilters\)"):
+        QFiltersCache(tiny_llama.model, bare, budget=32, recipe=given)
 
 
 def test_novelty_layers_are_discounted_in_novelty_spreads(tiny_llama) -> None:
