@@ -229,6 +229,22 @@ def novelty_stream(keys: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor |
     return scores, (running[:, :, -1].clone() if keys.shape[2] else state)  # not a view pinning [B, H, T, D]
 
 
+def _per_head_table(table: Any, field_name: str, label: str) -> Tensor:
+    """A [num_layers, num_kv_heads] tensor of finite, non-negative numbers, detached float32; else the reason."""
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or min(table.shape) == 0:
+        raise ShapeMismatchError(f"{field_name} must be a non-empty tensor [num_layers, num_kv_heads]")
+    if not bool(torch.isfinite(table).all()) or bool((table < 0).any()):
+        raise ValueError(f"{label} must be finite and non-negative")
+    return table.detach().float()
+
+
+def _check_row(table: Tensor, keys: Tensor, layer_idx: int, label: str) -> None:
+    """``table`` [L, H_kv] has a row for ``layer_idx`` with one entry per KV head of ``keys``."""
+    if not 0 <= layer_idx < table.shape[0] or keys.shape[1] != table.shape[1]:
+        raise ShapeMismatchError(f"keys of layer {layer_idx} with {keys.shape[1]} KV heads do not match {label} "
+                                 f"of shape {tuple(table.shape)}")
+
+
 @dataclass(kw_only=True)
 class BlendScorer(_SinkScorer):
     """A static scorer plus novelty, weighted per layer and KV head: score = base + weights[l, h] * novelty.
@@ -250,11 +266,7 @@ class BlendScorer(_SinkScorer):
             raise TypeError(f"base must be a Scorer, got {type(self.base).__name__}")
         if type(self.base).score_stream is not Scorer.score_stream:
             raise TypeError(f"the base of a blend must be a static scorer, not {self.base.name!r}")
-        if not isinstance(self.weights, torch.Tensor) or self.weights.dim() != 2 or min(self.weights.shape) == 0:
-            raise ShapeMismatchError("weights must be a non-empty tensor [num_layers, num_kv_heads]")
-        if not bool(torch.isfinite(self.weights).all()) or bool((self.weights < 0).any()):
-            raise ValueError("blend weights must be finite and non-negative")
-        self.weights = self.weights.detach().float()
+        self.weights = _per_head_table(self.weights, "weights", "blend weights")
 
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         self.base.check_model(num_layers, num_kv_heads, head_dim)
@@ -268,9 +280,7 @@ class BlendScorer(_SinkScorer):
     def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
                      state: Tensor | None) -> tuple[Tensor, Tensor | None]:
         _check_keys(keys, positions)
-        if not 0 <= layer_idx < self.weights.shape[0] or keys.shape[1] != self.weights.shape[1]:
-            raise ShapeMismatchError(f"keys of layer {layer_idx} with {keys.shape[1]} KV heads do not match blend "
-                                     f"weights of shape {tuple(self.weights.shape)}")
+        _check_row(self.weights, keys, layer_idx, "blend weights")
         novelty, new_state = novelty_stream(keys, state)
         weight = self.weights[layer_idx][None, :, None].to(novelty.device)
         scores = self.base.score(keys, layer_idx, positions).float() + weight * novelty
@@ -302,11 +312,7 @@ class AgedScorer(Scorer):
     def __post_init__(self) -> None:
         if not isinstance(self.inner, Scorer):
             raise TypeError(f"inner must be a Scorer, got {type(self.inner).__name__}")
-        if not isinstance(self.rates, torch.Tensor) or self.rates.dim() != 2 or min(self.rates.shape) == 0:
-            raise ShapeMismatchError("rates must be a non-empty tensor [num_layers, num_kv_heads]")
-        if not bool(torch.isfinite(self.rates).all()) or bool((self.rates < 0).any()):
-            raise ValueError("age discount rates must be finite and non-negative")
-        self.rates = self.rates.detach().float()
+        self.rates = _per_head_table(self.rates, "rates", "age discount rates")
 
     @property
     def n_sinks(self) -> int:
@@ -325,9 +331,7 @@ class AgedScorer(Scorer):
     def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
                      state: Tensor | None) -> tuple[Tensor, Tensor | None]:
         _check_keys(keys, positions)
-        if not 0 <= layer_idx < self.rates.shape[0] or keys.shape[1] != self.rates.shape[1]:
-            raise ShapeMismatchError(f"keys of layer {layer_idx} with {keys.shape[1]} KV heads do not match age "
-                                     f"discount rates of shape {tuple(self.rates.shape)}")
+        _check_row(self.rates, keys, layer_idx, "age discount rates")
         scores, new_state = self.inner.score_stream(keys, layer_idx, positions, state)
         rate = self.rates[layer_idx].to(scores.device, torch.float64)[None, :, None]
         age_term = rate * positions.to(scores.device, torch.float64)[None, None]  # summed in float64, then float32:
