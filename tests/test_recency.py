@@ -17,19 +17,7 @@ from qfilters.evaluate import perplexity, perplexity_reference
 from qfilters.policy import EvictionPolicy
 from qfilters.recipes import Recipe, RecipeBook
 from qfilters.scorers import AgedScorer, BlendScorer, NoveltyScorer, QFilterScorer
-
-
-def _keys(length: int = 40, seed: int = 0) -> torch.Tensor:
-    return torch.randn(2, 3, length, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def _filters(shape=(2, 3, 8), seed: int = 3) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _spread(n_layers: int, n_heads: int) -> dict:
-    return {"qfilters": tuple(tuple(2.0 + i + h for h in range(n_heads)) for i in range(n_layers)),
-            "novelty": tuple(tuple(0.5 for _ in range(n_heads)) for _ in range(n_layers))}
+from tests.test_blend import _filters, _keys, _spread  # the same random keys, filters and spreads as the blend's
 
 
 def test_the_discount_grows_with_age_between_the_filter_and_streamingllm() -> None:
