@@ -16,11 +16,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from heldout import HERE, held_out, measure, search_text, shipped_book, shipped_variant, streamingllm
+from heldout import (
+    HERE,
+    held_out,
+    measure,
+    patch_eviction_hook,
+    search_text,
+    shipped_book,
+    shipped_variant,
+    streamingllm,
+    with_policy_class,
+)
 
-from qfilters import QFilters, load_model, onepass
-from qfilters.architecture import COMPRESS, layer_kinds
-from qfilters.eviction import eviction_horizon
+from qfilters import QFilters, load_model
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 from qfilters.scorers import QFilterScorer
 
@@ -33,11 +41,14 @@ class ContextPolicy(EvictionPolicy):
     qfilters: Any = None  # the QFilterScorer whose part of the shipped score is swapped
     share: float = 1.0
 
+    def adjust_scores(self, scores: torch.Tensor, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor) -> torch.Tensor:
+        stock = self.qfilters.score(key, layer_idx, torch.arange(key.shape[2], device=key.device))
+        return scores + self.share * (context_scores(query, key) - stock)
+
 
 def with_context(policy: LayerwisePolicy, qfilters: QFilterScorer, share: float) -> LayerwisePolicy:
-    return LayerwisePolicy({i: None if p is None else ContextPolicy(p.scorer, p.budget, p.window, p.n_sinks,
-                                                                     qfilters=qfilters, share=share)
-                            for i, p in policy.layers.items()})
+    return with_policy_class(policy, ContextPolicy, qfilters=qfilters, share=share)
 
 
 def context_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -49,28 +60,8 @@ def context_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return (direction * key.double()).sum(-1).float()
 
 
-def hook_context(model: Any, policy: Any) -> Any:
-    kinds = layer_kinds(model)
-
-    def hook(module, query, key, value, attention_mask, base_fn, **kwargs):
-        layer = policy.for_layer(module.layer_idx) if kinds[module.layer_idx] == COMPRESS else None
-        if layer is None:
-            return base_fn(module, query, key, value, attention_mask, **kwargs)
-        positions = torch.arange(query.shape[2], device=key.device)
-        scores = layer.scores(key, module.layer_idx, positions)
-        if isinstance(layer, ContextPolicy):
-            stock = layer.qfilters.score(key, module.layer_idx, positions)
-            scores = scores + layer.share * (context_scores(query, key) - stock)
-        horizon = eviction_horizon(scores, layer.budget - layer.window, layer.window)
-        kwargs.pop("is_causal", None)
-        return onepass.evicted_attention(module, query, key, value, attention_mask, horizon, base_fn,
-                                         onepass._block_size(layer.budget), **kwargs)
-
-    return hook
-
-
 if __name__ == "__main__":
-    onepass.eviction_hook = hook_context
+    patch_eviction_hook()
     filters = QFilters.from_pretrained(sys.argv[1])
     qf = QFilterScorer(filters)
     book = shipped_book()

@@ -16,26 +16,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from heldout import HERE, held_out, measure, search_text, shipped_book, shipped_variant, streamingllm
+from heldout import (
+    HERE,
+    held_out,
+    measure,
+    patch_eviction_hook,
+    search_text,
+    shipped_book,
+    shipped_variant,
+    streamingllm,
+    with_policy_class,
+)
 
-from qfilters import QFilters, load_model, onepass
-from qfilters.architecture import COMPRESS, layer_kinds
+from qfilters import QFilters, load_model
 from qfilters.eviction import eviction_horizon
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 
 BUDGETS = (64, 128)
 CENTRED = "--centred" in sys.argv  # each head's scores minus its running mean before the heads compete
-
-
-@dataclass(frozen=True)
-class PooledPolicy(EvictionPolicy):
-    units: Any = None  # [layers, kv heads]: each head's scores are divided by this before the heads compete
-
-
-def pooled(policy: LayerwisePolicy, units: torch.Tensor) -> LayerwisePolicy:
-    return LayerwisePolicy({i: None if p is None else PooledPolicy(p.scorer, p.budget, p.window, p.n_sinks,
-                                                                    units=units)
-                            for i, p in policy.layers.items()})
 
 
 def pooled_horizon(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
@@ -52,34 +50,29 @@ def pooled_horizon(scores: torch.Tensor, budget: int, window: int) -> torch.Tens
     return steps.view(batch, length, heads).permute(0, 2, 1).contiguous()
 
 
-def hook_pooled(model: Any, policy: Any) -> Any:
-    kinds = layer_kinds(model)
+@dataclass(frozen=True)
+class PooledPolicy(EvictionPolicy):
+    units: Any = None  # [layers, kv heads]: each head's scores are divided by this before the heads compete
 
-    def hook(module, query, key, value, attention_mask, base_fn, **kwargs):
-        layer = policy.for_layer(module.layer_idx) if kinds[module.layer_idx] == COMPRESS else None
-        if layer is None:
-            return base_fn(module, query, key, value, attention_mask, **kwargs)
-        positions = torch.arange(query.shape[2], device=key.device)
-        scores = layer.scores(key, module.layer_idx, positions)
-        units = getattr(layer, "units", None)
-        if units is None:
-            horizon = eviction_horizon(scores, layer.budget - layer.window, layer.window)
-        else:
-            scores = scores / units[module.layer_idx].to(scores.device)[None, :, None]
-            if CENTRED:  # minus the head's running mean score (causal, so still static per key); sinks stay +inf
-                finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores)).double()
-                count = torch.isfinite(scores).double().cumsum(-1).clamp_min(1)
-                scores = (scores.double() - finite.cumsum(-1) / count).float()
-            horizon = pooled_horizon(scores, layer.budget, layer.window)
-        kwargs.pop("is_causal", None)
-        return onepass.evicted_attention(module, query, key, value, attention_mask, horizon, base_fn,
-                                         onepass._block_size(layer.budget), **kwargs)
+    def adjust_scores(self, scores: torch.Tensor, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor) -> torch.Tensor:
+        scores = scores / self.units[layer_idx].to(scores.device)[None, :, None]
+        if CENTRED:  # minus the head's running mean score (causal, so still static per key); sinks stay +inf
+            finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores)).double()
+            count = torch.isfinite(scores).double().cumsum(-1).clamp_min(1)
+            scores = (scores.double() - finite.cumsum(-1) / count).float()
+        return scores
 
-    return hook
+    def horizon(self, scores: torch.Tensor) -> torch.Tensor:
+        return pooled_horizon(scores, self.budget, self.window)
+
+
+def pooled(policy: LayerwisePolicy, units: torch.Tensor) -> LayerwisePolicy:
+    return with_policy_class(policy, PooledPolicy, units=units)
 
 
 if __name__ == "__main__":
-    onepass.eviction_hook = hook_pooled
+    patch_eviction_hook()
     filters = QFilters.from_pretrained(sys.argv[1])
     book = shipped_book()
     spread = torch.tensor(book.score_spread["qfilters"], dtype=torch.float32)

@@ -1,5 +1,6 @@
 """Shared by the issue-13 diagnostics that change one field of the shipped recipes and measure them: the shipped
-book, the search text as the validator reads it, and one evaluation pass per text with gap ratios vs StreamingLLM."""
+book, the search text as the validator reads it, one evaluation pass per text with gap ratios vs StreamingLLM, and
+a one-pass hook that lets a policy read the queries and values the library's scorers never see."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from qfilters import load_corpus
+import torch
+
+from qfilters import load_corpus, onepass
+from qfilters.architecture import COMPRESS, layer_kinds
 from qfilters.data.chunks import EvalChunks, select_chunks
 from qfilters.evaluate import evaluate_chunks
+from qfilters.eviction import eviction_horizon
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 from qfilters.policy_table import ScorerInputs
 from qfilters.recipes import RecipeBook
@@ -68,3 +73,39 @@ def measure(lm: Any, texts: dict[str, EvalChunks], policies: dict[tuple[str, int
                                 "full": round(full, 4), "gap_ratio_vs_streamingllm": round(ratio, 4)})
             print(f"{name:12s} {budget:4d} {policy:24s} ppl {ppl:8.3f} ratio {ratio:.3f}", flush=True)
         out["seconds"][name] = round(time.time() - t0, 1)
+
+
+def with_policy_class(policy: LayerwisePolicy, cls: type[EvictionPolicy], **fields: Any) -> LayerwisePolicy:
+    """``policy`` with every compressed layer's policy rebuilt as ``cls`` (an EvictionPolicy subclass) plus
+    ``fields``."""
+    return LayerwisePolicy({i: None if p is None else cls(p.scorer, p.budget, p.window, p.n_sinks, **fields)
+                            for i, p in policy.layers.items()})
+
+
+def patch_eviction_hook() -> None:
+    """Route the one-pass evaluator through :func:`_research_hook`: a layer policy with ``adjust_scores(scores,
+    layer_idx, query, key, value)`` changes its keys' scores from what the model computed, and one with
+    ``horizon(scores)`` replaces the eviction closed form; other policies run as in the library."""
+    onepass.eviction_hook = _research_hook
+
+
+def _research_hook(model: Any, policy: Any) -> Any:
+    kinds = layer_kinds(model)
+
+    def hook(module, query, key, value, attention_mask, base_fn, **kwargs):
+        layer = policy.for_layer(module.layer_idx) if kinds[module.layer_idx] == COMPRESS else None
+        if layer is None:
+            return base_fn(module, query, key, value, attention_mask, **kwargs)
+        positions = torch.arange(query.shape[2], device=key.device)
+        scores = layer.scores(key, module.layer_idx, positions)
+        if hasattr(layer, "adjust_scores"):
+            scores = layer.adjust_scores(scores, module.layer_idx, query, key, value)
+        if hasattr(layer, "horizon"):
+            horizon = layer.horizon(scores)
+        else:
+            horizon = eviction_horizon(scores, layer.budget - layer.window, layer.window)
+        kwargs.pop("is_causal", None)
+        return onepass.evicted_attention(module, query, key, value, attention_mask, horizon, base_fn,
+                                         onepass._block_size(layer.budget), **kwargs)
+
+    return hook

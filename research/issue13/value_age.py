@@ -1,7 +1,7 @@
 """Do the two knobs held-out text liked at 128 (age w = 0.25, value weight 0.5; see age-at-128.json and
 value-norm.json) add up, and would a larger search text (2 documents per language, --recipe-docs 2) choose them?
 The shipped recipe at 128 with those fields changed, on that search text and held-out austen and python-docs.
-A diagnostic with value_norm.py's patched one-pass hook, not a search.
+A diagnostic with heldout.py's patched one-pass hook and value_norm.py's value term, not a search.
 Usage: .venv/bin/python research/issue13/value_age.py artifacts/smollm2-handbook-en -> value-age.json
 """
 
@@ -11,13 +11,22 @@ import json
 import sys
 
 import torch
-from heldout import HERE, held_out, measure, search_text, shipped_book, shipped_variant, streamingllm
-from value_norm import hook_with_values, valued
+from heldout import (
+                     HERE,
+                     held_out,
+                     measure,
+                     patch_eviction_hook,
+                     search_text,
+                     shipped_book,
+                     shipped_variant,
+                     streamingllm,
+)
+from value_norm import valued
 
-from qfilters import QFilters, load_model, onepass
+from qfilters import QFilters, load_model
 
 BUDGET = 128
-onepass.eviction_hook = hook_with_values
+patch_eviction_hook()
 filters = QFilters.from_pretrained(sys.argv[1])
 book = shipped_book()
 spread = torch.tensor(book.score_spread["qfilters"], dtype=torch.float32)

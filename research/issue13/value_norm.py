@@ -14,11 +14,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from heldout import HERE, held_out, measure, search_text, shipped_book, shipped_variant, streamingllm
+from heldout import (
+    HERE,
+    held_out,
+    measure,
+    patch_eviction_hook,
+    search_text,
+    shipped_book,
+    shipped_variant,
+    streamingllm,
+    with_policy_class,
+)
 
-from qfilters import QFilters, load_model, onepass
-from qfilters.architecture import COMPRESS, layer_kinds
-from qfilters.eviction import eviction_horizon
+from qfilters import QFilters, load_model
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 
 BUDGETS = (64, 128)
@@ -29,36 +37,18 @@ WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 class ValuePolicy(EvictionPolicy):
     value_weights: Any = None  # [layers, kv heads] score units per unit of log ||v||
 
+    def adjust_scores(self, scores: torch.Tensor, layer_idx: int, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor) -> torch.Tensor:
+        row = self.value_weights[layer_idx].to(scores.device)[None, :, None]
+        return scores + row * value.float().norm(dim=-1).clamp_min(1e-6).log()
+
 
 def valued(policy: LayerwisePolicy, weights: torch.Tensor) -> LayerwisePolicy:
-    return LayerwisePolicy({i: None if p is None else ValuePolicy(p.scorer, p.budget, p.window, p.n_sinks,
-                                                                   value_weights=weights)
-                            for i, p in policy.layers.items()})
-
-
-def hook_with_values(model: Any, policy: Any) -> Any:
-    kinds = layer_kinds(model)
-
-    def hook(module, query, key, value, attention_mask, base_fn, **kwargs):
-        layer = policy.for_layer(module.layer_idx) if kinds[module.layer_idx] == COMPRESS else None
-        if layer is None:
-            return base_fn(module, query, key, value, attention_mask, **kwargs)
-        positions = torch.arange(query.shape[2], device=key.device)
-        scores = layer.scores(key, module.layer_idx, positions)
-        weights = getattr(layer, "value_weights", None)
-        if weights is not None:
-            row = weights[module.layer_idx].to(scores.device)[None, :, None]
-            scores = scores + row * value.float().norm(dim=-1).clamp_min(1e-6).log()
-        horizon = eviction_horizon(scores, layer.budget - layer.window, layer.window)
-        kwargs.pop("is_causal", None)
-        return onepass.evicted_attention(module, query, key, value, attention_mask, horizon, base_fn,
-                                         onepass._block_size(layer.budget), **kwargs)
-
-    return hook
+    return with_policy_class(policy, ValuePolicy, value_weights=weights)
 
 
 if __name__ == "__main__":
-    onepass.eviction_hook = hook_with_values
+    patch_eviction_hook()
     filters = QFilters.from_pretrained(sys.argv[1])
     book = shipped_book()
     spread = torch.tensor(book.score_spread["qfilters"], dtype=torch.float32)
