@@ -85,7 +85,8 @@ def with_policy_class(policy: LayerwisePolicy, cls: type[EvictionPolicy], **fiel
 def patch_eviction_hook() -> None:
     """Route the one-pass evaluator through :func:`_research_hook`: a layer policy with ``adjust_scores(scores,
     layer_idx, query, key, value)`` changes its keys' scores from what the model computed, and one with
-    ``horizon(scores)`` replaces the eviction closed form; other policies run as in the library."""
+    ``horizon(scores)`` replaces the eviction closed form, and one with ``attend(module, query, key, value, mask,
+    horizon)`` replaces the attention over the visible keys; other policies run as in the library."""
     onepass.eviction_hook = _research_hook
 
 
@@ -105,6 +106,8 @@ def _research_hook(model: Any, policy: Any) -> Any:
         else:
             horizon = eviction_horizon(scores, layer.budget - layer.window, layer.window)
         kwargs.pop("is_causal", None)
+        if hasattr(layer, "attend"):
+            return layer.attend(module, query, key, value, attention_mask, horizon)
         return onepass.evicted_attention(module, query, key, value, attention_mask, horizon, base_fn,
                                          onepass._block_size(layer.budget), **kwargs)
 
