@@ -237,15 +237,21 @@ def run_passkey(model: Any, trials: Sequence[PasskeyTrial],
 def standard_policies(model: Any, budgets: Sequence[int], window: int = 64, filters: Any = None,
                       moments: Any = None, context_length: int | None = None) -> dict[str, Any]:
     """Full cache, then per budget: StreamingLLM (4 sinks), K-norm, Q-Filters / mean query / Gaussian when given,
-    novelty, the filter set's searched recipe when it carries one, and the SnapKV reference; the scorers keep
-    ``min(window, budget // 2)`` recent keys, uniformly per layer."""
+    novelty, content novelty (RoPE models), the filter set's searched recipe when it carries one, and the SnapKV
+    reference; the scorers keep ``min(window, budget // 2)`` recent keys, uniformly per layer."""
     from qfilters.policy_table import RECIPE, ScorerInputs, build_scorer
+    from qfilters.rope import rope_frequencies
 
-    inputs = ScorerInputs(filters=filters, query_stats=moments, n_sinks=4)
+    try:
+        rope = rope_frequencies(model)
+    except ValueError:  # no fixed-frequency RoPE to undo: no content novelty row
+        rope = None
+    inputs = ScorerInputs(filters=filters, query_stats=moments, n_sinks=4, rope=rope)
     book = getattr(filters, "recipe", None)
     recipes = book.policies(budgets, model, inputs, context_length) if book is not None else {}
     names = ["streamingllm", "knorm"] + (["qfilters"] if filters is not None else []) + (
-        ["meanq", "gaussian"] if moments is not None else []) + ["novelty"]
+        ["meanq", "gaussian"] if moments is not None else []) + ["novelty"] + (
+        ["content-novelty"] if rope is not None else [])
     scorers = {name: build_scorer(name, inputs) for name in names}
     layers = compressed_layers(model)
     out: dict[str, Any] = {"full": None}

@@ -33,10 +33,12 @@ class ScorerInputs:
     query_stats: Any = None  # calibration query moments (qfilters.moments.QueryMoments)
     n_sinks: int = 4  # StreamingLLM's attention sinks
     seed: int = 0  # the random baseline's seed
+    rope: Any = None  # the model's rotary frequencies per layer (qfilters.rope.rope_frequencies): content novelty
 
 
 _NEEDS = {"filters": "filters (a [L, H_kv, D] tensor or a QFilters)",
-          "query_stats": "query statistics (calibrate with --query-stats)"}
+          "query_stats": "query statistics (calibrate with --query-stats)",
+          "rope": "the model's rotary frequencies (ScorerInputs(rope=qfilters.rope.rope_frequencies(model)))"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,8 @@ POLICY_TABLE: dict[str, PolicyEntry] = {e.name: e for e in (
     PolicyEntry("gaussian", "Expected attention (Gaussian)", "#ff7f0e", "qfilters.moment_scorers:GaussianScorer",
                 needs=("query_stats",)),
     PolicyEntry("novelty", "Novelty (running key mean)", "#bcbd22", "qfilters.scorers:NoveltyScorer"),
+    PolicyEntry("content-novelty", "Content novelty (RoPE undone)", "#17becf", "qfilters.scorers:ContentNoveltyScorer",
+                needs=("rope",)),
     PolicyEntry("snapkv", "SnapKV-like (needs attention weights)", "#8c564b", None),
     # a per-layer recipe (qfilters.recipes), not one scorer: the validator's searched recipe, shipped with the filters
     PolicyEntry(RECIPE, "Searched recipe", "#e377c2", None),

@@ -39,6 +39,8 @@ BLENDABLE = ("qfilters", "knorm")
 MAX_NOVELTY_WEIGHT = 100.0
 #: scorers whose scores a recipe may discount by age (their spreads are what the discount is counted in)
 AGEABLE = (*BLENDABLE, "novelty")
+#: what a recipe's novelty reads: the cached keys, or their content with RoPE undone (qfilters.rope)
+NOVELTY_SCORERS = ("novelty", "content-novelty")
 MAX_RECENCY_WEIGHT = 100.0
 
 
@@ -61,6 +63,7 @@ class Recipe:
     novelty_layers: float = 0.0  # share of the (non-whole) compressed layers, counted from the last, ranked by novelty
     novelty_weight: float = 0.0  # the other layers rank by scorer + this x novelty, both in units of their spread
     recency_weight: float = 0.0  # scorer spreads (a blend: its base's) a key loses per layer budget of newer keys
+    novelty_scorer: str = "novelty"  # the novelty the blend and the novelty layers read (NOVELTY_SCORERS)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.window_share < 1.0:
@@ -76,6 +79,8 @@ class Recipe:
         if self.recency_weight and self.scorer not in AGEABLE:
             raise ValueError(f"recency_weight discounts the scores of {', '.join(AGEABLE)} by age, not "
                              f"{self.scorer!r}")
+        if self.novelty_scorer not in NOVELTY_SCORERS:
+            raise ValueError(f"novelty_scorer must be one of {NOVELTY_SCORERS}, got {self.novelty_scorer!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.n_sinks < 0 or self.full_layers < 0:
@@ -100,7 +105,7 @@ class Recipe:
             raise ValueError(f"recipe field(s) {nulls} are null: leave them out for the defaults")
         for name, kind in (("window_share", (int, float)), ("n_sinks", int), ("full_layers", int),
                            ("allocation", str), ("novelty_layers", (int, float)), ("novelty_weight", (int, float)),
-                           ("recency_weight", (int, float))):
+                           ("recency_weight", (int, float)), ("novelty_scorer", str)):
             value = data.get(name)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 raise ValueError(f"recipe field {name!r} has the wrong type ({type(value).__name__})")
@@ -112,11 +117,18 @@ class Recipe:
                 + (f" full={self.full_layers}" if self.full_layers else "")
                 + (f" novelty={self.novelty_layers:g}" if self.novelty_layers else "")
                 + (f" blend={self.novelty_weight:g}" if self.novelty_weight else "")
+                + (f" {self.novelty_scorer}" if self.novelty_scorer != "novelty" and self.reads_novelty else "")
                 + (f" age={self.recency_weight:g}" if self.recency_weight else ""))
+
+    @property
+    def reads_novelty(self) -> bool:
+        """Whether some layer's ranking reads the novelty scorer (a blend or novelty layers)."""
+        return bool(self.novelty_weight or self.novelty_layers)
 
     def describe(self) -> str:
         """One line a report reader understands."""
-        scorer = f"{self.scorer} + {self.novelty_weight:g} x novelty" if self.novelty_weight else self.scorer
+        novelty = "content novelty (RoPE undone)" if self.novelty_scorer == "content-novelty" else "novelty"
+        scorer = f"{self.scorer} + {self.novelty_weight:g} x {novelty}" if self.novelty_weight else self.scorer
         parts = [f"scorer {scorer}", f"recent window {self.window_share:.0%} of each layer's budget",
                  f"{self.n_sinks} sink tokens" if self.n_sinks else "no sink tokens",
                  {"uniform": "the same budget in every layer", "pyramid": "more budget to early layers",
@@ -124,7 +136,7 @@ class Recipe:
         if self.full_layers:
             parts.append(f"first {self.full_layers} compressed layer(s) kept whole")
         if self.novelty_layers:
-            parts.append(f"the last {self.novelty_layers:.0%} of compressed layers rank old keys by novelty (recall)")
+            parts.append(f"the last {self.novelty_layers:.0%} of compressed layers rank old keys by {novelty} (recall)")
         if self.recency_weight:
             parts.append(f"a key's score falls by {self.recency_weight:g} spread(s) per layer budget of newer keys "
                          "(soft recency)")
@@ -132,9 +144,9 @@ class Recipe:
 
     def spreads_needed(self) -> set[str]:
         """The scorers whose score spreads this recipe reads (a blend's two; the aged layers' rankers)."""
-        needed = {self.scorer, "novelty"} if self.novelty_weight else set()
+        needed = {self.scorer, self.novelty_scorer} if self.novelty_weight else set()
         if self.recency_weight:
-            needed |= {self.scorer} | ({"novelty"} if self.novelty_layers else set())
+            needed |= {self.scorer} | ({self.novelty_scorer} if self.novelty_layers else set())
         return needed
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +156,8 @@ class Recipe:
         for name in ("novelty_layers", "novelty_weight", "recency_weight"):
             if not out[name]:
                 del out[name]
+        if out["novelty_scorer"] == "novelty":
+            del out["novelty_scorer"]
         return out
 
 
@@ -224,10 +238,14 @@ class RecipeBook:
         if recipe.full_layers >= len(layers):
             raise ValueError(f"the recipe keeps {recipe.full_layers} layers whole but this model compresses only "
                              f"{len(layers)}: it was not searched for this model")
+        if recipe.reads_novelty and recipe.novelty_scorer == "content-novelty" and inputs.rope is None:
+            from qfilters.rope import rope_frequencies
+
+            inputs = replace(inputs, rope=rope_frequencies(model_or_config))
         scorer = build_scorer(recipe.scorer, replace(inputs, n_sinks=recipe.n_sinks))
         if recipe.novelty_weight:
-            scorer = self.blend(recipe, scorer)
-        novelty = build_scorer("novelty", inputs) if recipe.novelty_layers else None
+            scorer = self.blend(recipe, scorer, inputs.rope)
+        novelty = build_scorer(recipe.novelty_scorer, inputs) if recipe.novelty_layers else None
         try:
             return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity, novelty,
                                   self.score_spread)
@@ -237,23 +255,28 @@ class RecipeBook:
             raise ValueError(f"the recipe searched at budget {searched} ({recipe.label}) does not fit budget "
                              f"{budget}: {e}; pass recipe=None for the stock policy") from e
 
-    def blend(self, recipe: Recipe, scorer: Scorer) -> Scorer:
-        """``scorer`` plus ``recipe.novelty_weight`` x novelty, each in units of its stored spread per (layer, head)."""
+    def blend(self, recipe: Recipe, scorer: Scorer, rope: Any = None) -> Scorer:
+        """``scorer`` plus ``recipe.novelty_weight`` x novelty, each in units of its stored spread per (layer, head)
+        (``rope``: the model's rotary frequencies, read when the recipe's novelty is content novelty)."""
         import torch
 
         from qfilters.scorers import BlendScorer
 
         spread = self.score_spread or {}
-        if not {recipe.scorer, "novelty"} <= set(spread):
-            raise ValueError(f"blending novelty into {recipe.scorer} needs both score spreads; this book has "
+        name = recipe.novelty_scorer
+        if not {recipe.scorer, name} <= set(spread):
+            raise ValueError(f"blending {name} into {recipe.scorer} needs both score spreads; this book has "
                              f"{sorted(spread) or 'none'}")
+        if name == "content-novelty" and rope is None:
+            raise ValueError("blending content novelty needs the model's rotary frequencies (qfilters.rope)")
         base = torch.tensor(spread[recipe.scorer], dtype=torch.float64)
-        novelty = torch.tensor(spread["novelty"], dtype=torch.float64)
+        novelty = torch.tensor(spread[name], dtype=torch.float64)
         if base.shape != novelty.shape:
             raise ValueError(f"score spreads of {recipe.scorer} {tuple(base.shape)} and novelty "
                              f"{tuple(novelty.shape)} differ in shape")
         ratio = torch.where(novelty > 0, base / novelty.clamp_min(1e-30), torch.zeros_like(base))
-        return BlendScorer(base=scorer, weights=(recipe.novelty_weight * ratio).float())
+        return BlendScorer(base=scorer, weights=(recipe.novelty_weight * ratio).float(),
+                           frequencies=rope if name == "content-novelty" else None)
 
     def policies(self, budgets: Sequence[int], model_or_config: Any, inputs: ScorerInputs,
                  context_length: int | None = None) -> dict[int, LayerwisePolicy]:
@@ -360,15 +383,19 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     n_novel = round(recipe.novelty_layers * len(rest))
     if n_novel and novelty is None:
         raise ValueError("this recipe ranks some layers by novelty: pass the novelty scorer")
-    roles = ["novelty" if k >= len(rest) - n_novel and novelty is not None else recipe.scorer  # the later layers
+    novel = recipe.novelty_scorer
+    roles = [novel if k >= len(rest) - n_novel and novelty is not None else recipe.scorer  # the later layers
              for k in range(len(rest))]
-    rankers = {recipe.scorer: scorer, "novelty": novelty}
+    rankers: dict[str, Scorer | None] = {recipe.scorer: scorer}
+    if novelty is not None:  # (a novelty-ranked recipe without novelty layers keeps its scorer)
+        rankers[novel] = novelty
     if recipe.recency_weight:
         rankers = _aged(recipe, rankers, dict(zip(rest, budgets, strict=True)), dict(zip(rest, roles, strict=True)),
                         score_spread)
     out: dict[int, EvictionPolicy | None] = {i: None for i in whole}
     for i, b, role in zip(rest, budgets, roles, strict=True):
-        ranker, sinks = rankers[role], (novelty_sinks if role == "novelty" else scorer_sinks)
+        ranker = rankers[role]
+        sinks = novelty_sinks if role == novel and novelty is not None else scorer_sinks
         window = min(b - sinks - 1, round(recipe.window_share * b))
         out[i] = EvictionPolicy(ranker, b, window, sinks)  # type: ignore[arg-type]  # a role always has its ranker
     return LayerwisePolicy(out)

@@ -173,12 +173,15 @@ def test_cli_search_recipe_writes_filters_with_the_recipe(tiny_llama, tmp_path) 
 def _cost(recipe: Recipe, case: str) -> float:
     """A made-up perplexity with a known coordinate-search path (``interaction``: a better stock; ``sensitivity``:
     the measured allocation wins; ``blend``: novelty blended in wins; ``second_pass``: the blend wins only after the
-    allocation has moved, so only a second pass over the axes finds it; ``recency``: an age discount wins)."""
+    allocation has moved, so only a second pass over the axes finds it; ``recency``: an age discount wins; novelty
+    read from the keys' content beats the cached keys' by a little)."""
     allocation = {"uniform": 0.0, "pyramid": -0.05, "sensitivity": -0.1 if case == "sensitivity" else -0.02}
     value = ({"qfilters": 0.0, "knorm": 1.0}[recipe.scorer] + {0.125: 0.3, 0.25: 0.2, 0.5: 0.25}[recipe.window_share]
              + {0: 0.1, 4: 0.0}[recipe.n_sinks] + allocation[recipe.allocation] + 0.5 * recipe.full_layers
              + ({0.0: 0.0, 0.5: -0.3, 1.0: -0.1}[recipe.novelty_weight] if case == "blend" else 0.0)
-             + ({0.0: 0.0, 0.125: -0.05, 0.25: -0.2, 0.5: -0.1}[recipe.recency_weight] if case == "recency" else 0.0))
+             + ({0.0: 0.0, 0.125: -0.05, 0.25: -0.2, 0.5: -0.1}[recipe.recency_weight] if case == "recency" else 0.0)
+             + (-0.01 if case in ("blend", "second_pass") and recipe.novelty_weight == 0.5
+                and recipe.novelty_scorer == "content-novelty" else 0.0))
     if case == "second_pass" and recipe.novelty_weight == 0.5:
         value += -0.2 if recipe.allocation == "pyramid" else 0.1  # wins only once a later axis has moved
     if case == "interaction" and (recipe.window_share, recipe.n_sinks, recipe.allocation) == (0.5, 0, "uniform"):
@@ -212,16 +215,19 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
     for b in (24, 48):
         expected = {"plain": Recipe("qfilters", 0.25, 4, "pyramid"), "interaction": stock_recipe(b, SEARCH),
                     "sensitivity": Recipe("qfilters", 0.25, 4, "sensitivity"),
-                    "blend": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5),
-                    "second_pass": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5),
+                    "blend": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5,
+                                    novelty_scorer="content-novelty"),
+                    "second_pass": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5,
+                                          novelty_scorer="content-novelty"),
                     "recency": Recipe("qfilters", 0.25, 4, "pyramid", recency_weight=0.25)}[case]
         assert search.book.by_budget[b] == expected
         assert search.streamingllm[b] == 99.0
     labels = [t["label"] for t in search.trace if t["budget"] == 48]
     assert len(labels) == len(set(labels))  # every recipe is evaluated once per budget
-    tail = {"blend": " blend=0.5", "recency": " age=0.25"}.get(case, "")  # later axes are searched with it
-    blend = " blend=0.5" if case == "blend" else ""  # the age axis comes after the blend's
-    assert {"knorm w=0.25 s=4 uniform", "qfilters w=0.25 s=4 uniform blend=1",
+    # later axes are searched with it; novelty reads the keys' content unless the search says otherwise
+    tail = {"blend": " blend=0.5 content-novelty", "recency": " age=0.25"}.get(case, "")
+    blend = " blend=0.5 content-novelty" if case == "blend" else ""  # the age axis comes after the blend's
+    assert {"knorm w=0.25 s=4 uniform", "qfilters w=0.25 s=4 uniform blend=1 content-novelty",
             f"qfilters w=0.25 s=4 uniform{blend} age=0.5",
             f"qfilters w=0.125 s=4 uniform{tail}",
             f"qfilters w=0.25 s=4 sensitivity{tail}"} <= set(labels) and any(" full=1" in label for label in labels)
@@ -233,9 +239,11 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
     # the score spreads a blend or an age discount needs: measured once, shipped only for the scorers a chosen recipe
     # reads them of
     n_layers, n_heads = tiny_llama.info.filter_shape[:2]
-    assert search.score_spread is not None and {"qfilters", "knorm", "novelty"} <= set(search.score_spread)
+    assert search.score_spread is not None and {"qfilters", "knorm", "novelty", "content-novelty"} <= set(
+        search.score_spread)
     assert all(len(v) == n_layers and all(len(row) == n_heads for row in v) for v in search.score_spread.values())
-    shipped = {"blend": ("qfilters", "novelty"), "second_pass": ("qfilters", "novelty"), "recency": ("qfilters",)}
+    shipped = {"blend": ("qfilters", "content-novelty"), "second_pass": ("qfilters", "content-novelty"),
+               "recency": ("qfilters",)}
     assert search.book.score_spread == ({k: search.score_spread[k] for k in shipped[case]}
                                         if case in shipped else None)
     steps = [(e.completed, e.total) for e in events]

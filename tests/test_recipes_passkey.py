@@ -126,4 +126,5 @@ def test_passkey_cli_reports_every_policy_with_the_snapkv_reference(smollm2, tmp
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["trials"] == 2
-    assert set(report["accuracy"]) == {"full", "streamingllm@64", "knorm@64", "qfilters@64", "novelty@64", "snapkv@64"}
+    assert set(report["accuracy"]) == {"full", "streamingllm@64", "knorm@64", "qfilters@64", "novelty@64",
+                                       "content-novelty@64", "snapkv@64"}

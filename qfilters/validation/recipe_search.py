@@ -46,12 +46,15 @@ if TYPE_CHECKING:
 
 __all__ = ["RecipeSearch", "recipe_policies", "recipe_report", "recipe_warnings", "search_recipes", "stock_recipe"]
 
-START = Recipe("qfilters", window_share=0.25, n_sinks=4, allocation="uniform")
+START = Recipe("qfilters", window_share=0.25, n_sinks=4, allocation="uniform", novelty_scorer="content-novelty")
 AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("scorer", ("qfilters", "knorm")),
     # novelty blended into the scorer (each score in units of its spread on calibration text): keeps the keys queries
     # read AND the one-off ones; tuned before the window, sinks and allocation, which it changes
     ("novelty_weight", (0.0, 0.5, 1.0)),
+    # what novelty reads: the keys' content with RoPE undone (measured better on SmolLM2, for perplexity and for
+    # passkeys) or the cached keys (a model without RoPE has only these: content recipes are infeasible there)
+    ("novelty_scorer", ("content-novelty", "novelty")),
     # a soft recent window: an old key's score falls by this many spreads per layer budget of newer keys
     ("recency_weight", (0.0, 0.125, 0.25, 0.5)),
     ("window_share", (0.125, 0.25, 0.5)),
@@ -165,6 +168,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
 
     def score(recipe: Recipe, budget: int) -> float:
         seen = seen_by_budget.setdefault(budget, {})
+        recipe = _canonical(recipe)  # which novelty a recipe would read changes nothing when it reads none
         if recipe not in seen:
             try:
                 policy = _policy(recipe, budget, settings.eval_seq_len)
@@ -210,6 +214,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
             candidates[b] = [r for r in recipes if math.isfinite(score(r, b))]
         retrieval = retrieval_gate(lm, corpora[0], filters, candidates, _policy, settings, notify)
         chosen = {b: _gated(recipes, b, retrieval, score) for b, recipes in candidates.items()}
+    chosen = {b: _canonical(r) for b, r in chosen.items()}  # stored as older versions wrote it
     chosen_ppl = {b: score(r, b) for b, r in chosen.items()}
     notify(Progress("recipe", label, steps, steps))
     specs = ", ".join(c.spec for c in corpora)
@@ -223,6 +228,11 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
                         sensitivity=list(sensitivity) or None, score_spread=dict(spread) or None,
                         retrieval=retrieval)
+
+
+def _canonical(recipe: Recipe) -> Recipe:
+    """``recipe`` with the default novelty scorer when it reads no novelty (the same policy, one memo entry)."""
+    return recipe if recipe.reads_novelty else replace(recipe, novelty_scorer="novelty")
 
 
 def _gated(recipes: list[Recipe], budget: int, gate: RetrievalGate, score: Any) -> Recipe:
@@ -276,10 +286,16 @@ def measure_spread(lm: LoadedModel, chunks: EvalChunks, filters: Any) -> dict[st
     """The spreads of every blendable scorer and of novelty on the first search document (calibration text)."""
     from qfilters.policy_table import build_scorer
     from qfilters.recipes import BLENDABLE, score_spread
-    from qfilters.scorers import NoveltyScorer
+    from qfilters.rope import rope_frequencies
+    from qfilters.scorers import ContentNoveltyScorer, NoveltyScorer
 
     scorers = {name: build_scorer(name, ScorerInputs(filters=filters, n_sinks=0)) for name in BLENDABLE}
-    return score_spread(lm.model, chunks.ids[0], {**scorers, "novelty": NoveltyScorer(n_sinks=0)})
+    scorers["novelty"] = NoveltyScorer(n_sinks=0)
+    try:
+        scorers["content-novelty"] = ContentNoveltyScorer(n_sinks=0, frequencies=rope_frequencies(lm.model))
+    except ValueError:  # no fixed-frequency RoPE: recipes reading content novelty are infeasible (see AXES)
+        pass
+    return score_spread(lm.model, chunks.ids[0], scorers)
 
 
 def measure_sensitivity(lm: LoadedModel, chunks: EvalChunks, filters: Any, budget: int,
