@@ -1,6 +1,7 @@
 """The shipped recipes with novelty measured before RoPE (see prerope_novelty.py), perplexity side: the blend's
 novelty spread re-measured on the first search document, as the validator would, then the one-pass evaluator on the
-search text and held-out austen and python-docs, against the shipped recipes and StreamingLLM.
+search text and held-out austen and python-docs, against the shipped recipes and StreamingLLM. First written with a
+patched NoveltyScorer; now the library's content novelty (Recipe.novelty_scorer = "content-novelty").
 Usage: .venv/bin/python research/issue13/prerope_recipe.py artifacts/smollm2-handbook-en [budgets] [texts]
 """
 
@@ -11,31 +12,32 @@ import sys
 from dataclasses import replace
 
 from heldout import HERE, SEQ_LEN, held_out, measure, search_text, shipped_book, streamingllm
-from prerope_novelty import patch_novelty_classes, rope_inv_freq, tag_prerope
 
 from qfilters import QFilters, load_model
 from qfilters.policy_table import ScorerInputs
-from qfilters.recipes import RecipeBook, score_spread
-from qfilters.scorers import NoveltyScorer
+from qfilters.recipes import score_spread
+from qfilters.rope import rope_frequencies
+from qfilters.scorers import ContentNoveltyScorer
 
 if __name__ == "__main__":
-    patch_novelty_classes()
     filters = QFilters.from_pretrained(sys.argv[1])
     budgets = tuple(int(b) for b in sys.argv[2].split(",")) if len(sys.argv) > 2 else (64, 128, 256, 512)
     names = sys.argv[3].split(",") if len(sys.argv) > 3 else ["search text", "austen", "python-docs"]
     lm = load_model("smollm2")
-    inv_freq = rope_inv_freq(lm.model)
     book = shipped_book()
     search = search_text(lm)
-    spread = score_spread(lm.model, search.ids[0], {"novelty": tag_prerope(NoveltyScorer(n_sinks=0), inv_freq)})
-    pre_book = replace(book, score_spread={**book.score_spread, "novelty": spread["novelty"]})
+    content = ContentNoveltyScorer(n_sinks=0, frequencies=rope_frequencies(lm.model))
+    spread = score_spread(lm.model, search.ids[0], {"content-novelty": content})
+    pre_book = replace(book, by_budget={b: replace(r, novelty_scorer="content-novelty")
+                                        for b, r in book.by_budget.items()},
+                       score_spread={**book.score_spread, **spread})
     inputs = ScorerInputs(filters=filters)
     policies: dict = {}
     for b in budgets:
         policies["streamingllm", b] = streamingllm(b)
         policies["shipped", b] = book.policy(b, lm.model, inputs, SEQ_LEN)
-        policies["shipped, pre-RoPE novelty", b] = tag_prerope(pre_book.policy(b, lm.model, inputs, SEQ_LEN), inv_freq)
-    out: dict = {"filters": sys.argv[1], "budgets": list(budgets), "novelty_spread_prerope": spread["novelty"],
+        policies["shipped, pre-RoPE novelty", b] = pre_book.policy(b, lm.model, inputs, SEQ_LEN)
+    out: dict = {"filters": sys.argv[1], "budgets": list(budgets), "novelty_spread_prerope": spread["content-novelty"],
                  "novelty_spread_shipped": book.score_spread["novelty"]}
     loaders = {"search text": lambda: search, "austen": lambda: held_out(lm, "austen"),
                "python-docs": lambda: held_out(lm, "python-docs")}
