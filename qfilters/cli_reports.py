@@ -95,7 +95,11 @@ def validate(
 
 
 class _validation_progress:  # noqa: N801 - used as a context manager like rich's own helpers
-    """Rich progress bars on stderr, one per calibration dataset, evaluation dataset and the transfer matrix."""
+    """Rich progress bars on stderr, one per calibration dataset, evaluation dataset and the transfer matrix; where
+    stderr is a log (CI, a redirect), a line when a step starts, at most every :attr:`log_every` seconds while it
+    runs (a recipe search takes most of an hour on CPU), and when it ends."""
+
+    log_every = 30.0
 
     def __enter__(self) -> ProgressFn:
         columns = (TextColumn("[bold]{task.fields[phase]:<9}"), TextColumn("{task.description}"), BarColumn(),
@@ -104,6 +108,7 @@ class _validation_progress:  # noqa: N801 - used as a context manager like rich'
         self.start = time.perf_counter()
         self.progress.__enter__()
         self.tasks: dict[tuple[str, str], TaskID] = {}
+        self.logged_at: dict[tuple[str, str], float] = {}
         self.last: ValidationProgress | None = None
         return self.update
 
@@ -116,10 +121,12 @@ class _validation_progress:  # noqa: N801 - used as a context manager like rich'
         if first:
             self.tasks[key] = self.progress.add_task(escape(p.label), total=p.total, phase=p.phase, detail="")
         self.progress.update(self.tasks[key], completed=p.completed, total=p.total, detail=escape(p.detail))
-        if not err.is_terminal and (first or p.completed >= p.total):  # logs (CI, redirected stderr): a line per step
-            elapsed = time.perf_counter() - self.start
-            err.print(f"[{elapsed:7.1f}s] {p.phase} {escape(p.label)}: {p.completed}/{p.total} {escape(p.detail)}",
-                      highlight=False)
+        now = time.perf_counter()
+        due = now - self.logged_at.get(key, now) >= self.log_every
+        if not err.is_terminal and (first or due or p.completed >= p.total):  # logs (CI, redirected stderr)
+            self.logged_at[key] = now
+            err.print(f"[{now - self.start:7.1f}s] {p.phase} {escape(p.label)}: {p.completed}/{p.total} "
+                      f"{escape(p.detail)}", highlight=False)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
