@@ -235,7 +235,12 @@ def evaluate_policies(
     for b in budgets:
         check_budget(b, window)
     scored_tokens(seq_len, score_last)
-    inputs = ScorerInputs(filters=filters, query_stats=query_stats, n_sinks=n_sinks_streaming)
+    rope = None
+    if any("rope" in POLICY_TABLE[p].needs for p in names):  # content novelty: RoPE undone with the model's own
+        from qfilters.rope import rope_frequencies
+
+        rope = rope_frequencies(model)
+    inputs = ScorerInputs(filters=filters, query_stats=query_stats, n_sinks=n_sinks_streaming, rope=rope)
     scorers = {p: build_scorer(p, inputs) for p in names if p not in (FULL, RECIPE)}
     layers = tuple(uncompressed_layers)
     grid: dict[tuple[str, int], PolicyLike] = {

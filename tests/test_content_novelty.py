@@ -145,3 +145,18 @@ def test_a_content_novelty_recipe_travels_and_the_cache_reads_the_models_rope(ti
     with pytest.raises(ValueError, match="content-novelty"):  # its spread is not plain novelty's
         RecipeBook({32: Recipe("qfilters", novelty_weight=0.5, novelty_scorer="content-novelty")},
                    score_spread={"qfilters": _spread(n_layers, n_heads)["qfilters"], "novelty": ((1.0,),)})
+
+
+def test_qfilters_eval_compares_content_novelty_by_name(tiny_llama) -> None:
+    """``qfilters eval --policy content-novelty``: the evaluator reads the model's RoPE itself."""
+    from types import SimpleNamespace
+
+    from qfilters.evaluate import evaluate_policies
+
+    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 8
+    corpus = SimpleNamespace(documents=[SimpleNamespace(title="d", text=text)], spec="test", sha256="0" * 64)
+    result = evaluate_policies(tiny_llama.model, tiny_llama.tokenizer, corpus, None, budgets=[24], window=4,
+                               seq_len=96, score_last=32, policies=["full", "novelty", "content-novelty"],
+                               progress=False)
+    rows = {(r.policy, r.budget): r.perplexity for r in result.rows}
+    assert ("content-novelty", 24) in rows and rows["content-novelty", 24] != rows["novelty", 24]
