@@ -213,8 +213,12 @@ class NoveltyScorer(_SinkScorer):
     def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
                      state: Tensor | None) -> tuple[Tensor, Tensor | None]:
         _check_keys(keys, positions)
-        scores, new_state = novelty_stream(keys, state)
+        scores, new_state = novelty_stream(keys, state, positions, self._rope_row(layer_idx))
         return force_sinks(scores, positions, self.n_sinks), new_state
+
+    def _rope_row(self, layer_idx: int) -> Tensor | None:
+        """The rotary frequencies to undo on this layer's keys (None: score the cached keys as they are)."""
+        return None
 
 
 @dataclass(kw_only=True)
@@ -241,11 +245,8 @@ class ContentNoveltyScorer(NoveltyScorer):
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         _check_frequency_shape(self.frequencies, num_layers, head_dim)
 
-    def score_stream(self, keys: Tensor, layer_idx: int, positions: Tensor,
-                     state: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        _check_keys(keys, positions)
-        scores, new_state = novelty_stream(keys, state, positions, _frequency_row(self.frequencies, layer_idx))
-        return force_sinks(scores, positions, self.n_sinks), new_state
+    def _rope_row(self, layer_idx: int) -> Tensor | None:
+        return _frequency_row(self.frequencies, layer_idx)
 
 
 def _check_frequencies(frequencies: Any) -> Tensor:
