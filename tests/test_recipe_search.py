@@ -249,6 +249,46 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
     steps = [(e.completed, e.total) for e in events]
     assert all(done <= total for done, total in steps) and steps[-1][0] == steps[-1][1]
     assert [d for d, _ in steps] == sorted(d for d, _ in steps)
+    # every budget's search settled before the pass cap; the second-pass case needed a second pass to move and a
+    # third to see nothing change
+    assert search.converged == {24: True, 48: True}
+    assert all(search.passes[b] >= (3 if case == "second_pass" else 2) for b in (24, 48))
+
+
+def test_a_search_stopped_by_the_pass_cap_says_so(tiny_llama, monkeypatch, searched) -> None:
+    """With one pass the second-pass case is still moving when the cap stops it: the report says where, so a user
+    knows another pass might choose differently."""
+    import qfilters.evaluate
+    import qfilters.validation.recipe_search as rs
+
+    class Scored:
+        full_nll, full_perplexity = [0.0], 10.0
+
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def perplexity(self, name: str, budget: int) -> float:
+            return self.value
+
+    def evaluate(model, chunks, policies, *, score_last, full_nll=None, **kw):
+        ((_, policy),) = policies.items() if policies else ((None, None),)
+        return Scored(_cost(policy, "second_pass") if isinstance(policy, Recipe) else 99.0)
+
+    monkeypatch.setattr(RecipeBook, "policy", lambda self, b, *a, **k: self.recipe_for(b))
+    monkeypatch.setattr(qfilters.evaluate, "evaluate_chunks", evaluate)
+    monkeypatch.setattr(rs, "MAX_PASSES", 1)
+    filters = QFilters(torch.randn(*tiny_llama.info.filter_shape, generator=torch.Generator().manual_seed(1)))
+    search = search_recipes(tiny_llama, [_corpus(0), _corpus(1)], filters, [48, 24], SEARCH, lambda e: None)
+    assert search.passes == {24: 1, 48: 1} and search.converged == {24: False, 48: False}
+    section = rs.recipe_report(search)
+    assert [(c.search_passes, c.search_converged) for c in section.chosen] == [(1, False), (1, False)]
+    run, _ = searched
+    capped = run.report.model_copy(update={"recipe": run.report.recipe.model_copy(update={"chosen": [
+        c.model_copy(update={"search_passes": 1, "search_converged": b == 48})
+        for b, c in zip((24, 48), run.report.recipe.chosen, strict=False)]})})
+    text = render_markdown(capped)
+    assert "At budget(s) 24 the search hit its cap of 1 passes while still moving" in text
+    assert "settled at every budget" in render_markdown(run.report)
 
 
 def test_search_inputs_are_refused_before_any_forward_pass(tiny_llama) -> None:

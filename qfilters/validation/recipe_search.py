@@ -83,6 +83,8 @@ class RecipeSearch:
     sensitivity: list[float] | None = None  # per compressible layer, when the search measured it
     score_spread: dict[str, Any] | None = None  # per scorer [layer][KV head], when a blend was tried
     retrieval: RetrievalGate | None = None  # the passkey check on calibration text, when the validation runs one
+    passes: dict[int, int] = field(default_factory=dict)  # passes over the axes, per budget
+    converged: dict[int, bool] = field(default_factory=dict)  # False where MAX_PASSES stopped a search still moving
 
 
 @dataclass
@@ -166,6 +168,8 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     trace: list[dict[str, Any]] = []
     chosen: dict[int, Recipe] = {}
     seen_by_budget: dict[int, dict[Recipe, float]] = {}
+    passes: dict[int, int] = {}
+    converged: dict[int, bool] = {}
 
     def score(recipe: Recipe, budget: int) -> float:
         seen = seen_by_budget.setdefault(budget, {})
@@ -194,13 +198,15 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     for budget in sorted(budgets):
         baseline = sweep_policies(filters, [budget], settings, [BASELINE])  # the sweep's own StreamingLLM
         streaming[budget] = run(baseline, full.full_nll).perplexity(BASELINE, budget)
-        best = START
-        for _ in range(MAX_PASSES):  # until a whole pass changes nothing: an axis tried early (the blend at the
-            before = best            # start's window) can win once later axes have moved
+        best, passes[budget] = START, 0
+        while passes[budget] < MAX_PASSES:  # until a whole pass changes nothing: an axis tried early (the blend at
+            passes[budget] += 1              # the start's window) can win once later axes have moved
+            before = best
             for axis, values in AXES:
                 best = min((replace(best, **{axis: v}) for v in values), key=lambda r: (score(r, budget), r.label))
             if best == before:
                 break
+        converged[budget] = best == before
         # the stock policy (Q-Filters, window min(window, b // 2), no sinks) is a candidate too: a search that
         # cannot beat it on its own text ships it, so the default never gets worse than stock there
         best = min((best, stock_recipe(budget, settings)), key=lambda r: (score(r, budget), r.label))
@@ -228,7 +234,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
                         sensitivity=list(sensitivity) or None, score_spread=dict(spread) or None,
-                        retrieval=retrieval)
+                        retrieval=retrieval, passes=passes, converged=converged)
 
 
 def _canonical(recipe: Recipe) -> Recipe:
@@ -323,7 +329,8 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
                            search_streamingllm_perplexity=rnd(search.streamingllm[b]),
                            search_passkey=counted.candidates[b].get(r.label) if counted else None,
                            search_streamingllm_passkey=counted.streamingllm[b] if counted else None,
-                           search_passkey_candidates=dict(counted.candidates[b]) if counted else None)
+                           search_passkey_candidates=dict(counted.candidates[b]) if counted else None,
+                           search_passes=search.passes.get(b), search_converged=search.converged.get(b))
               for b, r in sorted(search.book.by_budget.items())]
     return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,
                         search_full_perplexity=rnd(search.full_perplexity), evaluations=len(search.trace),

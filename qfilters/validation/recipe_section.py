@@ -9,7 +9,7 @@ from __future__ import annotations
 from qfilters.policy_table import RECIPE
 from qfilters.validation.gates import gap_ratio
 from qfilters.validation.markdown import Section, num, ppl_cell
-from qfilters.validation.schema import ValidationReport
+from qfilters.validation.schema import RecipeChoice, ValidationReport
 
 __all__ = ["recipe_rows", "recipe_section"]
 
@@ -44,6 +44,21 @@ def recipe_rows(report: ValidationReport) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _convergence(chosen: list[RecipeChoice]) -> str:
+    """Whether each budget's coordinate search settled (a pass changed nothing) or was stopped by the pass cap, in
+    which case another pass might have chosen differently; empty for reports written before this was recorded."""
+    known = [c for c in chosen if c.search_converged is not None]
+    if not known:
+        return ""
+    stopped = [c for c in known if not c.search_converged]
+    passes = ", ".join(f"{c.budget}: {c.search_passes}" for c in known)
+    if not stopped:
+        return f" The search settled at every budget (a full pass over the axes changed nothing; passes {passes})."
+    return (f" At budget(s) {', '.join(str(c.budget) for c in stopped)} the search hit its cap of "
+            f"{max(c.search_passes or 0 for c in stopped)} passes while still moving (passes {passes}): another pass "
+            "might choose a different recipe there.")
+
+
 def recipe_section(report: ValidationReport) -> Section | None:
     """The recipe table of both report pages; None when no recipe was searched."""
     r = report.recipe
@@ -54,6 +69,7 @@ def recipe_section(report: ValidationReport) -> Section | None:
              f"full-cache perplexity there {num(r.search_full_perplexity, 2)}), at the same total KV memory as "
              "each budget. The chosen recipes are stored in the filters' qfilters.json: "
              "QFiltersCache(model, filters, budget=...) uses them unless given recipe=None.")
+    intro += _convergence(r.chosen)
     gate = r.retrieval_gate
     if gate is not None and gate.skipped is None:
         intro += (f" Retrieval gate: the best by perplexity among the recipes that retrieve more of {gate.trials} "

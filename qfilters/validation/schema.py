@@ -186,6 +186,8 @@ class RecipeChoice(_Strict):
     search_passkey: int | None = None  # needles the recipe retrieved on calibration text (retrieval gate)
     search_streamingllm_passkey: int | None = None
     search_passkey_candidates: dict[str, int] | None = None  # every candidate of the gate, by recipe label
+    search_passes: int | None = None  # passes of the coordinate search over the axes (None: older reports)
+    search_converged: bool | None = None  # False: the pass cap stopped a search that was still moving
 
 
 class RetrievalGateReport(_Strict):
