@@ -21,22 +21,46 @@ __all__ = ["rope_frequencies", "unrotate"]
 _LENGTH_DEPENDENT = ("dynamic", "longrope")
 
 
-def _rotary_module(model: Any) -> Any:
-    modules = getattr(model, "modules", None)
+def _rotary_module(model_or_config: Any) -> Any:
+    """The model's rotary embedding module; for a config, a fresh one built by transformers from it (computing the
+    inverse frequencies is all it does at construction, so no weights are needed)."""
+    modules = getattr(model_or_config, "modules", None)
     if modules is None:
-        raise ValueError("undoing RoPE needs the loaded model (its rotary embedding), not a config")
+        return _rotary_from_config(text_config(model_or_config))
     for module in modules():
         if type(module).__name__.endswith("RotaryEmbedding"):
             return module
-    raise ValueError(f"{type(model).__name__} has no rotary embedding module: its keys carry no RoPE to undo")
+    raise ValueError(f"{type(model_or_config).__name__} has no rotary embedding module: its keys carry no RoPE to "
+                     "undo")
+
+
+def _rotary_from_config(config: Any) -> Any:
+    import importlib
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    model_type = getattr(config, "model_type", None)
+    if not model_type:
+        raise ValueError(f"{type(config).__name__} names no model type: pass the loaded model instead")
+    module_name = model_type_to_module_name(model_type)
+    try:
+        modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    except ImportError as e:
+        raise ValueError(f"transformers has no modeling code for {model_type!r}: pass the loaded model "
+                         "instead") from e
+    classes = [getattr(modeling, n) for n in dir(modeling) if n.endswith("RotaryEmbedding") and not n.startswith("_")]
+    if len(classes) != 1:
+        raise ValueError(f"{model_type!r} has {len(classes)} rotary embedding classes in transformers, cannot tell "
+                         "which its keys use: pass the loaded model instead")
+    return classes[0](config)
 
 
 def rope_frequencies(model: Any) -> Tensor:
     """Per layer, the inverse frequencies its keys were rotated with: float64 [num_layers, d_rot / 2].
 
     Reads the model's own rotary embedding (one per layer type where the model has several, e.g. Gemma-3's local
-    and global layers). ValueError for a config, a model without RoPE, or a rope type whose frequencies depend on the
-    sequence length."""
+    and global layers); given a config, the one transformers builds from it. ValueError for a model without RoPE or
+    a rope type whose frequencies depend on the sequence length."""
     rotary = _rotary_module(model)
     config = text_config(model)
     rope_type = getattr(rotary, "rope_type", "default")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,8 +42,10 @@ def test_unrotate_inverts_the_models_own_rope(tiny_llama) -> None:
     # partial rotary: dimensions past the rotated ones pass through
     half = unrotate(content, positions, freqs[0][: dim // 4])
     assert torch.equal(half[..., dim // 2:].float(), content[..., dim // 2:])
-    with pytest.raises(ValueError, match="loaded model"):
-        rope_frequencies(model.config)
+    # a config gives the same frequencies: transformers builds the model type's rotary module from it
+    assert torch.equal(rope_frequencies(model.config), freqs)
+    with pytest.raises(ValueError, match="pass the loaded model"):
+        rope_frequencies(SimpleNamespace(model_type="no_such_model", num_hidden_layers=2))
     with pytest.raises(ValueError, match="at least"):
         unrotate(content, positions, torch.ones(dim))
 
@@ -136,6 +139,10 @@ def test_a_content_novelty_recipe_travels_and_the_cache_reads_the_models_rope(ti
     assert isinstance(policies[0].scorer, BlendScorer) and policies[0].scorer.frequencies is not None
     assert isinstance(policies[-1].scorer, ContentNoveltyScorer)  # the later half ranks by content novelty
     assert torch.allclose(policies[0].scorer.frequencies, rope_frequencies(tiny_llama.model))
+    # a cache built from the config alone (e.g. before the weights are loaded) reads the same RoPE
+    from_config = [layer.policy for layer in QFiltersCache(tiny_llama.model.config, loaded, budget=32).layers
+                   if getattr(layer, "policy", None) is not None]
+    assert torch.equal(from_config[0].scorer.frequencies, policies[0].scorer.frequencies)
     # the blend counts content novelty in ITS spread, not plain novelty's
     assert torch.allclose(policies[0].scorer.weights, torch.full((n_layers, n_heads), 0.5 * 2.0 / 0.25))
     with pytest.raises(ValueError, match="novelty_scorer"):
