@@ -8,6 +8,7 @@ key's position is known to every scorer, so rotating it back is exact and costs 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -42,6 +43,8 @@ def _rotary_from_config(config: Any) -> Any:
     model_type = getattr(config, "model_type", None)
     if not model_type:
         raise ValueError(f"{type(config).__name__} names no model type: pass the loaded model instead")
+    if not isinstance(model_type, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", model_type):  # it names a module
+        raise ValueError(f"model type {model_type!r} is not a transformers model type: pass the loaded model instead")
     module_name = model_type_to_module_name(model_type)
     try:
         modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")

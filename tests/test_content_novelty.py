@@ -46,6 +46,8 @@ def test_unrotate_inverts_the_models_own_rope(tiny_llama) -> None:
     assert torch.equal(rope_frequencies(model.config), freqs)
     with pytest.raises(ValueError, match="pass the loaded model"):
         rope_frequencies(SimpleNamespace(model_type="no_such_model", num_hidden_layers=2))
+    with pytest.raises(ValueError, match="not a transformers model type"):  # it names a module to import
+        rope_frequencies(SimpleNamespace(model_type="llama.modeling_llama", num_hidden_layers=2))
     with pytest.raises(ValueError, match="at least"):
         unrotate(content, positions, torch.ones(dim))
 
