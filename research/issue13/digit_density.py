@@ -1,7 +1,8 @@
 """Why content novelty finds the passkey in Austen but not in handbook:en (the retrieval gate's filler): is it the
 numbers? Handbook text has 34x Austen's digits per character (3.74 vs 0.11 per 1000), so a five-digit key is less
 novel there. Passkey test (48 needles, 1024-token contexts, seed 0, 128 / 256 / 512) on handbook:en filler as is and
-with every digit deleted, for StreamingLLM and content novelty (windows 64 and 16). A diagnostic, not a gate change:
+with every digit deleted, for StreamingLLM, K-norm, content novelty (windows 64 and 16) and the SnapKV reference (real attention of the
+context's last 32 queries: is the needle findable at all?). A diagnostic, not a gate change:
 deleting digits from calibration text to make the test pass would be tuning the test.
 Usage: .venv/bin/python research/issue13/digit_density.py
 """
@@ -17,10 +18,10 @@ from heldout import HERE
 
 from qfilters import load_corpus, load_model
 from qfilters.architecture import compressed_layers
-from qfilters.passkey import make_trials, run_passkey
+from qfilters.passkey import SnapKV, make_trials, run_passkey
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 from qfilters.rope import rope_frequencies
-from qfilters.scorers import ContentNoveltyScorer, StreamingLLMScorer
+from qfilters.scorers import ContentNoveltyScorer, KNormScorer, StreamingLLMScorer
 
 BUDGETS = (128, 256, 512)
 
@@ -32,6 +33,8 @@ if __name__ == "__main__":
     for b in BUDGETS:
         policies[f"streamingllm@{b}"] = LayerwisePolicy.uniform(EvictionPolicy(StreamingLLMScorer(4), b,
                                                                                min(64, b // 2)), layers)
+        policies[f"knorm@{b}"] = LayerwisePolicy.uniform(EvictionPolicy(KNormScorer(), b, min(64, b // 2), 4), layers)
+        policies[f"snapkv@{b}"] = SnapKV(b)
         for w in (min(64, b // 2), 16):
             policies[f"content-novelty w{w}@{b}"] = LayerwisePolicy.uniform(EvictionPolicy(novelty, b, w), layers)
     text = "\n".join(d.text for d in load_corpus("handbook:en").documents)
