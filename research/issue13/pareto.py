@@ -1,0 +1,98 @@
+"""Perplexity against retrieval: is there one recipe that meets acceptance points 1 and 2 together at 128 and 256?
+Content novelty alone keeps needles (Austen passkeys 15 / 34 at 128 / 256) but loses perplexity (search-text gap
+0.81x / 1.54x StreamingLLM's); the shipped recipes do the opposite (0.45x / 0.52x, 3 / 9 needles). Between them:
+the shipped recipe with novelty ranking a growing share of the later layers, or blended in with more weight. Each
+variant on held-out Austen (gap ratio vs StreamingLLM, 6 x 2048, last 1024 scored; passkeys found of 48, 1024-token
+contexts, seed 0), on the search text and on the gate's handbook:en passkeys (what the validator could see).
+Writes pareto.json and pareto.png (needles against gap ratio, one panel per budget).
+Usage: .venv/bin/python research/issue13/pareto.py artifacts/smollm2-handbook-en
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+from heldout import HERE, SEQ_LEN, held_out, measure, search_text, shipped_book, streamingllm
+
+from qfilters import QFilters, load_corpus, load_model
+from qfilters.architecture import compressed_layers
+from qfilters.passkey import make_trials, run_passkey
+from qfilters.policy import EvictionPolicy, LayerwisePolicy
+from qfilters.policy_table import ScorerInputs
+from qfilters.recipes import RecipeBook
+from qfilters.rope import rope_frequencies
+from qfilters.scorers import ContentNoveltyScorer
+
+BUDGETS = (128, 256)
+PASSKEY_CONTEXT = 1024
+
+
+def variants(book: RecipeBook, budget: int) -> dict[str, Any]:
+    """The shipped recipe and its steps toward content novelty, by label."""
+    r = book.recipe_for(budget)
+    out = {f"novelty in {int(100 * share)}% of layers": replace(r, novelty_layers=share)
+           for share in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    out |= {f"blend weight {w:g}": replace(r, novelty_weight=w) for w in (1.0, 2.0, 4.0) if w != r.novelty_weight}
+    return out
+
+
+if __name__ == "__main__":
+    filters = QFilters.from_pretrained(sys.argv[1])
+    lm = load_model("smollm2")
+    layers = compressed_layers(lm.model)
+    book = shipped_book()
+    inputs = ScorerInputs(filters=filters)
+    content = ContentNoveltyScorer(frequencies=rope_frequencies(lm.model))
+    ppl_policies: dict = {}
+    key_policies: dict = {"full": None}
+    recipes: dict = {}
+    for b in BUDGETS:
+        ppl_policies["streamingllm", b] = streamingllm(b)
+        key_policies[f"streamingllm@{b}"] = streamingllm(b)
+        alone = LayerwisePolicy.uniform(EvictionPolicy(content, b, min(64, b // 2), 4), layers)
+        ppl_policies["content novelty alone", b] = alone
+        key_policies[f"content novelty alone@{b}"] = alone
+        for label, recipe in variants(book, b).items():
+            one = RecipeBook({b: recipe}, book.sensitivity, SEQ_LEN, score_spread=book.score_spread)
+            recipes[f"{label}@{b}"] = recipe.to_dict()
+            ppl_policies[label, b] = one.policy(b, lm.model, inputs, SEQ_LEN)
+            key_policies[f"{label}@{b}"] = one.policy(b, lm.model, inputs, PASSKEY_CONTEXT)
+    out: dict = {"filters": sys.argv[1], "budgets": list(BUDGETS), "recipes": recipes, "passkey": {}}
+    for spec in ("austen", "handbook:en"):
+        text = "\n".join(d.text for d in load_corpus(spec).documents)
+        t0 = time.time()
+        run = run_passkey(lm.model, make_trials(lm.tokenizer, text, 48, PASSKEY_CONTEXT, 0), key_policies)
+        out["seconds_passkey_" + spec] = round(time.time() - t0, 1)
+        out["passkey"][spec] = {label: sum(hits) for label, hits in run.hits.items()}
+        print(spec, out["passkey"][spec], flush=True)
+    measure(lm, {"austen": held_out(lm, "austen"), "search text": search_text(lm)}, ppl_policies, out)
+    (HERE / "pareto.json").write_text(json.dumps(out, indent=1) + "\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BUDGETS), figsize=(6 * len(BUDGETS), 4.8))
+    for ax, b in zip(axes, BUDGETS, strict=True):
+        rows = {r["policy"]: r for r in out["rows"] if r["text"] == "austen" and r["budget"] == b}
+        for policy, row in rows.items():
+            found = out["passkey"]["austen"][f"{policy}@{b}"]
+            ax.scatter(row["gap_ratio_vs_streamingllm"], found, color="grey" if policy == "streamingllm" else None)
+            ax.annotate(policy, (row["gap_ratio_vs_streamingllm"], found), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+        if b == 128:
+            ax.axvline(0.5, color="red", lw=0.8, ls="--", label="gap 0.50x (acceptance 1 at 128)")
+        ax.axhline(out["passkey"]["austen"][f"streamingllm@{b}"], color="grey", lw=0.8, ls="--",
+                   label="StreamingLLM's needles")
+        if b == 256:
+            ax.axhline(24, color="red", lw=0.8, ls=":", label="50% of full (acceptance 2 at 256)")
+        ax.set(title=f"budget {b}: held-out Austen", xlabel="perplexity gap / StreamingLLM's",
+               ylabel="passkeys found of 48")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(HERE / "pareto.png", dpi=120)
