@@ -5,7 +5,8 @@ the shipped recipe with novelty ranking a growing share of the later layers, or 
 variant on held-out Austen (gap ratio vs StreamingLLM, 6 x 2048, last 1024 scored; passkeys found of 48, 1024-token
 contexts, seed 0), on the search text and on the gate's handbook:en passkeys (what the validator could see).
 Writes pareto.json and pareto.png (needles against gap ratio, one panel per budget).
-Usage: .venv/bin/python research/issue13/pareto.py artifacts/smollm2-handbook-en
+Usage: .venv/bin/python research/issue13/pareto.py artifacts/smollm2-handbook-en   (measure, then plot)
+       .venv/bin/python research/issue13/pareto.py --plot                              (re-plot pareto.json)
 """
 
 from __future__ import annotations
@@ -40,7 +41,39 @@ def variants(book: RecipeBook, budget: int) -> dict[str, Any]:
     return out
 
 
-if __name__ == "__main__":
+def plot(out: dict) -> None:
+    """pareto.png: per budget, held-out Austen needles against gap ratio, with the acceptance lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BUDGETS), figsize=(7 * len(BUDGETS), 5.2))
+    for ax, b in zip(axes, BUDGETS, strict=True):
+        rows = {r["policy"]: r for r in out["rows"] if r["text"] == "austen" and r["budget"] == b}
+        for i, (policy, row) in enumerate(sorted(rows.items())):
+            found = out["passkey"]["austen"][f"{policy}@{b}"]
+            label = "shipped recipe" if policy == "novelty in 0% of layers" else policy
+            x = row["gap_ratio_vs_streamingllm"]
+            ax.scatter(x, found, color="black" if policy in ("streamingllm", "novelty in 0% of layers") else f"C{i}",
+                       zorder=3)
+            ax.annotate(label, (x, found), fontsize=7, xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
+        ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+        if b == 128:
+            ax.axvline(0.5, color="red", lw=0.8, ls="--", label="gap 0.50x (acceptance 1 at 128)")
+        ax.axhline(out["passkey"]["austen"][f"streamingllm@{b}"], color="grey", lw=0.8, ls="--",
+                   label="StreamingLLM's needles (acceptance 2: above)")
+        if b == 256:
+            ax.axhline(24, color="red", lw=0.8, ls=":", label="50% of full (acceptance 2 at 256)")
+        ax.set(title=f"budget {b}: held-out Austen (full cache 48/48)", xlabel="perplexity gap / StreamingLLM's",
+               ylabel="passkeys found of 48", xlim=(0.35, 1.1))
+        ax.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    fig.savefig(HERE / "pareto.png", dpi=120)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--plot"]:
+    plot(json.loads((HERE / "pareto.json").read_text()))
+elif __name__ == "__main__":
     filters = QFilters.from_pretrained(sys.argv[1])
     lm = load_model("smollm2")
     layers = compressed_layers(lm.model)
@@ -71,28 +104,4 @@ if __name__ == "__main__":
         print(spec, out["passkey"][spec], flush=True)
     measure(lm, {"austen": held_out(lm, "austen"), "search text": search_text(lm)}, ppl_policies, out)
     (HERE / "pareto.json").write_text(json.dumps(out, indent=1) + "\n")
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(BUDGETS), figsize=(6 * len(BUDGETS), 4.8))
-    for ax, b in zip(axes, BUDGETS, strict=True):
-        rows = {r["policy"]: r for r in out["rows"] if r["text"] == "austen" and r["budget"] == b}
-        for policy, row in rows.items():
-            found = out["passkey"]["austen"][f"{policy}@{b}"]
-            ax.scatter(row["gap_ratio_vs_streamingllm"], found, color="grey" if policy == "streamingllm" else None)
-            ax.annotate(policy, (row["gap_ratio_vs_streamingllm"], found), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        ax.axvline(1.0, color="grey", lw=0.8, ls=":")
-        if b == 128:
-            ax.axvline(0.5, color="red", lw=0.8, ls="--", label="gap 0.50x (acceptance 1 at 128)")
-        ax.axhline(out["passkey"]["austen"][f"streamingllm@{b}"], color="grey", lw=0.8, ls="--",
-                   label="StreamingLLM's needles")
-        if b == 256:
-            ax.axhline(24, color="red", lw=0.8, ls=":", label="50% of full (acceptance 2 at 256)")
-        ax.set(title=f"budget {b}: held-out Austen", xlabel="perplexity gap / StreamingLLM's",
-               ylabel="passkeys found of 48")
-        ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(HERE / "pareto.png", dpi=120)
+    plot(out)
