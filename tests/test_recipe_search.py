@@ -189,26 +189,35 @@ def _cost(recipe: Recipe, case: str) -> float:
     return 10.0 + value
 
 
-@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass", "recency"])
-def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, case) -> None:
+class _Scored:
+    """What evaluate_chunks returns, reduced to one made-up perplexity."""
+
+    def __init__(self, value: float) -> None:
+        self.full_nll, self.value, self.full_perplexity = [0.0], value, 10.0
+
+    def perplexity(self, name: str, budget: int) -> float:
+        return self.value
+
+
+def _fake_evaluator(monkeypatch, case: str) -> None:
+    """Every recipe scores _cost(recipe, case), StreamingLLM 99, the full pass 10; a book's policy is its recipe."""
     import qfilters.evaluate
-    from qfilters.architecture import compressed_layers
-
-    class Scored:
-        def __init__(self, value: float) -> None:
-            self.full_nll, self.value, self.full_perplexity = [0.0], value, 10.0
-
-        def perplexity(self, name: str, budget: int) -> float:
-            return self.value
 
     def evaluate(model, chunks, policies, *, score_last, full_nll=None, **kw):
         if not policies:
-            return Scored(10.0)
+            return _Scored(10.0)
         ((_, policy),) = policies.items()
-        return Scored(_cost(policy, case) if isinstance(policy, Recipe) else 99.0)  # 99: StreamingLLM
+        return _Scored(_cost(policy, case) if isinstance(policy, Recipe) else 99.0)
 
     monkeypatch.setattr(RecipeBook, "policy", lambda self, b, *a, **k: self.recipe_for(b))  # the recipe itself
     monkeypatch.setattr(qfilters.evaluate, "evaluate_chunks", evaluate)
+
+
+@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass", "recency"])
+def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, case) -> None:
+    from qfilters.architecture import compressed_layers
+
+    _fake_evaluator(monkeypatch, case)
     events = []
     filters = QFilters(torch.randn(*tiny_llama.info.filter_shape, generator=torch.Generator().manual_seed(1)))
     search = search_recipes(tiny_llama, [_corpus(0), _corpus(1)], filters, [48, 24], SEARCH, events.append)
@@ -258,24 +267,9 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
 def test_a_search_stopped_by_the_pass_cap_says_so(tiny_llama, monkeypatch, searched) -> None:
     """With one pass the second-pass case is still moving when the cap stops it: the report says where, so a user
     knows another pass might choose differently."""
-    import qfilters.evaluate
     import qfilters.validation.recipe_search as rs
 
-    class Scored:
-        full_nll, full_perplexity = [0.0], 10.0
-
-        def __init__(self, value: float) -> None:
-            self.value = value
-
-        def perplexity(self, name: str, budget: int) -> float:
-            return self.value
-
-    def evaluate(model, chunks, policies, *, score_last, full_nll=None, **kw):
-        ((_, policy),) = policies.items() if policies else ((None, None),)
-        return Scored(_cost(policy, "second_pass") if isinstance(policy, Recipe) else 99.0)
-
-    monkeypatch.setattr(RecipeBook, "policy", lambda self, b, *a, **k: self.recipe_for(b))
-    monkeypatch.setattr(qfilters.evaluate, "evaluate_chunks", evaluate)
+    _fake_evaluator(monkeypatch, "second_pass")
     monkeypatch.setattr(rs, "MAX_PASSES", 1)
     filters = QFilters(torch.randn(*tiny_llama.info.filter_shape, generator=torch.Generator().manual_seed(1)))
     search = search_recipes(tiny_llama, [_corpus(0), _corpus(1)], filters, [48, 24], SEARCH, lambda e: None)
