@@ -36,11 +36,13 @@ def streamingllm(budget: int) -> EvictionPolicy:
     return EvictionPolicy(StreamingLLMScorer(4), budget, min(64, budget // 2), 4)
 
 
-def shipped_variant(book: RecipeBook, budget: int, lm: Any, filters: Any, **change: Any) -> LayerwisePolicy:
-    """The shipped recipe at ``budget`` with ``change`` applied (same sensitivity and spreads)."""
+def shipped_variant(book: RecipeBook, budget: int, lm: Any, filters: Any, context_length: int = SEQ_LEN,
+                    **change: Any) -> LayerwisePolicy:
+    """The shipped recipe at ``budget`` with ``change`` applied (same sensitivity and spreads), for contexts of
+    ``context_length`` tokens (whole layers are paid for at that length)."""
     one = RecipeBook({budget: replace(book.recipe_for(budget), **change)}, book.sensitivity, SEQ_LEN,
                      score_spread=book.score_spread)
-    return one.policy(budget, lm.model, ScorerInputs(filters=filters), SEQ_LEN)
+    return one.policy(budget, lm.model, ScorerInputs(filters=filters), context_length)
 
 
 def search_text(lm: Any, docs: int = 1) -> EvalChunks:

@@ -15,15 +15,13 @@ import json
 import sys
 import time
 from dataclasses import replace
-from typing import Any
 
-from heldout import HERE, SEQ_LEN, held_out, measure, search_text, shipped_book, streamingllm
+from heldout import HERE, held_out, measure, search_text, shipped_book, shipped_variant, streamingllm
 
 from qfilters import QFilters, load_corpus, load_model
 from qfilters.architecture import compressed_layers
 from qfilters.passkey import make_trials, run_passkey
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
-from qfilters.policy_table import ScorerInputs
 from qfilters.recipes import RecipeBook
 from qfilters.rope import rope_frequencies
 from qfilters.scorers import ContentNoveltyScorer
@@ -32,13 +30,11 @@ BUDGETS = (128, 256)
 PASSKEY_CONTEXT = 1024
 
 
-def variants(book: RecipeBook, budget: int) -> dict[str, Any]:
-    """The shipped recipe and its steps toward content novelty, by label."""
-    r = book.recipe_for(budget)
-    out = {f"novelty in {int(100 * share)}% of layers": replace(r, novelty_layers=share)
-           for share in (0.0, 0.25, 0.5, 0.75, 1.0)}
-    out |= {f"blend weight {w:g}": replace(r, novelty_weight=w) for w in (1.0, 2.0, 4.0) if w != r.novelty_weight}
-    return out
+def variants(book: RecipeBook, budget: int) -> dict[str, dict[str, float]]:
+    """The shipped recipe and its steps toward content novelty: the fields changed, by label."""
+    out = {f"novelty in {int(100 * share)}% of layers": {"novelty_layers": share} for share in (0.0, 0.25, 0.5, 0.75, 1.0)}
+    weight = book.recipe_for(budget).novelty_weight
+    return out | {f"blend weight {w:g}": {"novelty_weight": w} for w in (1.0, 2.0, 4.0) if w != weight}
 
 
 def plot(out: dict) -> None:
@@ -78,7 +74,6 @@ elif __name__ == "__main__":
     lm = load_model("smollm2")
     layers = compressed_layers(lm.model)
     book = shipped_book()
-    inputs = ScorerInputs(filters=filters)
     content = ContentNoveltyScorer(frequencies=rope_frequencies(lm.model))
     ppl_policies: dict = {}
     key_policies: dict = {"full": None}
@@ -89,11 +84,10 @@ elif __name__ == "__main__":
         alone = LayerwisePolicy.uniform(EvictionPolicy(content, b, min(64, b // 2), 4), layers)
         ppl_policies["content novelty alone", b] = alone
         key_policies[f"content novelty alone@{b}"] = alone
-        for label, recipe in variants(book, b).items():
-            one = RecipeBook({b: recipe}, book.sensitivity, SEQ_LEN, score_spread=book.score_spread)
-            recipes[f"{label}@{b}"] = recipe.to_dict()
-            ppl_policies[label, b] = one.policy(b, lm.model, inputs, SEQ_LEN)
-            key_policies[f"{label}@{b}"] = one.policy(b, lm.model, inputs, PASSKEY_CONTEXT)
+        for label, change in variants(book, b).items():
+            recipes[f"{label}@{b}"] = replace(book.recipe_for(b), **change).to_dict()
+            ppl_policies[label, b] = shipped_variant(book, b, lm, filters, **change)
+            key_policies[f"{label}@{b}"] = shipped_variant(book, b, lm, filters, PASSKEY_CONTEXT, **change)
     out: dict = {"filters": sys.argv[1], "budgets": list(BUDGETS), "recipes": recipes, "passkey": {}}
     for spec in ("austen", "handbook:en"):
         text = "\n".join(d.text for d in load_corpus(spec).documents)
