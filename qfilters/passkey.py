@@ -35,6 +35,7 @@ INTRO = ("There is an important info hidden inside a lot of irrelevant text. Fin
          "I will quiz you about the important information there.\n")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
+MIN_FILLER = 16  # tokens of filler a context needs around its needle
 
 
 @dataclass
@@ -44,6 +45,7 @@ class PasskeyTrial:
     answer: list[int]  # the key's tokens
     key: str
     depth: float  # needle start / context length
+    needle: tuple[int, int] = (0, 0)  # [start, end) of the needle's tokens in ``context``
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -63,6 +65,10 @@ def make_trials(tokenizer: Any, filler: str, n_trials: int, context_tokens: int,
         key = str(rng.randint(10000, 99999))
         needle = _encode(tokenizer, NEEDLE.format(key=key))
         n_filler = context_tokens - len(head) - len(needle)
+        if n_filler < MIN_FILLER:
+            raise ValueError(f"{context_tokens}-token passkey contexts leave {n_filler} filler tokens beside the intro "
+                             f"({len(head)} tokens) and the needle ({len(needle)}): use at least "
+                             f"{len(head) + len(needle) + MIN_FILLER} tokens")
         start = rng.randrange(0, max(1, len(filler) - 8 * n_filler))
         text = filler[start:start + 8 * n_filler + 64]
         ids = _encode(tokenizer, text)[:n_filler]
@@ -74,8 +80,9 @@ def make_trials(tokenizer: Any, filler: str, n_trials: int, context_tokens: int,
         # " 12345" may tokenize as a space token then digits: the space joins the question, the digits are scored
         answer = _encode(tokenizer, " " + key)
         first = next(i for i, t in enumerate(answer) if any(c.isdigit() for c in tokenizer.decode([t])))
-        trials.append(PasskeyTrial(context, question + answer[:first], answer[first:], key,
-                                   (len(head) + cut) / len(context)))
+        start = len(head) + cut
+        trials.append(PasskeyTrial(context, question + answer[:first], answer[first:], key, start / len(context),
+                                   (start, start + len(needle))))
     return trials
 
 

@@ -8,7 +8,9 @@ proportion to each layer's measured perplexity loss when compressed alone), how 
 instead (:class:`~qfilters.scorers.NoveltyScorer`: keeps one-off details such as a passkey, which the filter direction
 ranks last), how much novelty the other layers add to the scorer (:class:`~qfilters.scorers.BlendScorer`, on
 per-head scales measured on calibration text: :func:`score_spread`), and how fast an old key's score is discounted
-with its age (:class:`~qfilters.scorers.AgedScorer`: a soft recent window, on the same scales).
+with its age (:class:`~qfilters.scorers.AgedScorer`: a soft recent window, on the same scales), and how many recall
+heads (the KV heads a question reads a detail back through, measured on calibration text: :mod:`qfilters.recall_heads`)
+rank old keys by novelty alone.
 
 A recipe at a budget is a :class:`~qfilters.policy.LayerwisePolicy` (one ``EvictionPolicy`` per layer), which the
 cache, the one-pass evaluator and passkey retrieval all take: evaluation stays exact, since each layer is still
@@ -64,6 +66,7 @@ class Recipe:
     novelty_weight: float = 0.0  # the other layers rank by scorer + this x novelty, both in units of their spread
     recency_weight: float = 0.0  # scorer spreads (a blend: its base's) a key loses per layer budget of newer keys
     novelty_scorer: str = "novelty"  # the novelty the blend and the novelty layers read (NOVELTY_SCORERS)
+    recall_heads: int = 0  # KV heads reading details most (RecipeBook.needle_attention) ranked by novelty alone
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.window_share < 1.0:
@@ -83,8 +86,10 @@ class Recipe:
             raise ValueError(f"novelty_scorer must be one of {NOVELTY_SCORERS}, got {self.novelty_scorer!r}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
-        if self.n_sinks < 0 or self.full_layers < 0:
-            raise ValueError("n_sinks and full_layers must be non-negative")
+        if self.n_sinks < 0 or self.full_layers < 0 or self.recall_heads < 0:
+            raise ValueError("n_sinks, full_layers and recall_heads must be non-negative")
+        if self.recall_heads and self.scorer not in BLENDABLE:
+            raise ValueError(f"recall heads switch heads of {', '.join(BLENDABLE)} to novelty, not {self.scorer!r}")
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
@@ -105,7 +110,7 @@ class Recipe:
             raise ValueError(f"recipe field(s) {nulls} are null: leave them out for the defaults")
         for name, kind in (("window_share", (int, float)), ("n_sinks", int), ("full_layers", int),
                            ("allocation", str), ("novelty_layers", (int, float)), ("novelty_weight", (int, float)),
-                           ("recency_weight", (int, float)), ("novelty_scorer", str)):
+                           ("recency_weight", (int, float)), ("novelty_scorer", str), ("recall_heads", int)):
             value = data.get(name)
             if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
                 raise ValueError(f"recipe field {name!r} has the wrong type ({type(value).__name__})")
@@ -118,12 +123,13 @@ class Recipe:
                 + (f" novelty={self.novelty_layers:g}" if self.novelty_layers else "")
                 + (f" blend={self.novelty_weight:g}" if self.novelty_weight else "")
                 + (f" {self.novelty_scorer}" if self.novelty_scorer != "novelty" and self.reads_novelty else "")
-                + (f" age={self.recency_weight:g}" if self.recency_weight else ""))
+                + (f" age={self.recency_weight:g}" if self.recency_weight else "")
+                + (f" recall={self.recall_heads}" if self.recall_heads else ""))
 
     @property
     def reads_novelty(self) -> bool:
         """Whether some layer's ranking reads the novelty scorer (a blend or novelty layers)."""
-        return bool(self.novelty_weight or self.novelty_layers)
+        return bool(self.novelty_weight or self.novelty_layers or self.recall_heads)
 
     def describe(self) -> str:
         """One line a report reader understands."""
@@ -140,20 +146,23 @@ class Recipe:
         if self.recency_weight:
             parts.append(f"a key's score falls by {self.recency_weight:g} spread(s) per layer budget of newer keys "
                          "(soft recency)")
+        if self.recall_heads:
+            parts.append(f"the {self.recall_heads} KV head(s) that read a passkey most on calibration text rank old "
+                         f"keys by {novelty} alone (recall heads)")
         return ", ".join(parts)
 
     def spreads_needed(self) -> set[str]:
         """The scorers whose score spreads this recipe reads (a blend's two; the aged layers' rankers)."""
         needed = {self.scorer, self.novelty_scorer} if self.novelty_weight else set()
         if self.recency_weight:
-            needed |= {self.scorer} | ({self.novelty_scorer} if self.novelty_layers else set())
+            needed |= {self.scorer} | ({self.novelty_scorer} if self.novelty_layers or self.recall_heads else set())
         return needed
 
     def to_dict(self) -> dict[str, Any]:
         """Fields at their defaults that older readers do not know are left out (a recipe without novelty stays
         loadable by qfilters versions before it)."""
         out = asdict(self)
-        for name in ("novelty_layers", "novelty_weight", "recency_weight"):
+        for name in ("novelty_layers", "novelty_weight", "recency_weight", "recall_heads"):
             if not out[name]:
                 del out[name]
         if out["novelty_scorer"] == "novelty":
@@ -170,6 +179,7 @@ class RecipeBook:
     what the ``sensitivity`` allocation spreads the budget by; ``context_length`` is the sequence length whole layers
     were paid for at during the search (a cache keeping layers whole needs one). ``score_spread`` (scorer name ->
     [layer][KV head] standard deviation of its scores on calibration text) puts a blend's two scores on one scale.
+    ``needle_attention`` ([layer][KV head], :func:`qfilters.recall_heads.needle_attention`) ranks the recall heads.
     """
 
     by_budget: Mapping[int, Recipe]
@@ -177,6 +187,7 @@ class RecipeBook:
     context_length: int | None = None
     searched_on: str = ""
     score_spread: Mapping[str, tuple[tuple[float, ...], ...]] | None = None
+    needle_attention: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.by_budget:
@@ -192,6 +203,13 @@ class RecipeBook:
             if missing:
                 raise ValueError(f"the recipe at budget {budget} ({recipe.label}) reads score spreads that are not "
                                  f"stored ({', '.join(sorted(missing))})")
+            if recipe.recall_heads and self.needle_attention is None:
+                raise ValueError(f"the recipe at budget {budget} ({recipe.label}) switches recall heads but no "
+                                 "needle attention is stored to rank them")
+        table = self.needle_attention
+        if table is not None and (not table or any(not row or len(row) != len(table[0]) for row in table) or not all(
+                math.isfinite(x) and x >= 0 for row in table for x in row)):
+            raise ValueError("needle_attention must be a [layer][KV head] table of finite, non-negative numbers")
         for name, rows in (self.score_spread or {}).items():
             if not rows or any(not row or len(row) != len(rows[0]) for row in rows) or not all(
                     math.isfinite(x) and x >= 0 for row in rows for x in row):
@@ -206,7 +224,7 @@ class RecipeBook:
     def needs_format_2(self) -> bool:
         """Whether a recipe ranks any layer by novelty or discounts by age (artifact format 2: older readers do not
         know them)."""
-        return any(r.novelty_layers or r.novelty_weight or r.recency_weight or r.scorer == "novelty"
+        return any(r.novelty_layers or r.novelty_weight or r.recency_weight or r.recall_heads or r.scorer == "novelty"
                    for r in self.by_budget.values())
 
     def recipe_for(self, budget: int) -> Recipe:
@@ -243,8 +261,8 @@ class RecipeBook:
 
             inputs = replace(inputs, rope=rope_frequencies(model_or_config))
         scorer = build_scorer(recipe.scorer, replace(inputs, n_sinks=recipe.n_sinks))
-        if recipe.novelty_weight:
-            scorer = self.blend(recipe, scorer, inputs.rope)
+        if recipe.novelty_weight or recipe.recall_heads:
+            scorer = self.blend(recipe, scorer, inputs.rope, self.recall_mask(recipe, layers))
         novelty = build_scorer(recipe.novelty_scorer, inputs) if recipe.novelty_layers else None
         try:
             return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity, novelty,
@@ -255,28 +273,59 @@ class RecipeBook:
             raise ValueError(f"the recipe searched at budget {searched} ({recipe.label}) does not fit budget "
                              f"{budget}: {e}; pass recipe=None for the stock policy") from e
 
-    def blend(self, recipe: Recipe, scorer: Scorer, rope: Any = None) -> Scorer:
+    def recall_mask(self, recipe: Recipe, layers: Sequence[int]) -> Tensor | None:
+        """[layer, KV head] bool: the recipe's recall heads, the highest in :attr:`needle_attention` among the
+        layers that rank by the scorer (compressed, not kept whole, not novelty layers); None when it has none."""
+        import torch
+
+        from qfilters.errors import ShapeMismatchError
+        from qfilters.recall_heads import top_heads
+
+        if not recipe.recall_heads:
+            return None
+        table = self.needle_attention
+        if table is None:  # __post_init__ refuses such a book; a guard for mypy
+            raise ValueError("recall heads need the book's needle attention")
+        rest = list(layers)[recipe.full_layers:]
+        ranked = rest[: len(rest) - round(recipe.novelty_layers * len(rest))]
+        if any(i >= len(table) for i in ranked):
+            raise ShapeMismatchError(f"the stored needle attention covers {len(table)} layers, not the compressed "
+                                     f"layers {ranked}: was it measured on this model?")
+        mask = torch.zeros(len(table), len(table[0]), dtype=torch.bool)
+        for i, h in top_heads(table, min(recipe.recall_heads, len(ranked) * len(table[0])), ranked):
+            mask[i, h] = True
+        return mask
+
+    def blend(self, recipe: Recipe, scorer: Scorer, rope: Any = None, solo: Tensor | None = None) -> Scorer:
         """``scorer`` plus ``recipe.novelty_weight`` x novelty, each in units of its stored spread per (layer, head)
-        (``rope``: the model's rotary frequencies, read when the recipe's novelty is content novelty)."""
+        (``rope``: the model's rotary frequencies, read when the recipe's novelty is content novelty), with the
+        ``solo`` heads ([layer, KV head] bool, the recall heads) ranked by novelty alone."""
         import torch
 
         from qfilters.scorers import BlendScorer
 
-        spread = self.score_spread or {}
         name = recipe.novelty_scorer
+        if name == "content-novelty" and rope is None:
+            raise ValueError("blending content novelty needs the model's rotary frequencies (qfilters.rope)")
+        frequencies = rope if name == "content-novelty" else None
+        if not recipe.novelty_weight:  # recall heads alone: the other heads keep the scorer's scores exactly
+            if solo is None:
+                raise ValueError("a blend needs a novelty weight or recall heads")
+            return BlendScorer(base=scorer, weights=torch.zeros(solo.shape), frequencies=frequencies, solo=solo)
+        spread = self.score_spread or {}
         if not {recipe.scorer, name} <= set(spread):
             raise ValueError(f"blending {name} into {recipe.scorer} needs both score spreads; this book has "
                              f"{sorted(spread) or 'none'}")
-        if name == "content-novelty" and rope is None:
-            raise ValueError("blending content novelty needs the model's rotary frequencies (qfilters.rope)")
         base = torch.tensor(spread[recipe.scorer], dtype=torch.float64)
         novelty = torch.tensor(spread[name], dtype=torch.float64)
         if base.shape != novelty.shape:
             raise ValueError(f"score spreads of {recipe.scorer} {tuple(base.shape)} and novelty "
                              f"{tuple(novelty.shape)} differ in shape")
         ratio = torch.where(novelty > 0, base / novelty.clamp_min(1e-30), torch.zeros_like(base))
-        return BlendScorer(base=scorer, weights=(recipe.novelty_weight * ratio).float(),
-                           frequencies=rope if name == "content-novelty" else None)
+        if solo is not None and tuple(solo.shape) != tuple(ratio.shape):
+            raise ValueError(f"recall heads {tuple(solo.shape)} and score spreads {tuple(ratio.shape)} differ in shape")
+        return BlendScorer(base=scorer, weights=(recipe.novelty_weight * ratio).float(), frequencies=frequencies,
+                           solo=solo)
 
     def policies(self, budgets: Sequence[int], model_or_config: Any, inputs: ScorerInputs,
                  context_length: int | None = None) -> dict[int, LayerwisePolicy]:
@@ -289,6 +338,8 @@ class RecipeBook:
                                "context_length": self.context_length, "searched_on": self.searched_on}
         if self.score_spread is not None:  # only books that blend carry it (and are format 2)
             out["score_spread"] = {k: [list(row) for row in v] for k, v in sorted(self.score_spread.items())}
+        if self.needle_attention is not None:  # only books with recall heads carry it
+            out["needle_attention"] = [list(row) for row in self.needle_attention]
         return out
 
     @classmethod
@@ -314,10 +365,15 @@ class RecipeBook:
                     isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in v)
                 for k, v in spread.items())):
             raise ValueError("recipe 'score_spread' must map scorer names to [layer][KV head] lists of numbers")
+        needles = data.get("needle_attention")
+        if needles is not None and not (isinstance(needles, list) and all(isinstance(row, list) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in needles)):
+            raise ValueError("recipe 'needle_attention' must be a [layer][KV head] list of numbers")
         return cls(by_budget, None if sensitivity is None else tuple(float(x) for x in sensitivity),
                    context_length, str(data.get("searched_on") or ""),
                    None if spread is None else {k: tuple(tuple(float(x) for x in row) for row in v)
-                                                for k, v in spread.items()})
+                                                for k, v in spread.items()},
+                   None if needles is None else tuple(tuple(float(x) for x in row) for row in needles))
 
 
 def _round_to_total(weights: Sequence[float], total: int, minimum: int) -> list[int]:
@@ -423,9 +479,13 @@ def _aged(recipe: Recipe, rankers: Mapping[str, Scorer | None], budgets: Mapping
             raise ShapeMismatchError(f"the score spread of {role!r} does not cover the compressed layers "
                              f"{sorted(budgets)}: was it measured on this model?")
         rates = torch.zeros_like(table)
+        solo = getattr(ranker, "solo", None)  # recall heads rank by novelty alone: discounted in its spread
+        novelty = torch.tensor(spread[recipe.novelty_scorer], dtype=torch.float64) if solo is not None else None
         for i, b in budgets.items():
             if roles[i] == role:
                 rates[i] = recipe.recency_weight * table[i] / b
+                if solo is not None and novelty is not None:
+                    rates[i] = torch.where(solo[i], recipe.recency_weight * novelty[i] / b, rates[i])
         out[role] = AgedScorer(ranker, rates.float())
     return out
 

@@ -314,11 +314,15 @@ class BlendScorer(_SinkScorer):
     ``w * spread(base) / spread(novelty)`` with spreads measured on calibration text (see
     :func:`qfilters.recipes.score_spread`). Causal, with novelty's running sum as the stream state; ``n_sinks`` first
     keys are forced as for :class:`NoveltyScorer` (the first key is its own running sum).
+
+    ``solo`` ([num_layers, num_kv_heads] bool) marks heads scored by novelty alone: the recall heads a question reads
+    details through (:mod:`qfilters.recall_heads`), where keeping the one-off keys matters more than the base's.
     """
 
     base: Scorer
     weights: Tensor  # [num_layers, num_kv_heads]
     frequencies: Tensor | None = None  # rotary frequencies [num_layers, d_rot / 2]: content novelty; None: plain
+    solo: Tensor | None = None  # [num_layers, num_kv_heads] bool: heads ranked by novelty alone
     name: ClassVar[str] = "blend"
 
     def __post_init__(self) -> None:
@@ -330,6 +334,12 @@ class BlendScorer(_SinkScorer):
         self.weights = _per_head_table(self.weights, "weights", "blend weights")
         if self.frequencies is not None:
             self.frequencies = _check_frequencies(self.frequencies)
+        if self.solo is not None:
+            if not isinstance(self.solo, torch.Tensor) or self.solo.dtype != torch.bool \
+                    or tuple(self.solo.shape) != tuple(self.weights.shape):
+                raise ShapeMismatchError(f"solo must be a bool tensor shaped like the weights "
+                                         f"{tuple(self.weights.shape)} [layers, kv_heads]")
+            self.solo = self.solo.detach().cpu()
 
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         self.base.check_model(num_layers, num_kv_heads, head_dim)
@@ -350,6 +360,8 @@ class BlendScorer(_SinkScorer):
         novelty, new_state = novelty_stream(keys, state, positions, row)
         weight = self.weights[layer_idx][None, :, None].to(novelty.device)
         scores = self.base.score(keys, layer_idx, positions).float() + weight * novelty
+        if self.solo is not None and bool(self.solo[layer_idx].any()):
+            scores = torch.where(self.solo[layer_idx][None, :, None].to(novelty.device), novelty, scores)
         return force_sinks(scores, positions, self.n_sinks), new_state
 
     def describe(self) -> dict[str, Any]:
@@ -357,6 +369,8 @@ class BlendScorer(_SinkScorer):
                "weights": [[round(float(x), 6) for x in row] for row in self.weights]}
         if self.frequencies is not None:
             out["novelty"] = ContentNoveltyScorer.name
+        if self.solo is not None:
+            out["solo"] = [[int(layer), int(head)] for layer, head in self.solo.nonzero().tolist()]
         return out
 
 

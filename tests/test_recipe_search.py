@@ -173,15 +173,19 @@ def test_cli_search_recipe_writes_filters_with_the_recipe(tiny_llama, tmp_path) 
 def _cost(recipe: Recipe, case: str) -> float:
     """A made-up perplexity with a known coordinate-search path (``interaction``: a better stock; ``sensitivity``:
     the measured allocation wins; ``blend``: novelty blended in wins; ``second_pass``: the blend wins only after the
-    allocation has moved, so only a second pass over the axes finds it; ``recency``: an age discount wins; novelty
-    read from the keys' content beats the cached keys' by a little)."""
+    allocation has moved, so only a second pass over the axes finds it; ``recency``: an age discount wins; ``recall``:
+    a recall head wins, elsewhere it costs a little; novelty read from the keys' content beats the cached keys' by a
+    little)."""
     allocation = {"uniform": 0.0, "pyramid": -0.05, "sensitivity": -0.1 if case == "sensitivity" else -0.02}
     value = ({"qfilters": 0.0, "knorm": 1.0}[recipe.scorer] + {0.125: 0.3, 0.25: 0.2, 0.5: 0.25}[recipe.window_share]
              + {0: 0.1, 4: 0.0}[recipe.n_sinks] + allocation[recipe.allocation] + 0.5 * recipe.full_layers
              + ({0.0: 0.0, 0.5: -0.3, 1.0: -0.1}[recipe.novelty_weight] if case == "blend" else 0.0)
              + ({0.0: 0.0, 0.125: -0.05, 0.25: -0.2, 0.5: -0.1}[recipe.recency_weight] if case == "recency" else 0.0)
              + (-0.01 if case in ("blend", "second_pass") and recipe.novelty_weight == 0.5
-                and recipe.novelty_scorer == "content-novelty" else 0.0))
+                and recipe.novelty_scorer == "content-novelty" else 0.0)
+             + (0.0 if not recipe.recall_heads else -0.15 if case == "recall" else 0.05)
+             + (0.01 * (recipe.recency_weight > 0) + 0.01 * (recipe.novelty_weight > 0)
+                - 0.01 * (recipe.novelty_scorer == "content-novelty") if case == "recall" else 0.0))
     if case == "second_pass" and recipe.novelty_weight == 0.5:
         value += -0.2 if recipe.allocation == "pyramid" else 0.1  # wins only once a later axis has moved
     if case == "interaction" and (recipe.window_share, recipe.n_sinks, recipe.allocation) == (0.5, 0, "uniform"):
@@ -199,9 +203,15 @@ class _Scored:
         return self.value
 
 
+#: a needle attention table for the tiny model (2 layers x 2 KV heads): what the fake search ranks recall heads by
+NEEDLES = ((0.1, 0.7), (0.2, 0.3))
+
+
 def _fake_evaluator(monkeypatch, case: str) -> None:
-    """Every recipe scores _cost(recipe, case), StreamingLLM 99, the full pass 10; a book's policy is its recipe."""
+    """Every recipe scores _cost(recipe, case), StreamingLLM 99, the full pass 10; a book's policy is its recipe; the
+    recall heads are ranked by NEEDLES."""
     import qfilters.evaluate
+    import qfilters.validation.recipe_search as rs
 
     def evaluate(model, chunks, policies, *, score_last, full_nll=None, **kw):
         if not policies:
@@ -211,9 +221,10 @@ def _fake_evaluator(monkeypatch, case: str) -> None:
 
     monkeypatch.setattr(RecipeBook, "policy", lambda self, b, *a, **k: self.recipe_for(b))  # the recipe itself
     monkeypatch.setattr(qfilters.evaluate, "evaluate_chunks", evaluate)
+    monkeypatch.setattr(rs, "measure_needles", lambda *a: [NEEDLES])
 
 
-@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass", "recency"])
+@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass", "recency", "recall"])
 def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, case) -> None:
     from qfilters.architecture import compressed_layers
 
@@ -228,7 +239,9 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
                                     novelty_scorer="content-novelty"),
                     "second_pass": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5,
                                           novelty_scorer="content-novelty"),
-                    "recency": Recipe("qfilters", 0.25, 4, "pyramid", recency_weight=0.25)}[case]
+                    "recency": Recipe("qfilters", 0.25, 4, "pyramid", recency_weight=0.25),
+                    "recall": Recipe("qfilters", 0.25, 4, "pyramid", novelty_scorer="content-novelty",
+                                     recall_heads=1)}[case]
         assert search.book.by_budget[b] == expected
         assert search.streamingllm[b] == 99.0
     labels = [t["label"] for t in search.trace if t["budget"] == 48]
@@ -255,6 +268,9 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
                "recency": ("qfilters",)}
     assert search.book.score_spread == ({k: search.score_spread[k] for k in shipped[case]}
                                         if case in shipped else None)
+    # the 4 KV heads: every share rounds to one recall head; the table travels only with a recipe that reads it
+    assert any(label.endswith(" recall=1") for label in labels) and search.needle_attention == NEEDLES
+    assert search.book.needle_attention == (NEEDLES if case == "recall" else None)
     steps = [(e.completed, e.total) for e in events]
     assert all(done <= total for done, total in steps) and steps[-1][0] == steps[-1][1]
     assert [d for d, _ in steps] == sorted(d for d, _ in steps)
@@ -304,7 +320,7 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
     from qfilters.validation.passkey_check import passkey_warnings
     from qfilters.validation.schema import PasskeyReport
 
-    settings = replace(SEARCH, passkey_trials=3, passkey_context=96)
+    settings = replace(SEARCH, passkey_trials=3, passkey_context=280)
     long_filler = _corpus(3, n_docs=2, words=400)
     run, events = _run(tiny_llama, settings, evaluation=[long_filler, _corpus(4)])
     pk = run.report.passkey
@@ -330,6 +346,14 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
     chosen = run.report.recipe.chosen
     for c in chosen:  # every candidate's count is reported; the shipped one's is among them
         assert c.search_passkey_candidates[Recipe.from_dict(c.recipe).label] == c.search_passkey
+        # the tiny model's 4 KV heads: every share of them rounds to one recall head, a candidate at each budget
+        assert any(label.endswith(" recall=1") for label in c.search_passkey_candidates)
+    # the recall heads were ranked on calibration passkeys, and the report names them
+    heads = run.report.recipe.recall_heads
+    assert len(heads) == 4 and [a for *_, a in heads] == sorted((a for *_, a in heads), reverse=True)
+    assert "Recall heads: the KV heads" in render_markdown(run.report)
+    if any(Recipe.from_dict(c.recipe).recall_heads for c in chosen):  # then the filters carry the table
+        assert run.filters.recipe.needle_attention is not None
     failed = any(c.search_passkey <= c.search_streamingllm_passkey for c in chosen)
     assert ("no candidate beat StreamingLLM" in render_markdown(run.report)) == failed
     # a filler too short for the context is refused before any forward pass

@@ -80,7 +80,7 @@ def test_passkey_compress_once_matches_a_dense_masked_forward(tiny_llama) -> Non
     model = copy.deepcopy(tiny_llama.model).to(torch.float64)
     tok = tiny_llama.tokenizer
     filler = "It is a truth universally acknowledged, that a single man must be in want of a wife. " * 40
-    trials = make_trials(tok, filler, 3, 200, seed=1)
+    trials = make_trials(tok, filler, 3, 280, seed=1)
     assert len({t.key for t in trials}) == 3 and all(t.answer for t in trials)
     assert all(tok.decode(t.answer).replace(" ", "") == t.key for t in trials)  # only the key's digits are scored
     policy = LayerwisePolicy({0: EvictionPolicy(KNormScorer(), 48, 8, 2),

@@ -3,9 +3,11 @@
 At each budget of the sweep, a coordinate search (axis by axis from a fixed start, pass after pass until one changes
 nothing, at most :data:`MAX_PASSES`; ties broken by the recipe's label so the result is deterministic) over the
 scorer, novelty blended into it, an age discount (a soft recent window), the recent-window share, the sinks, the
-per-layer allocation (uniform, pyramid, or by each layer's measured sensitivity), whole first layers and novelty
-alone in the later layers, at the same total KV memory, scored by the exact one-pass perplexity on the first
-documents of the calibration datasets (the text the filters were fitted on: the search never reads evaluation text).
+per-layer allocation (uniform, pyramid, or by each layer's measured sensitivity), whole first layers, novelty
+alone in the later layers and in the recall heads (the KV heads that read a passkey most, measured once on
+:data:`RECALL_TRIALS` passkeys in the first calibration dataset), at the same total KV memory, scored by the exact
+one-pass perplexity on the first documents of the calibration datasets (the text the filters were fitted on: the
+search never reads evaluation text).
 The layer sensitivity is measured once, on the first search document, when the search first needs it, and stored
 with the recipes only when a chosen one allocates by it; so are the scorers' spreads a blend or an age discount needs
 (:func:`qfilters.recipes.score_spread`, full cache on the same document). The chosen recipes are then measured on
@@ -18,9 +20,11 @@ official code; its recipe lives in ``qfilters.json``.
 
 Retrieval gate (when the validation runs the passkey test): perplexity alone ships recipes that drop one-off details (a
 passkey) sooner than StreamingLLM does. So, at each budget, the perplexity winner and its variants that rank the last
-layers by novelty (:data:`NOVELTY_SHARES`) are run through the passkey test with calibration text as filler; the recipe
-shipped is the best by perplexity among those that retrieve more needles than StreamingLLM there, or, when none does,
-the perplexity winner (the report says so).
+layers by novelty (:data:`NOVELTY_SHARES`) or switch the model's recall heads to novelty (:data:`RECALL_SHARES` of its
+compressed KV heads, ranked by :func:`qfilters.recall_heads.needle_attention` on other calibration-text passkeys) are
+run through the passkey test with calibration text as filler; the recipe shipped is the best by perplexity among
+those that retrieve more needles than StreamingLLM there, or, when none does, the perplexity winner (the report says
+so).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from qfilters.policy_table import RECIPE, ScorerInputs
-from qfilters.recipes import Recipe, RecipeBook
+from qfilters.recipes import BLENDABLE, Recipe, RecipeBook
 from qfilters.validation.gates import ValidationInputError
 from qfilters.validation.progress import Progress, ProgressFn
 from qfilters.validation.sweeps import BASELINE, sweep_policies
@@ -62,12 +66,19 @@ AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("allocation", ("uniform", "pyramid", "sensitivity")),
     ("full_layers", (0, 1)),
     ("novelty_layers", (0.0, 0.5)),  # novelty in the later half: measured to help perplexity at 4x on SmolLM2
+    # recall heads ranked by novelty alone (shares of the compressed KV heads, turned into counts by recall_counts,
+    # ranked on calibration passkeys): on SmolLM2 they keep needles AND lose less perplexity than the blend they replace
+    ("recall_heads", (0.0, 0.05, 0.1, 0.2)),
 )
 #: passes over the axes at most (the search stops at the first pass that changes nothing; repeated recipes cost
 #: nothing). 3 stopped SmolLM2's search at 128 one move short: the age weight moved after the novelty-scorer axis
 MAX_PASSES = 5
 #: shares of the last compressed layers ranked by novelty, tried by the retrieval gate
 NOVELTY_SHARES = (0.5, 1.0)
+#: shares of the compressed KV heads switched to novelty as recall heads (at least one), searched and tried by the gate
+RECALL_SHARES = tuple(v for axis, values in AXES if axis == "recall_heads" for v in values if v)
+#: calibration-text passkeys that rank the recall heads (seeded apart from the gate's own trials)
+RECALL_TRIALS = 16
 
 
 @dataclass
@@ -85,6 +96,7 @@ class RecipeSearch:
     retrieval: RetrievalGate | None = None  # the passkey check on calibration text, when the validation runs one
     passes: dict[int, int] = field(default_factory=dict)  # passes over the axes, per budget
     converged: dict[int, bool] = field(default_factory=dict)  # False where MAX_PASSES stopped a search still moving
+    needle_attention: tuple[tuple[float, ...], ...] | None = None  # [layer][KV head], when the gate measured it
 
 
 @dataclass
@@ -144,9 +156,13 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     chunks = _search_chunks(lm, corpora, settings)
     label = f"{len(chunks)} calibration document(s)"
     n_layers = len(compressed_layers(lm.model))
+    needles = measure_needles(lm, corpora[0], settings, notify)  # [] when the text is too short for passkeys
+    axes: list[tuple[str, tuple[Any, ...]]] = [
+        (axis, (0, *recall_counts(lm.model)) if axis == "recall_heads" else values) for axis, values in AXES
+        if axis != "recall_heads" or needles]  # no passkeys to rank heads on: no recall heads
     # an upper bound (repeated recipes are cached): the full pass; per budget StreamingLLM, the start, each pass's new
-    # axis values, stock and the retrieval gate's novelty variants; the sensitivity's pass per compressible layer
-    per_budget = 3 + MAX_PASSES * sum(len(v) - 1 for _, v in AXES) + len(NOVELTY_SHARES)
+    # axis values, stock and the retrieval gate's novelty and recall variants; the sensitivity's pass per layer
+    per_budget = 3 + MAX_PASSES * sum(len(v) - 1 for _, v in axes) + len(NOVELTY_SHARES) + len(RECALL_SHARES)
     steps = 1 + len(budgets) * per_budget + n_layers
     done = 0
 
@@ -192,7 +208,8 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         if recipe.spreads_needed() and not spread:
             spread.update(measure_spread(lm, chunks, filters))
         weights = tuple(sensitivity) if recipe.allocation == "sensitivity" else None
-        book = RecipeBook({budget: recipe}, weights, score_spread=spread if recipe.spreads_needed() else None)
+        book = RecipeBook({budget: recipe}, weights, score_spread=spread if recipe.spreads_needed() else None,
+                          needle_attention=needles[0] if recipe.recall_heads and needles else None)
         return book.policy(budget, lm.model, ScorerInputs(filters=filters), context_length)
 
     for budget in sorted(budgets):
@@ -202,7 +219,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         while passes[budget] < MAX_PASSES:  # until a whole pass changes nothing: an axis tried early (the blend at
             passes[budget] += 1              # the start's window) can win once later axes have moved
             before = best
-            for axis, values in AXES:
+            for axis, values in axes:
                 best = min((replace(best, **{axis: v}) for v in values), key=lambda r: (score(r, budget), r.label))
             if best == before:
                 break
@@ -215,7 +232,10 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         chosen[budget] = best
     retrieval = None
     if settings.passkey_trials:
-        candidates = {b: [r, *(replace(r, novelty_layers=v) for v in NOVELTY_SHARES if v != r.novelty_layers)]
+        counts = recall_counts(lm.model) if needles else ()
+        candidates = {b: [r, *(replace(r, novelty_layers=v) for v in NOVELTY_SHARES if v != r.novelty_layers),
+                          *(replace(r, recall_heads=k) for k in counts
+                            if r.scorer in BLENDABLE and k != r.recall_heads)]
                       for b, r in chosen.items()}
         for b, recipes in candidates.items():  # their perplexity first: an infeasible variant is no candidate
             candidates[b] = [r for r in recipes if math.isfinite(score(r, b))]
@@ -227,14 +247,17 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     specs = ", ".join(c.spec for c in corpora)
     used = any(r.allocation == "sensitivity" for r in chosen.values())
     spreads_read = set().union(*(r.spreads_needed() for r in chosen.values()))
+    recall = any(r.recall_heads for r in chosen.values())
     book = RecipeBook(chosen, tuple(sensitivity) if used else None, context_length=settings.eval_seq_len,
                       searched_on=f"{specs} (calibration text: {len(chunks)} x {settings.eval_seq_len} tokens, "
                                   f"last {settings.score_last} scored)",
-                      score_spread={k: v for k, v in spread.items() if k in spreads_read} if spreads_read else None)
+                      score_spread={k: v for k, v in spread.items() if k in spreads_read} if spreads_read else None,
+                      needle_attention=needles[0] if recall else None)
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
                         sensitivity=list(sensitivity) or None, score_spread=dict(spread) or None,
-                        retrieval=retrieval, passes=passes, converged=converged)
+                        retrieval=retrieval, passes=passes, converged=converged,
+                        needle_attention=needles[0] if needles else None)
 
 
 def _canonical(recipe: Recipe) -> Recipe:
@@ -289,6 +312,34 @@ def retrieval_gate(lm: LoadedModel, corpus: Corpus, filters: Any, candidates: di
     return gate
 
 
+def recall_counts(model: Any) -> tuple[int, ...]:
+    """The recall-head counts searched and gated: :data:`RECALL_SHARES` of the compressed KV heads, at least one."""
+    from qfilters.architecture import compressed_layers, text_config
+
+    heads = len(compressed_layers(model)) * int(text_config(model).num_key_value_heads)
+    return tuple(sorted({max(1, round(share * heads)) for share in RECALL_SHARES}))
+
+
+def measure_needles(lm: LoadedModel, corpus: Corpus, settings: ValidationSettings,
+                    notify: ProgressFn) -> list[tuple[tuple[float, ...], ...]]:
+    """[the needle attention table] (:func:`qfilters.recall_heads.needle_attention`, rounded to 9 digits so the
+    stored JSON is stable) on :data:`RECALL_TRIALS` passkeys in ``corpus`` (calibration text, seeded apart from the
+    gate's trials); [] when the text is too short for the passkey contexts (the gate says so itself)."""
+    from qfilters.passkey import make_trials
+    from qfilters.recall_heads import needle_attention
+
+    text = "\n".join(d.text for d in corpus.documents)
+    try:
+        trials = make_trials(lm.tokenizer, text, RECALL_TRIALS, settings.resolved_passkey_context(), settings.seed + 1)
+    except ValueError:
+        return []
+    label = f"recall heads: {RECALL_TRIALS} needles in {corpus.spec}"
+    notify(Progress("recipe", label, 0, len(trials)))
+    table = needle_attention(lm.model, trials, progress=lambda done: notify(Progress("recipe", label, done,
+                                                                                      len(trials))))
+    return [tuple(tuple(round(float(x), 9) for x in row) for row in table)]
+
+
 def measure_spread(lm: LoadedModel, chunks: EvalChunks, filters: Any) -> dict[str, Any]:
     """The spreads of every blendable scorer and of novelty on the first search document (calibration text)."""
     from qfilters.policy_table import build_scorer
@@ -335,6 +386,17 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
     return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,
                         search_full_perplexity=rnd(search.full_perplexity), evaluations=len(search.trace),
                         chosen=chosen,
+                        recall_heads=_top_recall_heads(search.needle_attention),
                         retrieval_gate=None if gate is None else RetrievalGateReport(
                             filler=gate.filler, trials=gate.trials, context_tokens=gate.context_tokens,
                             skipped=gate.skipped))
+
+
+def _top_recall_heads(table: Any, shown: int = 8) -> list[tuple[int, int, float]] | None:
+    """The report's view of the needle attention: its ``shown`` highest heads."""
+    from qfilters.recall_heads import top_heads
+
+    if table is None:
+        return None
+    heads = top_heads(table, min(shown, sum(len(row) for row in table)), range(len(table)))
+    return [(i, h, round(float(table[i][h]), 4)) for i, h in heads]

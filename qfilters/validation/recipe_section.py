@@ -9,6 +9,7 @@ from __future__ import annotations
 from qfilters.policy_table import RECIPE
 from qfilters.validation.gates import gap_ratio
 from qfilters.validation.markdown import Section, num, ppl_cell
+from qfilters.validation.recipe_search import RECALL_TRIALS
 from qfilters.validation.schema import RecipeChoice, ValidationReport
 
 __all__ = ["recipe_rows", "recipe_section"]
@@ -70,6 +71,11 @@ def recipe_section(report: ValidationReport) -> Section | None:
              "each budget. The chosen recipes are stored in the filters' qfilters.json: "
              "QFiltersCache(model, filters, budget=...) uses them unless given recipe=None.")
     intro += _convergence(r.chosen)
+    if r.recall_heads:
+        heads = ", ".join(f"layer {i} head {h} ({a:.2f})" for i, h, a in r.recall_heads)
+        intro += (" Recall heads: the KV heads whose attention, while a passkey is answered, falls most on its needle "
+                  f"({RECALL_TRIALS} passkeys in calibration text; {heads}); a recipe's recall heads rank old keys "
+                  "by novelty alone.")
     gate = r.retrieval_gate
     if gate is not None and gate.skipped is None:
         intro += (f" Retrieval gate: the best by perplexity among the recipes that retrieve more of {gate.trials} "

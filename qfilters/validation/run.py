@@ -144,8 +144,8 @@ def _check_passkey_filler(lm: LoadedModel, filler: Corpus, s: ValidationSettings
         make_trials(lm.tokenizer, "\n".join(d.text for d in filler.documents), s.passkey_trials,
                     s.resolved_passkey_context(), s.seed)
     except ValueError as e:
-        raise ValidationInputError(f"passkey test on {filler.spec!r} (the first evaluation dataset): {e}; lower "
-                                   "--passkey-context or evaluate on longer text first") from e
+        raise ValidationInputError(f"passkey test on {filler.spec!r} (the first evaluation dataset): {e}; set "
+                                   "--passkey-context within those bounds or evaluate on longer text") from e
 
 
 def _load_filters(filters: FiltersLike, lm: LoadedModel) -> QFilters | None:

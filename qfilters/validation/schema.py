@@ -208,6 +208,8 @@ class RecipeReport(_Strict):
     evaluations: int  # one-pass evaluations the search ran (its cost)
     chosen: list[RecipeChoice]
     retrieval_gate: RetrievalGateReport | None = None
+    # the KV heads reading a passkey most on calibration passkeys: [layer, KV head, needle attention], best first
+    recall_heads: list[tuple[int, int, float]] | None = None
 
 
 class ValidationReport(_Strict):
