@@ -341,8 +341,8 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
     assert rg is not None and rg.filler == _corpus(0).spec and rg.trials == 3 and rg.skipped is None
     assert all(c.search_passkey is not None and c.search_streamingllm_passkey is not None
                for c in run.report.recipe.chosen)
-    assert "Retrieval gate" in render_markdown(run.report) and "needles recipe / StreamingLLM" in render_html(
-        run.report)
+    assert "Retrieval gate" in render_markdown(run.report)
+    assert "needles (key log-prob) recipe / StreamingLLM" in render_html(run.report)
     chosen = run.report.recipe.chosen
     for c in chosen:  # every candidate's count is reported; the shipped one's is among them
         assert c.search_passkey_candidates[Recipe.from_dict(c.recipe).label] == c.search_passkey
@@ -354,7 +354,9 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
     assert "Recall heads: the KV heads" in render_markdown(run.report)
     if any(Recipe.from_dict(c.recipe).recall_heads for c in chosen):  # then the filters carry the table
         assert run.filters.recipe.needle_attention is not None
-    failed = any(c.search_passkey <= c.search_streamingllm_passkey for c in chosen)
+    failed = any(c.search_key_logprob <= c.search_streamingllm_key_logprob for c in chosen)
+    assert all(c.search_key_logprob_candidates[Recipe.from_dict(c.recipe).label] == c.search_key_logprob
+               for c in chosen)
     assert ("no candidate beat StreamingLLM" in render_markdown(run.report)) == failed
     # a filler too short for the context is refused before any forward pass
     from qfilters.validation.gates import ValidationInputError
@@ -364,23 +366,29 @@ def test_passkey_in_the_validation_report_and_its_gate(tiny_llama, monkeypatch) 
 
 
 
-def test_the_retrieval_gate_ships_the_best_perplexity_among_recipes_that_beat_streamingllm() -> None:
-    from qfilters.validation.recipe_search import RetrievalGate, _gated
+def test_the_retrieval_gate_ships_the_most_likely_keys_within_the_perplexity_tolerance() -> None:
+    """Within 1% of the winner's search perplexity, the candidate whose keys are most likely ships, if more likely
+    than StreamingLLM's; otherwise the perplexity winner."""
+    from qfilters.validation.recipe_search import GATE_PERPLEXITY_TOLERANCE, RetrievalGate, _gated
 
-    plain, half, full = (Recipe("qfilters", 0.25, 4, novelty_layers=v) for v in (0.0, 0.5, 1.0))
-    ppl = {plain: 10.0, half: 10.5, full: 12.0}
+    assert GATE_PERPLEXITY_TOLERANCE == 0.01
+    plain, half, full, recall = (*(Recipe("qfilters", 0.25, 4, novelty_layers=v) for v in (0.0, 0.5, 1.0)),
+                                 Recipe("qfilters", 0.25, 4, recall_heads=9))
+    ppl = {plain: 10.0, half: 10.08, full: 12.0, recall: 10.1}  # full: 20% worse, never within the tolerance
 
     def score(r: Recipe, budget: int) -> float:
         return ppl[r]
 
-    def gate(found: dict[Recipe, int], streaming: int, skipped: str | None = None) -> RetrievalGate:
-        return RetrievalGate("handbook:en", 48, 1024, {128: streaming}, {128: {r.label: n for r, n in found.items()}},
-                             skipped)
+    def gate(logprob: dict[Recipe, float], streaming: float, skipped: str | None = None) -> RetrievalGate:
+        return RetrievalGate("handbook:en", 48, 1024, {128: 7}, {128: {r.label: 5 for r in logprob}}, skipped,
+                             {128: streaming}, {128: {r.label: v for r, v in logprob.items()}})
 
-    assert _gated([plain, half, full], 128, gate({plain: 3, half: 9, full: 20}, 7), score) == half
-    assert _gated([plain, half, full], 128, gate({plain: 3, full: 20}, 7), score) == full  # half did not fit there
-    assert _gated([plain, half, full], 128, gate({plain: 8, half: 9, full: 20}, 7), score) == plain
-    assert _gated([plain, half, full], 128, gate({plain: 3, half: 7, full: 20}, 7), score) == full  # ties lose
-    # none beats StreamingLLM, or the gate could not run: the perplexity winner, as without the gate
-    assert _gated([plain, half, full], 128, gate({plain: 1, half: 2, full: 3}, 7), score) == plain
-    assert _gated([plain, half, full], 128, gate({}, 0, skipped="filler text too short"), score) == plain
+    candidates = [plain, half, full, recall]
+    assert _gated(candidates, 128, gate({plain: -13.0, half: -9.0, full: -2.0, recall: -6.0}, -10.0), score) == recall
+    assert _gated(candidates, 128, gate({plain: -13.0, half: -9.0, full: -2.0}, -10.0), score) == half  # recall
+    # did not fit at the passkey context
+    assert _gated(candidates, 128, gate({plain: -9.5, half: -9.5, full: -2.0, recall: -11.0}, -10.0),
+                  score) == plain  # ties: the lower perplexity
+    assert _gated(candidates, 128, gate({plain: -13.0, half: -10.0, full: -2.0, recall: -10.5}, -10.0),
+                  score) == plain  # as likely as StreamingLLM's is not better: none passes, the winner ships
+    assert _gated(candidates, 128, gate({}, 0.0, skipped="filler text too short"), score) == plain

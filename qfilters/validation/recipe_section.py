@@ -9,7 +9,7 @@ from __future__ import annotations
 from qfilters.policy_table import RECIPE
 from qfilters.validation.gates import gap_ratio
 from qfilters.validation.markdown import Section, num, ppl_cell
-from qfilters.validation.recipe_search import RECALL_TRIALS
+from qfilters.validation.recipe_search import GATE_PERPLEXITY_TOLERANCE, RECALL_TRIALS
 from qfilters.validation.schema import RecipeChoice, ValidationReport
 
 __all__ = ["recipe_rows", "recipe_section"]
@@ -29,14 +29,16 @@ def recipe_rows(report: ValidationReport) -> tuple[list[str], list[list[str]]]:
     specs = [p.dataset.spec for p in report.perplexity]
     gated = any(c.search_passkey is not None for c in report.recipe.chosen)
     headers = ["Budget", "Chosen recipe", "Search text: recipe / StreamingLLM perplexity",
-               *(["Search text: needles recipe / StreamingLLM"] if gated else []),
+               *(["Search text: needles (key log-prob) recipe / StreamingLLM"] if gated else []),
                *[f"{s}: gap ratio recipe (stock Q-Filters)" for s in specs]]
     rows = []
     for choice in report.recipe.chosen:
         cells = [str(choice.budget), choice.description,
                  f"{num(choice.search_perplexity, 2)} / {num(choice.search_streamingllm_perplexity, 2)}"]
         if gated:
-            cells.append(f"{choice.search_passkey} / {choice.search_streamingllm_passkey}"
+            logprob = (f" ({num(choice.search_key_logprob, 2)} / {num(choice.search_streamingllm_key_logprob, 2)})"
+                       if choice.search_key_logprob is not None else "")  # older reports have the counts only
+            cells.append(f"{choice.search_passkey} / {choice.search_streamingllm_passkey}{logprob}"
                          if choice.search_passkey is not None else "n/a")
         for i in range(len(specs)):
             ours, stock = (_ratio(report, i, p, choice.budget) for p in (RECIPE, "qfilters"))
@@ -60,6 +62,15 @@ def _convergence(chosen: list[RecipeChoice]) -> str:
             "might choose a different recipe there.")
 
 
+def _lost(c: RecipeChoice) -> bool:
+    """Whether the shipped recipe lost the retrieval gate to StreamingLLM (by key log-probability; older reports: by
+    needles found)."""
+    if c.search_key_logprob is not None and c.search_streamingllm_key_logprob is not None:
+        return c.search_key_logprob <= c.search_streamingllm_key_logprob
+    return (c.search_passkey is not None and c.search_streamingllm_passkey is not None
+            and c.search_passkey <= c.search_streamingllm_passkey)
+
+
 def recipe_section(report: ValidationReport) -> Section | None:
     """The recipe table of both report pages; None when no recipe was searched."""
     r = report.recipe
@@ -78,15 +89,20 @@ def recipe_section(report: ValidationReport) -> Section | None:
                   "by novelty alone.")
     gate = r.retrieval_gate
     if gate is not None and gate.skipped is None:
-        intro += (f" Retrieval gate: the best by perplexity among the recipes that retrieve more of {gate.trials} "
-                  f"passkeys than StreamingLLM in {gate.context_tokens}-token contexts of {gate.filler} (calibration "
-                  "text); where none does, the best by perplexity.")
-        failed = [c for c in r.chosen if c.search_passkey is not None and c.search_streamingllm_passkey is not None
-                  and c.search_passkey <= c.search_streamingllm_passkey]
+        intro += (f" Retrieval gate: {gate.trials} passkeys in {gate.context_tokens}-token contexts of {gate.filler} "
+                  "(calibration text); among the candidates within "
+                  f"{GATE_PERPLEXITY_TOLERANCE:.0%} of the best search perplexity, the one whose keys are most likely "
+                  "(mean log-probability of the key's tokens), if more likely than StreamingLLM's; else the best by "
+                  "perplexity.")
+        failed = [c for c in r.chosen if _lost(c)]
         if failed:
             best = []
             for c in failed:
-                if c.search_passkey_candidates:  # reports written before the field have only the shipped count
+                if c.search_key_logprob_candidates:
+                    label, value = max(c.search_key_logprob_candidates.items(), key=lambda x: (x[1], x[0]))
+                    best.append(f"{c.budget}: most likely keys {label} {value:.2f} against StreamingLLM's "
+                                f"{c.search_streamingllm_key_logprob:.2f}")
+                elif c.search_passkey_candidates:  # older reports counted needles only
                     label, found = max(c.search_passkey_candidates.items(), key=lambda x: (x[1], x[0]))
                     best.append(f"{c.budget}: best candidate {label} {found}/{gate.trials} against StreamingLLM's "
                                 f"{c.search_streamingllm_passkey}/{gate.trials}")

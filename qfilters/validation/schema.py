@@ -186,6 +186,10 @@ class RecipeChoice(_Strict):
     search_passkey: int | None = None  # needles the recipe retrieved on calibration text (retrieval gate)
     search_streamingllm_passkey: int | None = None
     search_passkey_candidates: dict[str, int] | None = None  # every candidate of the gate, by recipe label
+    # the gate's measure: mean teacher-forced log-probability of the key's tokens on the same calibration passkeys
+    search_key_logprob: float | None = None
+    search_streamingllm_key_logprob: float | None = None
+    search_key_logprob_candidates: dict[str, float] | None = None
     search_passes: int | None = None  # passes of the coordinate search over the axes (None: older reports)
     search_converged: bool | None = None  # False: the pass cap stopped a search that was still moving
 
