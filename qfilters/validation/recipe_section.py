@@ -85,8 +85,8 @@ def recipe_section(report: ValidationReport) -> Section | None:
     if r.recall_heads:
         heads = ", ".join(f"layer {i} head {h} ({a:.2f})" for i, h, a in r.recall_heads)
         intro += (" Recall heads: the KV heads whose attention, while a passkey is answered, falls most on its needle "
-                  f"({RECALL_TRIALS} passkeys in calibration text; {heads}); a recipe's recall heads rank old keys "
-                  "by novelty alone.")
+                  f"({RECALL_TRIALS} passkeys in calibration text; the top {len(r.recall_heads)}: {heads}); a "
+                  "recipe's recall heads rank old keys by novelty alone.")
     gate = r.retrieval_gate
     if gate is not None and gate.skipped is None:
         intro += (f" Retrieval gate: {gate.trials} passkeys in {gate.context_tokens}-token contexts of {gate.filler} "
