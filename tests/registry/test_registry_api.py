@@ -436,7 +436,8 @@ def test_a_job_can_search_a_recipe_and_ships_it_with_the_filters(registry, tiny_
     recipe_only = client.post("/v1/jobs", json=_job(search_recipe=True, eval_datasets=["handbook:fr"], seed=1),
                               headers=headers).json()
     job = client.post("/v1/jobs", json=_job(gates={**PASSING_GATES, "passkey_vs_streamingllm": -1.0},
-                                            search_recipe=True, eval_datasets=["handbook:fr"], passkey_trials=2),
+                                            search_recipe=True, eval_datasets=["handbook:fr"], passkey_trials=2,
+                                            passkey_context=280),  # the tiny model's characters: intro + needle
                       headers=headers).json()
     with session_scope(registry.state.session_factory) as s:  # only jobs using a field need workers that know it
         assert s.get(Job, plain["id"]).spec_version == 1 and "search_recipe" not in s.get(Job, plain["id"]).request
