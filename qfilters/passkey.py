@@ -147,6 +147,17 @@ def _keep_static(policy: EvictionPolicy, keys: Tensor, layer: int) -> Tensor:
     return keep
 
 
+def attention_weights(queries: Tensor, keys: Tensor, scaling: float) -> Tensor:
+    """Causal softmax attention [B, H_q, n, T] (float32) of the last ``n`` positions' ``queries`` [B, H_q, n, D] over
+    ``keys`` [B, H_kv, T, D] (GQA: each KV head serves H_q / H_kv query heads): what SDPA computes but never returns."""
+    n, length = queries.shape[2], keys.shape[2]
+    k = keys.float().repeat_interleave(queries.shape[1] // keys.shape[1], dim=1)  # [B, Hq, T, D]
+    logits = torch.einsum("bhqd,bhtd->bhqt", queries.float(), k) * scaling
+    q_pos = torch.arange(length - n, length, device=keys.device)[:, None]
+    logits = logits.masked_fill(torch.arange(length, device=keys.device)[None, :] > q_pos, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
 def _keep_snapkv(snap: SnapKV, keys: Tensor, queries: Tensor, scaling: float) -> Tensor:
     length, heads = keys.shape[2], keys.shape[1]
     keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device)
@@ -154,11 +165,7 @@ def _keep_snapkv(snap: SnapKV, keys: Tensor, queries: Tensor, scaling: float) ->
         return keep | True
     obs = queries.shape[2]
     rep = queries.shape[1] // heads
-    k = keys.float().repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
-    logits = torch.einsum("bhqd,bhtd->bhqt", queries.float(), k) * scaling
-    q_pos = torch.arange(length - obs, length, device=keys.device)[:, None]
-    logits = logits.masked_fill(torch.arange(length, device=keys.device)[None, :] > q_pos, float("-inf"))
-    attn = logits.softmax(dim=-1).mean(dim=2)  # [B, Hq, T]
+    attn = attention_weights(queries, keys, scaling).mean(dim=2)  # [B, Hq, T]
     attn = attn.reshape(attn.shape[0], heads, rep, length).mean(dim=2)  # [B, H, T]
     n_old = length - obs
     old = F.avg_pool1d(attn[..., :n_old], snap.pool, stride=1, padding=snap.pool // 2, count_include_pad=False)

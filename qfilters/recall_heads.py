@@ -21,7 +21,7 @@ from torch import Tensor
 
 from qfilters.architecture import compressed_layers, text_config
 from qfilters.attention import AttentionFn, AttentionModule, attention_hook
-from qfilters.passkey import PasskeyTrial
+from qfilters.passkey import PasskeyTrial, attention_weights
 
 __all__ = ["needle_attention", "top_heads"]
 
@@ -38,14 +38,8 @@ class _NeedleReader:
     def __call__(self, module: AttentionModule, query: Tensor, key: Tensor, value: Tensor,
                  attention_mask: Tensor | None, base_fn: AttentionFn, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
         if module.layer_idx in self.layers:
-            n, total = query.shape[2], key.shape[2]
-            rep = query.shape[1] // key.shape[1]
             scaling = float(getattr(module, "scaling", query.shape[-1] ** -0.5))
-            logits = torch.einsum("bhqd,bhtd->bhqt", query.float(),
-                                  key.float().repeat_interleave(rep, dim=1)) * scaling
-            q_pos = torch.arange(total - n, total, device=key.device)[:, None]
-            logits = logits.masked_fill(torch.arange(total, device=key.device)[None, :] > q_pos, float("-inf"))
-            probs = logits.softmax(dim=-1)[:, :, self.rows]  # [B, Hq, answer tokens, T]
+            probs = attention_weights(query, key, scaling)[:, :, self.rows]  # [B, Hq, answer tokens, T]
             start, end = self.needle
             self.mass[module.layer_idx] = probs[..., start:end].sum(dim=-1).mean(dim=-1)[0].double()  # [Hq]
         return base_fn(module, query, key, value, attention_mask, **kwargs)

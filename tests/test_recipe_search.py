@@ -221,7 +221,7 @@ def _fake_evaluator(monkeypatch, case: str) -> None:
 
     monkeypatch.setattr(RecipeBook, "policy", lambda self, b, *a, **k: self.recipe_for(b))  # the recipe itself
     monkeypatch.setattr(qfilters.evaluate, "evaluate_chunks", evaluate)
-    monkeypatch.setattr(rs, "measure_needles", lambda *a: [NEEDLES])
+    monkeypatch.setattr(rs, "measure_needles", lambda *a: NEEDLES)
 
 
 @pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass", "recency", "recall"])

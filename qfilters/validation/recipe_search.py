@@ -164,10 +164,11 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     chunks = _search_chunks(lm, corpora, settings)
     label = f"{len(chunks)} calibration document(s)"
     n_layers = len(compressed_layers(lm.model))
-    needles = measure_needles(lm, corpora[0], settings, notify)  # [] when the text is too short for passkeys
+    needles = measure_needles(lm, corpora[0], settings, notify)  # None when the text is too short for passkeys
+    counts = recall_counts(lm.model) if needles is not None else ()  # no passkeys to rank heads on: no recall heads
     axes: list[tuple[str, tuple[Any, ...]]] = [
-        (axis, (0, *recall_counts(lm.model)) if axis == "recall_heads" else values) for axis, values in AXES
-        if axis != "recall_heads" or needles]  # no passkeys to rank heads on: no recall heads
+        (axis, (0, *counts) if axis == "recall_heads" else values) for axis, values in AXES
+        if axis != "recall_heads" or counts]
     # an upper bound (repeated recipes are cached): the full pass; per budget StreamingLLM, the start, each pass's new
     # axis values, stock and the retrieval gate's novelty and recall variants; the sensitivity's pass per layer
     per_budget = 3 + MAX_PASSES * sum(len(v) - 1 for _, v in axes) + len(NOVELTY_SHARES) + len(RECALL_SHARES)
@@ -217,7 +218,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
             spread.update(measure_spread(lm, chunks, filters))
         weights = tuple(sensitivity) if recipe.allocation == "sensitivity" else None
         book = RecipeBook({budget: recipe}, weights, score_spread=spread if recipe.spreads_needed() else None,
-                          needle_attention=needles[0] if recipe.recall_heads and needles else None)
+                          needle_attention=needles if recipe.recall_heads else None)
         return book.policy(budget, lm.model, ScorerInputs(filters=filters), context_length)
 
     for budget in sorted(budgets):
@@ -240,7 +241,6 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         chosen[budget] = best
     retrieval = None
     if settings.passkey_trials:
-        counts = recall_counts(lm.model) if needles else ()
         candidates = {b: [r, *(replace(r, novelty_layers=v) for v in NOVELTY_SHARES if v != r.novelty_layers),
                           *(replace(r, recall_heads=k) for k in counts
                             if r.scorer in BLENDABLE and k != r.recall_heads)]
@@ -260,12 +260,12 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
                       searched_on=f"{specs} (calibration text: {len(chunks)} x {settings.eval_seq_len} tokens, "
                                   f"last {settings.score_last} scored)",
                       score_spread={k: v for k, v in spread.items() if k in spreads_read} if spreads_read else None,
-                      needle_attention=needles[0] if recall else None)
+                      needle_attention=needles if recall else None)
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
                         sensitivity=list(sensitivity) or None, score_spread=dict(spread) or None,
                         retrieval=retrieval, passes=passes, converged=converged,
-                        needle_attention=needles[0] if needles else None)
+                        needle_attention=needles)
 
 
 def _canonical(recipe: Recipe) -> Recipe:
@@ -334,10 +334,10 @@ def recall_counts(model: Any) -> tuple[int, ...]:
 
 
 def measure_needles(lm: LoadedModel, corpus: Corpus, settings: ValidationSettings,
-                    notify: ProgressFn) -> list[tuple[tuple[float, ...], ...]]:
-    """[the needle attention table] (:func:`qfilters.recall_heads.needle_attention`, rounded to 9 digits so the
-    stored JSON is stable) on :data:`RECALL_TRIALS` passkeys in ``corpus`` (calibration text, seeded apart from the
-    gate's trials); [] when the text is too short for the passkey contexts (the gate says so itself)."""
+                    notify: ProgressFn) -> tuple[tuple[float, ...], ...] | None:
+    """The needle attention table (:func:`qfilters.recall_heads.needle_attention`, rounded to 9 digits so the stored
+    JSON is stable) on :data:`RECALL_TRIALS` passkeys in ``corpus`` (calibration text, seeded apart from the gate's
+    trials); None when the text is too short for the passkey contexts (the gate says so itself)."""
     from qfilters.passkey import make_trials
     from qfilters.recall_heads import needle_attention
 
@@ -345,12 +345,12 @@ def measure_needles(lm: LoadedModel, corpus: Corpus, settings: ValidationSetting
     try:
         trials = make_trials(lm.tokenizer, text, RECALL_TRIALS, settings.resolved_passkey_context(), settings.seed + 1)
     except ValueError:
-        return []
+        return None
     label = f"recall heads: {RECALL_TRIALS} needles in {corpus.spec}"
     notify(Progress("recipe", label, 0, len(trials)))
     table = needle_attention(lm.model, trials, progress=lambda done: notify(Progress("recipe", label, done,
                                                                                       len(trials))))
-    return [tuple(tuple(round(float(x), 9) for x in row) for row in table)]
+    return tuple(tuple(round(float(x), 9) for x in row) for row in table)
 
 
 def measure_spread(lm: LoadedModel, chunks: EvalChunks, filters: Any) -> dict[str, Any]:
