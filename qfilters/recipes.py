@@ -286,8 +286,7 @@ class RecipeBook:
         table = self.needle_attention
         if table is None:  # __post_init__ refuses such a book; a guard for mypy
             raise ValueError("recall heads need the book's needle attention")
-        rest = list(layers)[recipe.full_layers:]
-        ranked = rest[: len(rest) - round(recipe.novelty_layers * len(rest))]
+        _, ranked, _ = layer_roles(recipe, layers)
         if any(i >= len(table) for i in ranked):
             raise ShapeMismatchError(f"the stored needle attention covers {len(table)} layers, not the compressed "
                                      f"layers {ranked}: was it measured on this model?")
@@ -411,6 +410,16 @@ def allocate(allocation: str, budget: int, n_layers: int, minimum: int,
     return _round_to_total(weights, total, minimum)
 
 
+def layer_roles(recipe: Recipe, compress_layers: Sequence[int]) -> tuple[list[int], list[int], list[int]]:
+    """``recipe``'s split of ``compress_layers``: (kept whole, ranked by its scorer, ranked by novelty). The first
+    layers stay whole and the last ``novelty_layers`` share of the others rank by novelty; the recall heads and the
+    per-layer policies both read this one split, so they cannot disagree on which layer does what."""
+    layers = list(compress_layers)
+    whole, rest = layers[: recipe.full_layers], layers[recipe.full_layers:]
+    n_novel = round(recipe.novelty_layers * len(rest))
+    return whole, rest[: len(rest) - n_novel], rest[len(rest) - n_novel:]
+
+
 def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers: Sequence[int], seq_len: int,
                    sensitivity: Sequence[float] | None = None, novelty: Scorer | None = None,
                    score_spread: Mapping[str, Sequence[Sequence[float]]] | None = None) -> LayerwisePolicy:
@@ -421,9 +430,9 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     ranks the last ``recipe.novelty_layers`` share of the compressed layers (needed when that share is not 0);
     ``score_spread`` ([layer][KV head] per scorer name) is the unit of an age discount (``recipe.recency_weight``).
     """
-    layers = list(compress_layers)
-    whole, rest = layers[: recipe.full_layers], layers[recipe.full_layers:]
-    total = budget * len(layers) - seq_len * len(whole)
+    whole, ranked, novel_layers = layer_roles(recipe, compress_layers)
+    rest = ranked + novel_layers
+    total = budget * (len(whole) + len(rest)) - seq_len * len(whole)
     # a ranker that forces sinks of its own (novelty, a blend: the first key is its own running sum, the lowest
     # score) keeps them whatever the recipe's, so its layers pay for them
     def sinks_of(ranker: Scorer | None) -> int:
@@ -436,12 +445,10 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
                          f"{len(rest)} layers at budget {budget}: fewer first layers or a larger budget")
     sens = None if sensitivity is None else list(sensitivity)[recipe.full_layers:]
     budgets = allocate(recipe.allocation, budget, len(rest), minimum, sens, total)
-    n_novel = round(recipe.novelty_layers * len(rest))
-    if n_novel and novelty is None:
+    if novel_layers and novelty is None:
         raise ValueError("this recipe ranks some layers by novelty: pass the novelty scorer")
     novel = recipe.novelty_scorer
-    roles = [novel if k >= len(rest) - n_novel and novelty is not None else recipe.scorer  # the later layers
-             for k in range(len(rest))]
+    roles = [recipe.scorer] * len(ranked) + [novel] * len(novel_layers)
     rankers: dict[str, Scorer | None] = {recipe.scorer: scorer}
     if novelty is not None:  # (a novelty-ranked recipe without novelty layers keeps its scorer)
         rankers[novel] = novelty

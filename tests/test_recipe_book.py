@@ -204,3 +204,25 @@ def test_a_novelty_recipe_ranks_the_last_layers_by_novelty(tiny_llama, tmp_path)
         "scorer", "window_share", "n_sinks", "allocation", "full_layers"}  # the default stays out: older readers
     with pytest.raises(ValueError, match="novelty_layers"):
         Recipe("knorm", novelty_layers=1.5)
+
+
+@pytest.mark.parametrize("full_layers, novelty_layers, split", [
+    (0, 0.0, ([], [3, 4, 5, 6, 7, 8], [])),
+    (2, 0.5, ([3, 4], [5, 6], [7, 8])),
+    (1, 1.0, ([3], [], [4, 5, 6, 7, 8])),
+    (0, 0.4, ([], [3, 4, 5, 6], [7, 8])),  # round(0.4 x 6) = 2 novelty layers, counted from the last
+])
+def test_a_recipe_splits_its_layers_into_whole_scored_and_novelty_ones(full_layers, novelty_layers, split) -> None:
+    """One split, read by both the per-layer policies and the recall heads: the first layers whole, the last share
+    by novelty, the rest by the scorer (in the model's layer numbers, not positions)."""
+    from qfilters.recipes import layer_policies, layer_roles
+    from qfilters.scorers import NoveltyScorer
+
+    recipe = Recipe("knorm", 0.25, 0, "uniform", full_layers=full_layers, novelty_layers=novelty_layers)
+    layers = [3, 4, 5, 6, 7, 8]
+    assert layer_roles(recipe, layers) == split
+    whole, ranked, novel = split
+    policy = layer_policies(recipe, KNormScorer(), 64, layers, 80, novelty=NoveltyScorer())
+    assert [i for i in layers if policy.for_layer(i) is None] == whole
+    assert [i for i in layers if isinstance(getattr(policy.for_layer(i), "scorer", None), KNormScorer)] == ranked
+    assert [i for i in layers if isinstance(getattr(policy.for_layer(i), "scorer", None), NoveltyScorer)] == novel
