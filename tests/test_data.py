@@ -39,6 +39,7 @@ from qfilters.data import (
 from qfilters.data.cache import load_parsed, save_parsed
 from qfilters.data.fortunes import split_fortunes
 from qfilters.data.handbook import HTML_ROOT, extract_page
+from qfilters.data.jargon import split_glossary
 from qfilters.data.rdata import LazyLoadDB, RDataError, RSymbol, RVector, decompress_record, unserialize
 from qfilters.data.tokens import PIECE_CHARS
 from qfilters.errors import DatasetSpecError, DatasetUnavailableError
@@ -59,6 +60,7 @@ needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs ap
         ("handbook:pt", HandbookSpec("pt-BR"), "handbook:pt"),
         ("handbook:zh-tw", HandbookSpec("zh-TW"), "handbook:zh-TW"),
         ("austen", NamedSpec("austen"), "austen"),
+        ("jargon", NamedSpec("jargon"), "jargon"),
         ("python-docs", NamedSpec("python-docs"), "python-docs"),
         ("python-code", NamedSpec("python-code"), "python-code"),
         ("fortunes", FortunesSpec("en"), "fortunes:en"),
@@ -92,6 +94,7 @@ def test_parse_good_specs_and_normalize(text: str, expected: object, normalized:
         ("handbook:not a lang", ["not a language code"]),
         ("fortunes:fr", ["'fortunes:fr'", "fortunes:en", "fortunes:de"]),
         ("austen:extra", ["takes no argument"]),
+        ("jargon:en", ["takes no argument"]),
         ("hf:", ["hf:NAME[:CONFIG]:SPLIT[:COLUMN]"]),
         ("hf:onlyname", ["hf:NAME[:CONFIG]:SPLIT[:COLUMN]"]),
         ("hf:a:b:c:d:e", ["hf:NAME[:CONFIG]:SPLIT[:COLUMN]"]),
@@ -123,7 +126,7 @@ def test_known_kinds_win_over_files_with_the_same_name(tmp_path: Path, monkeypat
 def test_available_specs_cover_every_kind() -> None:
     patterns = [pattern for pattern, description in available_specs()]
     assert all(isinstance(description, str) and description for _, description in available_specs())
-    for kind in ("handbook", "austen", "python-docs", "python-code", "fortunes", "hf:", "GLOB"):
+    for kind in ("handbook", "austen", "jargon", "python-docs", "python-code", "fortunes", "hf:", "GLOB"):
         assert any(kind in pattern for pattern in patterns), kind
 
 
@@ -483,6 +486,70 @@ def test_fortunes_es_skips_offensive_collection() -> None:
     titles = {d.title for d in corpus.documents}
     assert "refranes.fortunes" in titles
     assert not titles & {"misogino.fortunes", "camioneros.fortunes", "racistas.fortunes"}  # live in off/
+
+
+# --------------------------------------------------------------------------------------------------- jargon
+
+_GLOSSARY = """Chapter 1. Hacker Slang
+
+Glossary
+
+  A
+
+   A
+
+   abbrev
+
+   :abbrev: /*-breev'/, /*-brev'/, n.
+
+   Common abbreviation for {abbreviation}.
+
+   :ACK: /ak/, interj.
+
+   1. [common; from the ASCII mnemonic] Acknowledge.
+
+  B
+
+   B
+
+   back door
+
+   :back door: n.
+
+   A hole in the security of a system deliberately left in place; see {trap door}.
+   :/dev/null: /dev·nuhl/, n.
+
+   A notional \u2018black hole\u2019; see {bit bucket}.
+
+   \u00a0 \u00a0 Part\u00a0III.\u00a0Appendices
+
+   Appendix A.
+   :Folklore: never an entry
+"""
+
+
+def test_the_jargon_glossary_groups_entries_by_initial_and_drops_the_tables_of_contents() -> None:
+    documents = split_glossary(_GLOSSARY)
+    assert [d.title for d in documents] == ["0-9", "A", "B"]  # symbols and digits first
+    symbols, a, b = (d.text for d in documents)
+    assert a == (":abbrev: /*-breev'/, /*-brev'/, n.\n\nCommon abbreviation for {abbreviation}.\n\n"
+                 ":ACK: /ak/, interj.\n\n1. [common; from the ASCII mnemonic] Acknowledge.\n")
+    assert "back door\n\n:back" not in b and b.startswith(":back door: n.")  # B's table of contents is gone
+    assert symbols.startswith(":/dev/null:") and "Part" not in symbols and "Folklore" not in symbols
+    assert "Chapter" not in "".join(d.text for d in documents)
+
+
+@needs_apt
+def test_jargon_from_the_real_jargon_text_package() -> None:
+    corpus = load_corpus("jargon")
+    titles = [d.title for d in corpus.documents]
+    assert titles[0] == "0-9" and titles[1:] == [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    assert re.fullmatch(r"jargon-text \S+ \(the Jargon File's glossary\)", corpus.source)
+    hack = corpus.documents[titles.index("H")].text
+    assert "\n:hack:\n" in hack and "\n:hacker: n.\n" in hack
+    assert sum(d.text.count("\n:") for d in corpus.documents) + len(titles) > 2000  # about 2300 entries
+    assert all(len(d.text) > 3000 for d in corpus.documents)
+    assert "Appendix" not in corpus.documents[-1].text[-2000:]  # the appendices are not glossary
 
 
 # --------------------------------------------------------------------------------------------------- apt failures
