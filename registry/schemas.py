@@ -16,7 +16,7 @@ _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,99}$")
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 # Spec kinds that read data the service is allowed to fetch; local paths would let a client read server files.
 # (services/sources.py then checks hf: names against the operator's allow-list or the Hub.)
-SERVICE_SPEC_KINDS = ("handbook", "austen", "jargon", "python-docs", "python-code", "fortunes", "hf")
+SERVICE_SPEC_KINDS = ("handbook", "austen", "bible", "jargon", "python-docs", "python-code", "fortunes", "hf")
 
 
 def _check_repo_id(value: str) -> str:

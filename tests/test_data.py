@@ -36,6 +36,7 @@ from qfilters.data import (
     loader,
     parse_spec,
 )
+from qfilters.data.bible import parse_bible, read_ztext
 from qfilters.data.cache import load_parsed, save_parsed
 from qfilters.data.fortunes import split_fortunes
 from qfilters.data.handbook import HTML_ROOT, extract_page
@@ -61,6 +62,7 @@ needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs ap
         ("handbook:zh-tw", HandbookSpec("zh-TW"), "handbook:zh-TW"),
         ("austen", NamedSpec("austen"), "austen"),
         ("jargon", NamedSpec("jargon"), "jargon"),
+        ("bible", NamedSpec("bible"), "bible"),
         ("python-docs", NamedSpec("python-docs"), "python-docs"),
         ("python-code", NamedSpec("python-code"), "python-code"),
         ("fortunes", FortunesSpec("en"), "fortunes:en"),
@@ -126,7 +128,7 @@ def test_known_kinds_win_over_files_with_the_same_name(tmp_path: Path, monkeypat
 def test_available_specs_cover_every_kind() -> None:
     patterns = [pattern for pattern, description in available_specs()]
     assert all(isinstance(description, str) and description for _, description in available_specs())
-    for kind in ("handbook", "austen", "jargon", "python-docs", "python-code", "fortunes", "hf:", "GLOB"):
+    for kind in ("handbook", "austen", "bible", "jargon", "python-docs", "python-code", "fortunes", "hf:", "GLOB"):
         assert any(kind in pattern for pattern in patterns), kind
 
 
@@ -550,6 +552,69 @@ def test_jargon_from_the_real_jargon_text_package() -> None:
     assert sum(d.text.count("\n:") for d in corpus.documents) + len(titles) > 2000  # about 2300 entries
     assert all(len(d.text) > 3000 for d in corpus.documents)
     assert "Appendix" not in corpus.documents[-1].text[-2000:]  # the appendices are not glossary
+
+
+# --------------------------------------------------------------------------------------------------- bible
+
+_OSIS_OT = (
+    '<div sID="g1" type="front"/><title>Preface</title>Not scripture.'
+    '<div canonical="true" osisID="Gen" sID="g2" type="book"/><title type="main">Genesis</title>'
+    '<div sID="g3" type="x-p"/><chapter osisID="Gen.1" sID="Gen.1"/><w lemma="strong:H0430">In</w> the beginning, '
+    '<w lemma="strong:H0430">God</w><note placement="foot"><reference>1:1 </reference>Elohim.</note>'
+    '<w lemma="strong:H1254">created</w> the heavens.<div eID="g3" type="x-p"/>'
+)
+_OSIS_NT = ('<div canonical="true" eID="g2" osisID="Gen" type="book"/>'
+            '<div canonical="true" osisID="Matt" sID="g4" type="book"/><div sID="g5" type="x-p"/>The book of the '
+            'genealogy.<l sID="l1"/>A line of verse.')
+
+
+def _ztext(directory: Path, testament: str, osis: str, pieces: int) -> None:
+    """A SWORD zText testament: the text cut into ``pieces`` zlib blocks (with an empty one) and its index."""
+    cut = [osis[k * len(osis) // pieces : (k + 1) * len(osis) // pieces].encode() for k in range(pieces)]
+    index, data = b"", b""
+    for raw in [b"", *cut]:
+        packed = zlib.compress(raw) if raw else b""
+        index += struct.pack("<III", len(data), len(packed), len(raw))
+        data += packed
+    (directory / f"{testament}.bzs").write_bytes(index)
+    (directory / f"{testament}.bzz").write_bytes(data)
+
+
+def test_a_sword_module_reads_as_one_document_per_book_without_markup_or_notes(tmp_path: Path) -> None:
+    from qfilters.data.bible import MODULE_DIR
+
+    module = tmp_path / MODULE_DIR
+    module.mkdir(parents=True)
+    _ztext(module, "ot", _OSIS_OT, 3)  # blocks cut mid-tag: the text is read whole, then split into books
+    _ztext(module, "nt", _OSIS_NT, 1)
+    genesis, matthew = parse_bible(tmp_path)
+    assert (genesis.title, matthew.title) == ("Gen", "Matt")  # the front matter is not a book
+    assert genesis.text == "Genesis\n\nIn the beginning, God created the heavens.\n"  # the note stood for a space
+    assert matthew.text == "The book of the genealogy.\nA line of verse.\n"
+    (module / "nt.bzs").write_bytes(b"\0" * 13)
+    with pytest.raises(ValueError, match="12-byte"):
+        parse_bible(tmp_path)
+    with pytest.raises(FileNotFoundError, match="sword-text-web"):
+        parse_bible(tmp_path / "elsewhere")
+
+
+def test_a_ztext_block_whose_size_disagrees_with_its_index_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "ot.bzz").write_bytes(zlib.compress(b"abc"))
+    (tmp_path / "ot.bzs").write_bytes(struct.pack("<III", 0, len(zlib.compress(b"abc")), 4))
+    with pytest.raises(ValueError, match="index says 4"):
+        read_ztext(tmp_path / "ot.bzs", tmp_path / "ot.bzz")
+
+
+@needs_apt
+def test_bible_from_the_real_sword_text_web_package() -> None:
+    corpus = load_corpus("bible")
+    titles = [d.title for d in corpus.documents]
+    assert titles[:5] == ["Gen", "Exod", "Lev", "Num", "Deut"] and titles[-1] == "Rev" and len(titles) > 66
+    assert re.fullmatch(r"sword-text-web \S+ \(World English Bible\)", corpus.source)
+    genesis = corpus.documents[0].text
+    assert "In the beginning, God created the heavens and the earth." in genesis
+    assert "<" not in "".join(d.text for d in corpus.documents)  # no markup survives
+    assert "Elohim" not in genesis[:3000]  # footnotes are dropped
 
 
 # --------------------------------------------------------------------------------------------------- apt failures

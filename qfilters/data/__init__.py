@@ -5,8 +5,9 @@
 
 Spec kinds (``available_specs()`` lists them with descriptions):
 
-* ``handbook[:LANG]``, ``austen``, ``jargon``, ``python-docs``, ``fortunes[:LANG]`` -- text shipped in Debian
-  packages, fetched with ``apt-get download`` + ``dpkg-deb -x`` into the cache (nothing is installed system-wide);
+* ``handbook[:LANG]``, ``austen``, ``bible``, ``jargon``, ``python-docs``, ``fortunes[:LANG]`` -- text shipped in
+  Debian packages, fetched with ``apt-get download`` + ``dpkg-deb -x`` into the cache (nothing is installed
+  system-wide);
 * ``python-code`` -- this interpreter's standard library sources;
 * ``hf:NAME[:CONFIG]:SPLIT[:COLUMN]`` -- a Hugging Face dataset split (optional ``datasets`` dependency);
 * a path, directory or glob of ``.txt``/``.md``/``.jsonl`` files; ``PATH.jsonl#FIELD`` picks the JSONL text field,

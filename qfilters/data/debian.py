@@ -1,9 +1,9 @@
 """Fetch a Debian package's files into the qfilters cache without installing anything system-wide.
 
-Every package-backed corpus (handbook, austen, jargon, python-docs, fortunes) goes through :func:`fetch_package`:
-``apt-get download`` into a temporary directory, ``dpkg-deb -x`` next to it, then one atomic rename to
-``<cache>/corpora/debian/<package>_<version>/``. A directory at that path is therefore always complete, and a warm
-load reuses the newest cached extraction without running apt at all (so it is fast, works offline, and a corpus
+Every package-backed corpus (handbook, austen, bible, jargon, python-docs, fortunes) goes through
+:func:`fetch_package`: ``apt-get download`` into a temporary directory, ``dpkg-deb -x`` next to it, then one atomic
+rename to ``<cache>/corpora/debian/<package>_<version>/``. A directory at that path is therefore always complete, and
+a warm load reuses the newest cached extraction without running apt at all (so it is fast, works offline, and a corpus
 stays byte-identical on a machine); delete the cached directory, or call ``fetch_package(..., refresh=True)``, to
 pick up a newer Debian version.
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
-from qfilters.data import austen, fortunes, handbook, jargon, pysources
+from qfilters.data import austen, bible, fortunes, handbook, jargon, pysources
 from qfilters.data.cache import corpora_dir, load_parsed, safe_name, save_parsed
 from qfilters.data.corpus import Corpus, Document
 from qfilters.data.debian import DebianPackage, fetch_package
@@ -95,6 +95,13 @@ def _load_austen(spec: Spec, cache_dir: CacheDir) -> _Loaded:
     return documents, f"{packages[0].label} (janeaustenr: six novels)", _versions(packages)
 
 
+def _load_bible(spec: Spec, cache_dir: CacheDir) -> _Loaded:
+    documents, packages = _from_packages(
+        spec, cache_dir, [bible.PACKAGE], bible.PARSER_VERSION, lambda pkgs: bible.parse_bible(pkgs[0].root)
+    )
+    return documents, f"{packages[0].label} (World English Bible)", _versions(packages)
+
+
 def _load_jargon(spec: Spec, cache_dir: CacheDir) -> _Loaded:
     documents, packages = _from_packages(
         spec, cache_dir, [jargon.PACKAGE], jargon.PARSER_VERSION, lambda pkgs: jargon.parse_jargon(pkgs[0].root)
@@ -123,6 +130,7 @@ _LOADERS: dict[str, Callable[[Spec, CacheDir], _Loaded]] = {
     "hf": _load_hf,
     "handbook": _load_handbook,
     "austen": _load_austen,
+    "bible": _load_bible,
     "jargon": _load_jargon,
     "python-docs": _load_python_docs,
     "python-code": _load_python_code,

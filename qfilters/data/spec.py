@@ -1,9 +1,9 @@
 """Parse corpus spec strings into small typed descriptions, before any download or file reading happens.
 
 Precedence, so that ``handbook:en`` can never be taken for a file name: a known kind prefix (``handbook``,
-``austen``, ``jargon``, ``python-docs``, ``python-code``, ``fortunes``, ``hf``) always wins; ``file:PATH`` forces a
-local path; otherwise the string must be an existing file or directory, or a glob that matches something. Anything
-else is a :class:`DatasetSpecError` that lists the valid kinds.
+``austen``, ``bible``, ``jargon``, ``python-docs``, ``python-code``, ``fortunes``, ``hf``) always wins; ``file:PATH``
+forces a local path; otherwise the string must be an existing file or directory, or a glob that matches something.
+Anything else is a :class:`DatasetSpecError` that lists the valid kinds.
 
 ``parse_spec(spec, allow_local=False)`` is the form for services that take specs from other people: local paths in
 any syntax are refused without looking at the disk, and ``hf:`` names are marked Hub-only (:attr:`HFSpec.hub_only`):
@@ -50,6 +50,7 @@ _KINDS: tuple[tuple[str, str], ...] = (
     ("handbook[:LANG]", "Debian Administrator's Handbook prose, Debian package debian-handbook. LANG: a language "
      "code (en, fr, de, es, ru, ja, ...) or a locale (pt-BR, zh-TW); default en"),
     ("austen", "Jane Austen's six novels, Debian package r-cran-janeaustenr"),
+    ("bible", "the World English Bible, one document per book, Debian package sword-text-web"),
     ("jargon", "the Jargon File's hacker lexicon, one document per initial, Debian package jargon-text"),
     ("python-docs", "Python 3.11 documentation reST sources, Debian package python3.11-doc"),
     ("python-code", "this interpreter's standard-library .py files, tests and site-packages excluded"),
@@ -159,7 +160,7 @@ class FortunesSpec(Spec):
 
 @dataclass(frozen=True)
 class NamedSpec(Spec):
-    """A fixed corpus without arguments: ``austen``, ``jargon``, ``python-docs`` or ``python-code``."""
+    """A fixed corpus without arguments: ``austen``, ``bible``, ``jargon``, ``python-docs`` or ``python-code``."""
 
     name: str
 
@@ -349,6 +350,7 @@ def _exists(path: str) -> bool:
 _PREFIXES = {
     "handbook": _parse_handbook,
     "austen": _no_argument("austen"),
+    "bible": _no_argument("bible"),
     "jargon": _no_argument("jargon"),
     "python-docs": _no_argument("python-docs"),
     "python-code": _no_argument("python-code"),

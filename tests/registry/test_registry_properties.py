@@ -27,7 +27,7 @@ CALLERS = {"anonymous": (), "read": ("read",), "submit": ("submit",), "publish":
            "submit+publish": ("submit", "publish"), "admin": ("admin",)}
 IMPLIED = {"read": {"read"}, "submit": {"submit", "read"}, "publish": {"publish", "read"},
            "admin": {"read", "submit", "publish", "admin"}}
-GOOD_SPECS = ["python-code", "handbook:en", "austen", "fortunes:en", "python-docs", "jargon"]
+GOOD_SPECS = ["python-code", "handbook:en", "austen", "fortunes:en", "python-docs", "jargon", "bible"]
 LOCAL_SPECS = ["hf:notes:train", "hf:notes::train:text", "hf:json:train", "notes", "./notes", "notes/a.jsonl",
                "notes#text", "file:notes", "file:/etc/hosts", "/etc/hosts", "~", "~/notes", "../notes", "..", "*",
                "notes/*.jsonl"]
