@@ -392,3 +392,28 @@ def test_the_retrieval_gate_ships_the_most_likely_keys_within_the_perplexity_tol
     assert _gated(candidates, 128, gate({plain: -13.0, half: -10.0, full: -2.0, recall: -10.5}, -10.0),
                   score) == plain  # as likely as StreamingLLM's is not better: none passes, the winner ships
     assert _gated(candidates, 128, gate({}, 0.0, skipped="filler text too short"), score) == plain
+
+
+def test_the_report_warns_where_the_recipe_loses_to_streamingllm_or_to_stock_qfilters() -> None:
+    """A user reading the report must learn where the shipped recipe is the wrong choice: text where recent tokens
+    beat it (say StreamingLLM) and budgets where the stock policy beats it (say recipe=None)."""
+    from qfilters.validation.recipe_search import recipe_warnings
+    from qfilters.validation.schema import DatasetInfo, PerplexityReport, PolicyRow
+
+    def report(spec: str, gaps: dict[tuple[str, int], float]) -> PerplexityReport:
+        rows = [PolicyRow(policy="full", budget=None, window=None, perplexity=10.0, gap=0.0)]
+        rows += [PolicyRow(policy=p, budget=b, window=8, perplexity=10.0 + g, gap=g) for (p, b), g in gaps.items()]
+        return PerplexityReport(dataset=DatasetInfo(spec=spec, sha256="0" * 64, source="s", documents=3, tokens=99),
+                                seq_len=64, score_last=32, documents_skipped=0, full_perplexity=10.0, rows=rows,
+                                gap_ratio_vs_streamingllm={})
+
+    bible = report("bible", {("streamingllm", 128): 1.0, ("qfilters", 128): 2.0, ("recipe", 128): 0.9,
+                             ("streamingllm", 256): 0.5, ("qfilters", 256): 0.4, ("recipe", 256): 0.6})
+    austen = report("austen", {("streamingllm", 128): 2.0, ("qfilters", 128): 1.5, ("recipe", 128): 1.0})
+    warnings = recipe_warnings([bible, austen])
+    assert warnings == [
+        "On bible, the searched recipe loses more perplexity than StreamingLLM at budget(s) 256: there, keeping "
+        "the sinks and the most recent tokens is the better eviction for this kind of text.",
+        "On bible, the searched recipe loses more perplexity than stock Q-Filters at budget(s) 256: there, "
+        "QFiltersCache(..., recipe=None) is better.",
+    ]

@@ -125,16 +125,26 @@ def stock_recipe(budget: int, settings: ValidationSettings) -> Recipe:
 
 
 def recipe_warnings(reports: Sequence[PerplexityReport]) -> list[str]:
-    """Held-out datasets where the searched recipe loses more perplexity than stock Q-Filters, per budget."""
+    """Held-out datasets where the searched recipe loses more perplexity than StreamingLLM (then no recipe earns its
+    place on such text) or than stock Q-Filters, per budget."""
     out = []
     for r in reports:
         rows = {(x.policy, x.budget): x.gap for x in r.rows}
-        worse = sorted(b for (p, b), gap in rows.items()
-                       if p == RECIPE and b is not None and ("qfilters", b) in rows and gap > rows["qfilters", b])
+        beaten, worse = (_recipe_loses_to(rows, other) for other in (BASELINE, "qfilters"))
+        if beaten:
+            out.append(f"On {r.dataset.spec}, the searched recipe loses more perplexity than StreamingLLM at "
+                       f"budget(s) {', '.join(map(str, beaten))}: there, keeping the sinks and the most recent "
+                       "tokens is the better eviction for this kind of text.")
         if worse:
             out.append(f"On {r.dataset.spec}, the searched recipe loses more perplexity than stock Q-Filters at "
                        f"budget(s) {', '.join(map(str, worse))}: there, QFiltersCache(..., recipe=None) is better.")
     return out
+
+
+def _recipe_loses_to(gaps: dict[tuple[str, int | None], float], other: str) -> list[int]:
+    """The budgets where the recipe's perplexity gap exceeds ``other``'s."""
+    return sorted(b for (p, b), gap in gaps.items()
+                  if p == RECIPE and b is not None and (other, b) in gaps and gap > gaps[other, b])
 
 
 def recipe_policies(book: RecipeBook, filters: Any, model: Any, budgets: Sequence[int], context_length: int
