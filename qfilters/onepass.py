@@ -172,7 +172,7 @@ def perplexity(model: PreTrainedModel, input_ids: Tensor, policy: PolicyLike | N
     length = input_ids.shape[1]
     n = scored_tokens(length, score_last)
     input_ids = input_ids.to(next(model.parameters()).device)
-    if policy is None or length <= policy.max_budget:
+    if policy is None or length <= policy.min_budget:
         logits = model(input_ids, use_cache=False, logits_to_keep=n + 1).logits
     else:
         impl = str(model.config._attn_implementation).removeprefix("qfilters+")

@@ -10,6 +10,7 @@ This module imports no torch at import time: a service checks budgets (:func:`ch
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -65,8 +66,8 @@ class EvictionPolicy:
         object.__setattr__(self, "uncompressed_layers", tuple(sorted(set(layers))))
 
     @property
-    def max_budget(self) -> int:
-        """The largest number of keys any layer stores: sequences no longer than this never evict."""
+    def min_budget(self) -> int:
+        """The fewest keys any compressing layer stores: sequences no longer than this never evict."""
         return self.budget
 
     def for_layer(self, layer_idx: int) -> EvictionPolicy | None:
@@ -114,8 +115,10 @@ class LayerwisePolicy:
         object.__setattr__(self, "layers", dict(sorted(self.layers.items())))
 
     @property
-    def max_budget(self) -> int:
-        return max((p.budget for p in self.layers.values() if p is not None), default=0)
+    def min_budget(self) -> int:
+        # the smallest layer decides: one layer storing the whole sequence does not stop the others from evicting
+        # (no compressing layer at all: nothing ever evicts)
+        return min((p.budget for p in self.layers.values() if p is not None), default=sys.maxsize)
 
     def for_layer(self, layer_idx: int) -> EvictionPolicy | None:
         return self.layers.get(layer_idx)

@@ -157,6 +157,22 @@ def test_budget_covering_the_sequence_is_exactly_full_cache(tiny_llama) -> None:
     assert _rel(ref.perplexity, full.perplexity) < 1e-5
 
 
+def test_one_layer_storing_the_whole_sequence_does_not_switch_eviction_off_in_the_others(tiny_llama) -> None:
+    """A per-layer policy (a sensitivity allocation gives one layer most of the memory) evicts wherever some layer's
+    budget is below the length: the full-cache shortcut is for sequences that fit every layer."""
+    from qfilters.policy import LayerwisePolicy
+
+    model = copy.deepcopy(tiny_llama.model).to(torch.float64)
+    ids = torch.randint(4, 90, (2, 40), generator=torch.Generator().manual_seed(5))
+    policy = LayerwisePolicy({0: EvictionPolicy(KNormScorer(), 64, 8), 1: EvictionPolicy(KNormScorer(), 12, 4)})
+    fast = perplexity(model, ids, policy, score_last=20)
+    slow = perplexity_reference(model, ids, policy, score_last=20)
+    assert _rel(fast.perplexity, slow.perplexity) < 1e-9
+    assert fast.nll_sum != perplexity(model, ids, None, score_last=20).nll_sum
+    fits = LayerwisePolicy({0: EvictionPolicy(KNormScorer(), 64, 8), 1: EvictionPolicy(KNormScorer(), 40, 4)})
+    assert perplexity(model, ids, fits, score_last=20).nll_sum == perplexity(model, ids, None, score_last=20).nll_sum
+
+
 def test_score_last_selects_the_tail(tiny_llama) -> None:
     model = tiny_llama.model
     ids = torch.randint(4, 90, (1, 30), generator=torch.Generator().manual_seed(3))
