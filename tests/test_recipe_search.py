@@ -417,3 +417,13 @@ def test_the_report_warns_where_the_recipe_loses_to_streamingllm_or_to_stock_qfi
         "On bible, the searched recipe loses more perplexity than stock Q-Filters at budget(s) 256: there, "
         "QFiltersCache(..., recipe=None) is better.",
     ]
+
+
+def test_the_report_lists_recall_heads_of_compressed_layers_only() -> None:
+    """Gemma-3 compresses 3 of its 18 layers: a sliding-window layer's head (never compressed) is no recall head."""
+    from qfilters.validation.recipe_search import _top_recall_heads
+
+    table = ((0.9, 0.2), (0.1, 0.0), (0.5, 0.3))
+    assert _top_recall_heads(table, (1, 2)) == [(2, 0, 0.5), (2, 1, 0.3), (1, 0, 0.1), (1, 1, 0.0)]
+    assert _top_recall_heads(table, (0, 1, 2), shown=2) == [(0, 0, 0.9), (2, 0, 0.5)]
+    assert _top_recall_heads(None, (0,)) is None

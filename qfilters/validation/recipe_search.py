@@ -102,6 +102,7 @@ class RecipeSearch:
     passes: dict[int, int] = field(default_factory=dict)  # passes over the axes, per budget
     converged: dict[int, bool] = field(default_factory=dict)  # False where MAX_PASSES stopped a search still moving
     needle_attention: tuple[tuple[float, ...], ...] | None = None  # [layer][KV head], when the gate measured it
+    compressed_layers: tuple[int, ...] = ()  # the layers a recipe compresses, the only ones with recall heads
 
 
 @dataclass
@@ -173,7 +174,8 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
 
     chunks = _search_chunks(lm, corpora, settings)
     label = f"{len(chunks)} calibration document(s)"
-    n_layers = len(compressed_layers(lm.model))
+    layers = tuple(compressed_layers(lm.model))
+    n_layers = len(layers)
     needles = measure_needles(lm, corpora[0], settings, notify)  # None when the text is too short for passkeys
     counts = recall_counts(lm.model) if needles is not None else ()  # no passkeys to rank heads on: no recall heads
     axes: list[tuple[str, tuple[Any, ...]]] = [
@@ -275,7 +277,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
                         sensitivity=list(sensitivity) or None, score_spread=dict(spread) or None,
                         retrieval=retrieval, passes=passes, converged=converged,
-                        needle_attention=needles)
+                        needle_attention=needles, compressed_layers=layers)
 
 
 def _canonical(recipe: Recipe) -> Recipe:
@@ -412,17 +414,18 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
     return RecipeReport(searched_on=search.book.searched_on, documents=search.documents,
                         search_full_perplexity=rnd(search.full_perplexity), evaluations=len(search.trace),
                         chosen=chosen,
-                        recall_heads=_top_recall_heads(search.needle_attention),
+                        recall_heads=_top_recall_heads(search.needle_attention, search.compressed_layers),
                         retrieval_gate=None if gate is None else RetrievalGateReport(
                             filler=gate.filler, trials=gate.trials, context_tokens=gate.context_tokens,
                             skipped=gate.skipped))
 
 
-def _top_recall_heads(table: Any, shown: int = 8) -> list[tuple[int, int, float]] | None:
-    """The report's view of the needle attention: its ``shown`` highest heads."""
+def _top_recall_heads(table: Any, layers: Sequence[int], shown: int = 8) -> list[tuple[int, int, float]] | None:
+    """The report's view of the needle attention: its ``shown`` highest heads in the compressed ``layers`` (a
+    sliding-window layer is never compressed, so it has no recall head to show)."""
     from qfilters.recall_heads import top_heads
 
     if table is None:
         return None
-    heads = top_heads(table, min(shown, sum(len(row) for row in table)), range(len(table)))
+    heads = top_heads(table, min(shown, sum(len(table[i]) for i in layers)), layers)
     return [(i, h, round(float(table[i][h]), 4)) for i, h in heads]
