@@ -2,6 +2,7 @@
 as the validator measures held-out text: 6 documents x 2048 tokens, last 1024 scored, gap ratio against StreamingLLM
 (4 sinks, window min(64, budget / 2)), budgets 64..512.
 Usage: .venv/bin/python research/issue13/unseen_families.py artifacts/smollm2-handbook-en python-code,fortunes:en
+[OUT.json, default unseen-families.json]
 """
 
 from __future__ import annotations
@@ -27,4 +28,4 @@ if __name__ == "__main__":
         policies["recipe", b] = book.policy(b, lm.model, ScorerInputs(filters=filters), SEQ_LEN)
     out: dict = {"filters": sys.argv[1], "budgets": list(BUDGETS), "recipe": book.to_dict()["by_budget"]}
     measure(lm, {spec: held_out(lm, spec) for spec in specs}, policies, out)
-    (HERE / "unseen-families.json").write_text(json.dumps(out, indent=1) + "\n")
+    (HERE / (sys.argv[3] if len(sys.argv) > 3 else "unseen-families.json")).write_text(json.dumps(out, indent=1) + "\n")
