@@ -165,8 +165,8 @@ def perplexity(model: PreTrainedModel, input_ids: Tensor, policy: PolicyLike | N
                ) -> PerplexityResult:
     """Exact perplexity of token-by-token decoding under ``policy``, in one forward pass (``None``: full cache).
 
-    Sequences no longer than the policy's budget never evict, so they take the plain forward (bit-identical to
-    full cache). Needs an sdpa model (flash kernels take no arbitrary mask); the reference runs with any kernel.
+    Sequences that fit every compressing layer's budget never evict, so they take the plain forward (bit-identical
+    to full cache). Needs an sdpa model (flash kernels take no arbitrary mask); the reference runs with any kernel.
     """
     _check_inputs(model, input_ids, policy)
     length = input_ids.shape[1]

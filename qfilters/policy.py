@@ -116,6 +116,7 @@ class LayerwisePolicy:
 
     @property
     def min_budget(self) -> int:
+        """The fewest keys any compressing layer stores: sequences no longer than this never evict."""
         # the smallest layer decides: one layer storing the whole sequence does not stop the others from evicting
         # (no compressing layer at all: nothing ever evicts)
         return min((p.budget for p in self.layers.values() if p is not None), default=sys.maxsize)

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from qfilters.policy_table import ScorerInputs
     from qfilters.scorers import Scorer
 
-__all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "layer_policies", "layer_sensitivity", "score_spread"]
+__all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "layer_policies", "layer_roles", "layer_sensitivity",
+           "score_spread"]
 
 ALLOCATIONS = ("uniform", "pyramid", "sensitivity")
 #: scorers a recipe may blend novelty into (static ones a filter set builds alone); their spreads are measured

@@ -496,6 +496,16 @@ _GLOSSARY = """Chapter 1. Hacker Slang
 
 Glossary
 
+  0
+
+   0
+
+   /dev/null
+
+   :/dev/null: /dev·nuhl/, n.
+
+   A notional \u2018black hole\u2019; see {bit bucket}.
+
   A
 
    A
@@ -519,9 +529,9 @@ Glossary
    :back door: n.
 
    A hole in the security of a system deliberately left in place; see {trap door}.
-   :/dev/null: /dev·nuhl/, n.
+   :-bait: suff.
 
-   A notional \u2018black hole\u2019; see {bit bucket}.
+   A suffix filed under B, as the File files it.
 
    \u00a0 \u00a0 Part\u00a0III.\u00a0Appendices
 
@@ -530,15 +540,17 @@ Glossary
 """
 
 
-def test_the_jargon_glossary_groups_entries_by_initial_and_drops_the_tables_of_contents() -> None:
+def test_the_jargon_glossary_groups_entries_by_section_and_drops_the_tables_of_contents() -> None:
     documents = split_glossary(_GLOSSARY)
     assert [d.title for d in documents] == ["0-9", "A", "B"]  # symbols and digits first
     symbols, a, b = (d.text for d in documents)
     assert a == (":abbrev: /*-breev'/, /*-brev'/, n.\n\nCommon abbreviation for {abbreviation}.\n\n"
                  ":ACK: /ak/, interj.\n\n1. [common; from the ASCII mnemonic] Acknowledge.\n")
     assert "back door\n\n:back" not in b and b.startswith(":back door: n.")  # B's table of contents is gone
-    assert symbols.startswith(":/dev/null:") and "Part" not in symbols and "Folklore" not in symbols
-    assert "Chapter" not in "".join(d.text for d in documents)
+    assert b.endswith(":-bait: suff.\n\nA suffix filed under B, as the File files it.\n")  # its section, not 0-9
+    assert symbols == ":/dev/null: /dev·nuhl/, n.\n\nA notional \u2018black hole\u2019; see {bit bucket}.\n"
+    everything = "".join(d.text for d in documents)
+    assert "Chapter" not in everything and "Part" not in everything and "Folklore" not in everything
 
 
 @needs_apt
@@ -561,18 +573,21 @@ _OSIS_OT = (
     '<div canonical="true" osisID="Gen" sID="g2" type="book"/><title type="main">Genesis</title>'
     '<div sID="g3" type="x-p"/><chapter osisID="Gen.1" sID="Gen.1"/><w lemma="strong:H0430">In</w> the beginning, '
     '<w lemma="strong:H0430">God</w><note placement="foot"><reference>1:1 </reference>Elohim.</note>'
-    '<w lemma="strong:H1254">created</w> the heavens.<div eID="g3" type="x-p"/>'
+    '<w lemma="strong:H1254">created</w> the heavens. God\u2019s<note>x</note>Spirit moved and<note>y</note>'
+    'Samellius spoke.<div eID="g3" type="x-p"/>'
 )
 _OSIS_NT = ('<div canonical="true" eID="g2" osisID="Gen" type="book"/>'
             '<div canonical="true" osisID="Matt" sID="g4" type="book"/><div sID="g5" type="x-p"/>The book of the '
             'genealogy.<l sID="l1"/>A line of verse.')
 
 
-def _ztext(directory: Path, testament: str, osis: str, pieces: int) -> None:
-    """A SWORD zText testament: the text cut into ``pieces`` zlib blocks (with an empty one) and its index."""
-    cut = [osis[k * len(osis) // pieces : (k + 1) * len(osis) // pieces].encode() for k in range(pieces)]
+def _ztext(directory: Path, testament: str, osis: str, cuts: tuple[int, ...] = ()) -> None:
+    """A SWORD zText testament: the UTF-8 text cut at byte offsets ``cuts`` into zlib blocks (after an empty one),
+    and its index."""
+    raw_text = osis.encode()
+    bounds = [0, *cuts, len(raw_text)]
     index, data = b"", b""
-    for raw in [b"", *cut]:
+    for raw in [b"", *(raw_text[a:b] for a, b in zip(bounds, bounds[1:], strict=False))]:
         packed = zlib.compress(raw) if raw else b""
         index += struct.pack("<III", len(data), len(packed), len(raw))
         data += packed
@@ -585,11 +600,15 @@ def test_a_sword_module_reads_as_one_document_per_book_without_markup_or_notes(t
 
     module = tmp_path / MODULE_DIR
     module.mkdir(parents=True)
-    _ztext(module, "ot", _OSIS_OT, 3)  # blocks cut mid-tag: the text is read whole, then split into books
-    _ztext(module, "nt", _OSIS_NT, 1)
+    apostrophe = _OSIS_OT.encode().index("\u2019".encode())
+    # blocks cut mid-tag and mid-character: the text is read whole, then split into books
+    _ztext(module, "ot", _OSIS_OT, (40, apostrophe + 1))
+    _ztext(module, "nt", _OSIS_NT)
     genesis, matthew = parse_bible(tmp_path)
     assert (genesis.title, matthew.title) == ("Gen", "Matt")  # the front matter is not a book
-    assert genesis.text == "Genesis\n\nIn the beginning, God created the heavens.\n"  # the note stood for a space
+    # a note between two words stood for the space between them
+    assert genesis.text == ("Genesis\n\nIn the beginning, God created the heavens. God\u2019s Spirit moved and "
+                            "Samellius spoke.\n")
     assert matthew.text == "The book of the genealogy.\nA line of verse.\n"
     (module / "nt.bzs").write_bytes(b"\0" * 13)
     with pytest.raises(ValueError, match="12-byte"):

@@ -4,8 +4,9 @@ A lexicon is a text family of its own -- short definitions full of cross-referen
 pronunciations -- neither the handbook's technical prose nor a novel, which makes it a useful held-out text. The
 package ships ``jargon.txt.gz`` (the File rendered as text). Only the glossary is read: entries are lines that start
 ``   :TERM:`` (three spaces, the term between colons) up to the next entry; the per-letter tables of contents
-between entries (a letter heading indented two spaces, then the bare terms) are dropped. Entries whose term starts
-with a letter go to that letter's document (``A`` ... ``Z``), the others (``/dev/null``, ``404``) to ``0-9``.
+between entries (a section heading indented two spaces, then the bare terms) are dropped. Each entry goes to its
+section's document, as the File files it: ``0-9`` (``/dev/null``, ``404``), then ``A`` ... ``Z`` (suffixes such as
+``-oid`` sit under their letter).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from qfilters.data.corpus import Document
 
 PACKAGE = "jargon-text"
 #: Bump when parsing changes, so cached parses are redone.
-PARSER_VERSION = 1
+PARSER_VERSION = 2
 TEXT_FILE = "usr/share/doc/jargon-text/jargon.txt.gz"
 
 _ENTRY = re.compile(r"^   :([^:]+):")
-_LETTER_HEADING = re.compile(r"^  [A-Z]$")
+_SECTION_HEADING = re.compile(r"^  ([0-9A-Z])$")
 _GLOSSARY_END = re.compile(r"^\s*Part\s+III\.")  # the appendices (NBSPs normalized first)
 SYMBOLS = "0-9"
 
@@ -37,19 +38,19 @@ def parse_jargon(root: Path) -> list[Document]:
 
 
 def split_glossary(text: str) -> list[Document]:
-    """The glossary entries of a Jargon File text rendering, grouped by initial."""
+    """The glossary entries of a Jargon File text rendering, grouped by section."""
     groups: dict[str, list[list[str]]] = {}
+    section = SYMBOLS  # the glossary opens with the symbols and digits
     entry: list[str] | None = None  # the entry being read; None inside a table of contents or outside the glossary
     for raw in text.replace("\u00a0", " ").splitlines():
         if groups and _GLOSSARY_END.match(raw):
             break
-        match = _ENTRY.match(raw)
-        if match:
-            initial = match.group(1)[0].upper()
+        heading = _SECTION_HEADING.match(raw)
+        if heading:
+            section, entry = (heading.group(1) if heading.group(1).isalpha() else SYMBOLS), None
+        elif _ENTRY.match(raw):
             entry = []
-            groups.setdefault(initial if "A" <= initial <= "Z" else SYMBOLS, []).append(entry)
-        elif _LETTER_HEADING.match(raw):
-            entry = None
+            groups.setdefault(section, []).append(entry)
         if entry is not None:
             entry.append(raw.strip())
     documents = []

@@ -102,7 +102,7 @@ class RecipeSearch:
     passes: dict[int, int] = field(default_factory=dict)  # passes over the axes, per budget
     converged: dict[int, bool] = field(default_factory=dict)  # False where MAX_PASSES stopped a search still moving
     needle_attention: tuple[tuple[float, ...], ...] | None = None  # [layer][KV head], when the gate measured it
-    compressed_layers: tuple[int, ...] = ()  # the layers a recipe compresses, the only ones with recall heads
+    compressed_layers: tuple[int, ...] | None = None  # the layers a recipe compresses (None: every layer of the table)
 
 
 @dataclass
@@ -126,8 +126,8 @@ def stock_recipe(budget: int, settings: ValidationSettings) -> Recipe:
 
 
 def recipe_warnings(reports: Sequence[PerplexityReport]) -> list[str]:
-    """Held-out datasets where the searched recipe loses more perplexity than StreamingLLM (then no recipe earns its
-    place on such text) or than stock Q-Filters, per budget."""
+    """Held-out datasets where the searched recipe loses more perplexity than StreamingLLM (recency is the better bet
+    on such text) or than stock Q-Filters, per budget."""
     out = []
     for r in reports:
         rows = {(x.policy, x.budget): x.gap for x in r.rows}
@@ -420,12 +420,13 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
                             skipped=gate.skipped))
 
 
-def _top_recall_heads(table: Any, layers: Sequence[int], shown: int = 8) -> list[tuple[int, int, float]] | None:
+def _top_recall_heads(table: Any, layers: Sequence[int] | None, shown: int = 8) -> list[tuple[int, int, float]] | None:
     """The report's view of the needle attention: its ``shown`` highest heads in the compressed ``layers`` (a
     sliding-window layer is never compressed, so it has no recall head to show)."""
     from qfilters.recall_heads import top_heads
 
     if table is None:
         return None
+    layers = range(len(table)) if layers is None else layers
     heads = top_heads(table, min(shown, sum(len(table[i]) for i in layers)), layers)
     return [(i, h, round(float(table[i][h]), 4)) for i, h in heads]
