@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from qfilters.data import austen, bible, fortunes, handbook, jargon, pysources
 from qfilters.data.cache import corpora_dir, load_parsed, safe_name, save_parsed
@@ -88,33 +89,16 @@ def _load_handbook(spec: Spec, cache_dir: CacheDir) -> _Loaded:
     return documents, f"{packages[0].label} ({spec.locale})", _versions(packages)
 
 
-def _load_austen(spec: Spec, cache_dir: CacheDir) -> _Loaded:
-    documents, packages = _from_packages(
-        spec, cache_dir, [austen.PACKAGE], austen.PARSER_VERSION, lambda pkgs: austen.parse_austen(pkgs[0].root)
-    )
-    return documents, f"{packages[0].label} (janeaustenr: six novels)", _versions(packages)
+def _single_package(package: str, parser_version: int, parse: Callable[[Path], list[Document]], what: str
+                    ) -> Callable[[Spec, CacheDir], _Loaded]:
+    """Loader of a corpus that is one Debian package parsed from its root (no spec argument)."""
 
+    def load(spec: Spec, cache_dir: CacheDir) -> _Loaded:
+        documents, packages = _from_packages(spec, cache_dir, [package], parser_version,
+                                             lambda pkgs: parse(pkgs[0].root))
+        return documents, f"{packages[0].label} ({what})", _versions(packages)
 
-def _load_bible(spec: Spec, cache_dir: CacheDir) -> _Loaded:
-    documents, packages = _from_packages(
-        spec, cache_dir, [bible.PACKAGE], bible.PARSER_VERSION, lambda pkgs: bible.parse_bible(pkgs[0].root)
-    )
-    return documents, f"{packages[0].label} (World English Bible)", _versions(packages)
-
-
-def _load_jargon(spec: Spec, cache_dir: CacheDir) -> _Loaded:
-    documents, packages = _from_packages(
-        spec, cache_dir, [jargon.PACKAGE], jargon.PARSER_VERSION, lambda pkgs: jargon.parse_jargon(pkgs[0].root)
-    )
-    return documents, f"{packages[0].label} (the Jargon File's glossary)", _versions(packages)
-
-
-def _load_python_docs(spec: Spec, cache_dir: CacheDir) -> _Loaded:
-    documents, packages = _from_packages(
-        spec, cache_dir, [pysources.DOCS_PACKAGE], pysources.PARSER_VERSION,
-        lambda pkgs: pysources.parse_python_docs(pkgs[0].root),
-    )  # fmt: skip
-    return documents, f"{packages[0].label} (reST sources)", _versions(packages)
+    return load
 
 
 def _load_fortunes(spec: Spec, cache_dir: CacheDir) -> _Loaded:
@@ -129,10 +113,11 @@ _LOADERS: dict[str, Callable[[Spec, CacheDir], _Loaded]] = {
     "local": _load_local,
     "hf": _load_hf,
     "handbook": _load_handbook,
-    "austen": _load_austen,
-    "bible": _load_bible,
-    "jargon": _load_jargon,
-    "python-docs": _load_python_docs,
+    "austen": _single_package(austen.PACKAGE, austen.PARSER_VERSION, austen.parse_austen, "janeaustenr: six novels"),
+    "bible": _single_package(bible.PACKAGE, bible.PARSER_VERSION, bible.parse_bible, "World English Bible"),
+    "jargon": _single_package(jargon.PACKAGE, jargon.PARSER_VERSION, jargon.parse_jargon, "the Jargon File's glossary"),
+    "python-docs": _single_package(pysources.DOCS_PACKAGE, pysources.PARSER_VERSION, pysources.parse_python_docs,
+                                   "reST sources"),
     "python-code": _load_python_code,
     "fortunes": _load_fortunes,
 }
