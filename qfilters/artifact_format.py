@@ -77,9 +77,9 @@ def check_digest(data: bytes, declared: str, label: str, declared_by: str) -> st
     A 64-hex digest is a sha256; a 40-hex one the git blob sha1 that huggingface.co gives small files (a plain sha1
     is accepted too, for Hub-compatible servers that use one). Anything else carries no hash and is not checked.
     """
-    if _SHA256_RE.match(declared):
+    if _SHA256_RE.fullmatch(declared):
         actual, algo = hashlib.sha256(data).hexdigest(), "sha256"
-    elif _SHA1_RE.match(declared):
+    elif _SHA1_RE.fullmatch(declared):
         actual, algo = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(), "git sha1"
         if actual != declared and hashlib.sha1(data).hexdigest() == declared:
             actual = declared
@@ -148,7 +148,7 @@ def read_metadata(raw: bytes, label: str, config_shape: tuple[int, int, int], co
             f"was written in format_version {version}, this qfilters reads up to {FORMAT_VERSION}; upgrade qfilters",
         )
     sha = info.get("tensor_sha256")
-    if not isinstance(sha, str) or not _SHA256_RE.match(sha):
+    if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha):
         raise ArtifactError(label, f"'tensor_sha256' must be a 64-character lowercase hex digest, got {sha!r}")
     shape = info.get("tensor_shape")
     if shape is not None and list(shape) != list(config_shape):

@@ -165,7 +165,7 @@ def cached(repo_id: str, filename: str, *, revision: str | None,
 
 def commit_of(path: Path) -> str | None:
     """The commit a file fetched by huggingface_hub belongs to (its snapshot folder), if the path shows it."""
-    return path.parent.name if _COMMIT_RE.match(path.parent.name) else None
+    return path.parent.name if _COMMIT_RE.fullmatch(path.parent.name) else None
 
 
 def _optional_file_absent(cause: BaseException | None, local_files_only: bool) -> bool:
@@ -185,7 +185,7 @@ def served_digest(path: Path) -> str | None:
         name = os.path.basename(os.readlink(path))
     except OSError:
         return None
-    return name if _SHA256_RE.match(name) or _COMMIT_RE.match(name) else None
+    return name if _SHA256_RE.fullmatch(name) or _COMMIT_RE.fullmatch(name) else None
 
 
 def translate_hub_error(

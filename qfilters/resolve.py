@@ -91,7 +91,7 @@ def locate(identifier: str, *, revision: str | None, token: str | bool | None,
            cache_dir: str | os.PathLike[str] | None, local_files_only: bool, endpoint: str | None,
            force_download: bool) -> Located:
     """Find the files for a filter repo id or a base model id (see the module docstring for the order)."""
-    if not _REPO_ID_RE.match(identifier) or ".." in identifier:
+    if not _REPO_ID_RE.fullmatch(identifier) or ".." in identifier:
         raise ArtifactNotFoundError(
             f"{identifier!r} is neither an existing local directory nor a valid repo id ('owner/name' or 'name')")
     opts = _Options(revision, token, cache_dir, local_files_only, endpoint, force_download)
@@ -296,7 +296,7 @@ def _registry_files(answer: dict[str, Any], registry: str, where: str) -> dict[s
         if name not in ARTIFACT_FILES:
             continue  # reports and other files are not needed to load
         sha, url = entry.get("sha256"), entry.get("url")
-        if not isinstance(sha, str) or not _SHA256_RE.match(sha) or not isinstance(url, str):
+        if not isinstance(sha, str) or not _SHA256_RE.fullmatch(sha) or not isinstance(url, str):
             raise ArtifactError(where, f"listed {name} without a valid sha256 and url: {entry!r}")
         url = urllib.parse.urljoin(registry + "/", url)
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     allowed_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     allowed_datasets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     hub_timeout: float = Field(default=5.0, gt=0, le=60)
+    # How large one job may be: the longest sequence it may ask for (calibration, evaluation, passkey context) and
+    # batch_size x seq_len of a calibration step. Memory grows with both; raise them on hosts with the memory.
+    max_seq_len: int = Field(default=32_768, ge=16)
+    max_batch_tokens: int = Field(default=262_144, ge=16)
     # ---- worker pool (executor=celery)
     broker_url: str = "redis://127.0.0.1:6379/0"
     # Queues by the memory a job's model needs, "name=GiB" comma-separated: a job goes to the smallest that fits.

@@ -11,6 +11,7 @@ import logging
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import func, select
 
+from registry.api.deps import PublicRead
 from registry.models import JOB_STATUSES, Job, JobTask
 
 log = logging.getLogger("qfilters.registry.metrics")
@@ -35,7 +36,9 @@ def queue_depths(broker_url: str, queues: list[str]) -> dict[str, int]:
 
 
 @router.get("/metrics")
-def metrics(request: Request) -> Response:
+def metrics(request: Request, _: PublicRead) -> Response:
+    """Readable like the rest of the registry: by anyone with public reads on, else with a read token (Prometheus:
+    ``authorization: {credentials_file: ...}``)."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
     state = request.app.state.registry

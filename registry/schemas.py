@@ -20,7 +20,7 @@ SERVICE_SPEC_KINDS = ("handbook", "austen", "bible", "jargon", "python-docs", "p
 
 
 def _check_repo_id(value: str) -> str:
-    if not _REPO_ID.match(value) or ".." in value or value.endswith((".", "-")) or value.endswith(".git"):
+    if not _REPO_ID.fullmatch(value) or ".." in value or value.endswith((".", "-")) or value.endswith(".git"):
         raise ValueError(
             f"{value!r} is not a valid model or repo id: use 'name' or 'org/name' with letters, digits, '.', '_', '-' "
             "(at most 96 characters each, no '..', no leading '.' or '-')"
@@ -29,13 +29,13 @@ def _check_repo_id(value: str) -> str:
 
 
 def _check_revision(value: str) -> str:
-    if not _REVISION.match(value) or ".." in value or "//" in value:
+    if not _REVISION.fullmatch(value) or ".." in value or "//" in value:
         raise ValueError(f"{value!r} is not a valid revision: a branch, tag or commit hash such as 'main' or 'v1.0'")
     return value
 
 
 def _check_alias(value: str) -> str:
-    if not _ALIAS.match(value):
+    if not _ALIAS.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid alias: lowercase letters, digits, '_' and '-', e.g. 'stable'")
     return value
 
@@ -117,9 +117,9 @@ class JobCreate(BaseModel):
         if len(set(self.datasets)) != len(self.datasets):
             raise ValueError("calibration datasets must be distinct")
         shared = sorted(set(self.datasets) & set(self.eval_datasets))
-        if self.search_recipe and shared:
-            raise ValueError(f"search_recipe searches on calibration text and is checked on evaluation text: "
-                             f"{', '.join(shared)} cannot be both")
+        if shared:  # a verdict on the text the filters were fitted to passes too easily, and a pass moves `latest`
+            raise ValueError(f"evaluation datasets must be held out from calibration: {', '.join(shared)} cannot be "
+                             "both (evaluate on another dataset, e.g. austen or handbook:fr)")
         if resolve_alias(self.model) and self.revision not in (None, "main"):
             raise ValueError(f"{self.model!r} is an embedded model with one revision (the packaged weights): omit "
                              f"'revision' (got {self.revision!r}), or name the Hub id to pin a Hub revision")

@@ -102,6 +102,10 @@ def test_parse_good_specs_and_normalize(text: str, expected: object, normalized:
         ("hf:a:b:c:d:e", ["hf:NAME[:CONFIG]:SPLIT[:COLUMN]"]),
         ("hf:bad name:test", ["not a Hub dataset name"]),
         ("hf:name:cfg:bad split!", ["not a split"]),
+        ("hf:org/name:/etc/passwd:train:text", ["'/etc/passwd' is not a dataset config name"]),
+        ("hf:org/name:cfg:train:../../etc", ["'../../etc' is not a column name"]),
+        ("hf:org/name:cfg\n:train:text", ["is not a dataset config name"]),
+        ("hf:org/name\n:train", ["not a Hub dataset name"]),
         ("file:/definitely/not/here.txt", ["no file, directory or glob match"]),
     ],
 )  # fmt: skip

@@ -59,7 +59,7 @@ def fetch_package(
     :class:`DatasetUnavailableError` (with apt's own message and what to do) when the package can be neither found
     in the cache nor downloaded.
     """
-    if not _PACKAGE_NAME.match(name):
+    if not _PACKAGE_NAME.fullmatch(name):
         raise ValueError(f"invalid Debian package name {name!r}")
     base = corpora_dir(cache_dir) / "debian"
     cached = _newest_cached(base, name)

@@ -39,8 +39,8 @@ def load_hf(spec: HFSpec) -> tuple[list[Document], str]:
                       "on a connected machine")
         else:
             reason = "the Hugging Face Hub is unreachable from here. Check the network or proxy settings"
-        raise DatasetUnavailableError(f"cannot load {spec.normalized!r}: {reason}; alternatively use a local "
-                                      f"corpus (PATH/GLOB). Details: {err}") from None
+        local = "" if spec.hub_only else "; alternatively use a local corpus (PATH/GLOB)"  # a service takes none
+        raise DatasetUnavailableError(f"cannot load {spec.normalized!r}: {reason}{local}. Details: {err}") from None
     except FileNotFoundError as err:
         raise DatasetUnavailableError(f"cannot load {spec.normalized!r}: dataset {label} not found on the Hub or "
                                       f"locally ({err}). Check the name and configuration.") from None

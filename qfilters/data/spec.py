@@ -65,6 +65,8 @@ _KINDS: tuple[tuple[str, str], ...] = (
 _COMMON_SPLITS = {"train", "test", "validation", "valid", "dev", "eval", "evaluation"}
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _HF_SPLIT = re.compile(r"^[A-Za-z0-9_.-]+(\[[^\]]*\])?(\+[A-Za-z0-9_.-]+(\[[^\]]*\])?)*$")
+# configs and columns: what Hub datasets use ("wikitext-2-raw-v1", "20220301.en", "sentence1"), nothing path-like
+_HF_FIELD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _LOCALE = re.compile(r"^([A-Za-z]{2,3})(?:[-_]([A-Za-z]{2}))?$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -235,7 +237,7 @@ def _parse_handbook(spec: str, arg: str | None) -> HandbookSpec:
 def resolve_handbook_locale(lang: str, spec: str | None = None) -> str:
     """Map ``en`` -> ``en-US``, ``pt_br`` -> ``pt-BR``; ambiguous or unknown codes raise listing the choices."""
     where = f"dataset spec {spec!r}" if spec else f"handbook language {lang!r}"
-    match = _LOCALE.match(lang.strip())
+    match = _LOCALE.fullmatch(lang.strip())
     if not match:
         raise DatasetSpecError(f"{where}: {lang!r} is not a language code or locale. Available locales: "
                                f"{', '.join(HANDBOOK_LOCALES)}.")
@@ -276,13 +278,19 @@ def _parse_hf(spec: str, arg: str | None) -> HFSpec:
     else:
         name, config, split, column = parts[0], parts[1], parts[2], "text"  # NAME:CONFIG:SPLIT
     config = config or None
-    if not _HF_NAME.match(name):
+    if not _HF_NAME.fullmatch(name):
         raise DatasetSpecError(f"dataset spec {spec!r}: {name!r} is not a Hub dataset name (owner/name); {usage}.")
-    if not split or not _HF_SPLIT.match(split):
+    if not split or not _HF_SPLIT.fullmatch(split):
         raise DatasetSpecError(f"dataset spec {spec!r}: {split!r} is not a split such as train, test or "
                                f"train[:1000]; {usage}.")
+    if config is not None and (not _HF_FIELD.fullmatch(config) or ".." in config):
+        raise DatasetSpecError(f"dataset spec {spec!r}: {config!r} is not a dataset config name (letters, digits, "
+                               f"'_', '.', '-'); {usage}.")
     if not column:
         raise DatasetSpecError(f"dataset spec {spec!r}: empty COLUMN; {usage}.")
+    if not _HF_FIELD.fullmatch(column) or ".." in column:
+        raise DatasetSpecError(f"dataset spec {spec!r}: {column!r} is not a column name (letters, digits, '_', '.', "
+                               f"'-'); {usage}.")
     return HFSpec(name, config, split, column)
 
 

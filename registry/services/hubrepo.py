@@ -71,7 +71,7 @@ class EntryNotFound(HubError):
 
 
 def check_name(part: str, what: str) -> str:
-    if not _NAME.match(part) or ".." in part or part.endswith((".", "-", ".git")):
+    if not _NAME.fullmatch(part) or ".." in part or part.endswith((".", "-", ".git")):
         raise HubError(f"{what} {part!r} is not valid: letters, digits, '.', '_', '-' (at most 96 characters, no "
                        "leading '.' or '-', no '..')", status=400)
     return part
@@ -97,7 +97,7 @@ def check_path(path: str) -> str:
 
 
 def check_tag(tag: str) -> str:
-    if not _TAG.match(tag) or ".." in tag or tag.endswith((".", ".lock")) or _COMMIT.match(tag):
+    if not _TAG.fullmatch(tag) or ".." in tag or tag.endswith((".", ".lock")) or _COMMIT.fullmatch(tag):
         raise HubError(f"tag {tag!r} is not valid: letters, digits, '.', '_', '+', '-' (at most 100 characters)",
                        status=400)
     return tag
@@ -153,7 +153,7 @@ def resolve(session: Session, repo: HubRepo, revision: str) -> str:
                          .order_by(HubRef.kind))  # branch before tag, as git does
     if ref is not None:
         return ref
-    if _COMMIT.match(revision) and session.scalar(select(HubCommit.sha).where(
+    if _COMMIT.fullmatch(revision) and session.scalar(select(HubCommit.sha).where(
             HubCommit.sha == revision, HubCommit.repo_pk == repo.id)) is not None:
         return revision
     raise RevisionNotFound(f"repository {repo.repo_id!r} has no revision {revision!r} (branches, tags or commit ids)")

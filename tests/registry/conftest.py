@@ -133,7 +133,7 @@ def sqlite_registry(tmp_path: Path) -> Iterator[Registry]:
 # Small, valid job: the tiny model runs it in seconds; python-code needs no download.
 TINY_JOB = {
     "model": "tiny-llama",
-    "datasets": ["python-code", "handbook:en"],
+    "datasets": ["handbook:en", "handbook:fr"],
     "eval_datasets": ["python-code"],
     "tokens": 256,
     "seq_len": 128,

@@ -95,6 +95,19 @@ def test_idempotency_key_same_body_same_job_other_body_conflict(registry) -> Non
     ({"score_last": 500}, "score_last"),
     ({"gates": {"no_such_gate": 1}}, "unknown gate"),
     ({"publish_to": "org/../x"}, "not a valid model or repo id"),
+    # a third hostile probe: "$" matched before a trailing newline; config and column parts were not checked; a
+    # job could be evaluated on its own calibration text; sizes were bounded by the schema only (131072 x 256)
+    ({"model": "org/name\n"}, "not a valid model"),
+    ({"revision": "main\n"}, "not a valid revision"),
+    ({"publish_to": "evil/x\n"}, "not a valid model or repo id"),
+    ({"datasets": ["hf:org/name\n:train", "python-code"]}, "not a Hub dataset name"),
+    ({"datasets": ["hf:org/name:/etc/passwd:train:text", "python-code"]}, "not a dataset config name"),
+    ({"datasets": ["hf:org/name:cfg:train:../../etc", "python-code"]}, "not a column name"),
+    ({"eval_datasets": ["handbook:en"]}, "held out from calibration"),
+    ({"seq_len": 131_072, "tokens": 131_072}, "QFILTERS_MAX_SEQ_LEN"),
+    ({"eval_seq_len": 65_536}, "QFILTERS_MAX_SEQ_LEN"),
+    ({"passkey_trials": 2, "passkey_context": 65_536, "eval_seq_len": 128}, "QFILTERS_MAX_SEQ_LEN"),
+    ({"seq_len": 8192, "batch_size": 256, "tokens": 8192}, "QFILTERS_MAX_BATCH_TOKENS"),
     ({"surprise": 1}, "extra"),
 ])
 def test_bad_submissions_get_a_422_that_says_what_to_fix(sqlite_registry, change, words) -> None:
@@ -138,7 +151,7 @@ def test_a_job_runs_to_a_filter_set_with_verdict_report_and_downloads(registry, 
     fs = client.get(f"/v1/filter-sets/{job['filter_set_id']}").json()
     assert fs["version"] == 1 and fs["verdict"] == "pass" and fs["aliases"] == ["latest"]
     assert fs["shape"] == list(tiny_llama.info.filter_shape)
-    assert fs["datasets"] == ["python-code", "handbook:en"]
+    assert fs["datasets"] == ["handbook:en", "handbook:fr"]
     assert fs["provenance"]["statistics"]  # per-head statistics travel with the artifact
 
     report = ValidationReport.model_validate_json(client.get(fs["links"]["report_json"]).content)
@@ -168,10 +181,10 @@ def test_a_job_runs_to_a_filter_set_with_verdict_report_and_downloads(registry, 
     model = client.get(f"/v1/models/{fs['model_id']}").json()
     assert model["hf_id"] == "tiny-llama" and model["num_kv_heads"] == 2 and model["versions"] == 1
     datasets = {d["spec"]: d for d in client.get("/v1/datasets").json()["items"]}
-    assert len(datasets["python-code"]["sha256"]) == 64 and datasets["handbook:en"]["tokens"] == 256
+    assert len(datasets["handbook:fr"]["sha256"]) == 64 and datasets["handbook:en"]["tokens"] == 256
     lineage = client.get(f"/v1/filter-sets/{fs['id']}/lineage").json()
     assert lineage["job"]["id"] == job["id"]
-    assert [d["spec"] for d in lineage["calibration_datasets"]] == ["python-code", "handbook:en"]
+    assert [d["spec"] for d in lineage["calibration_datasets"]] == ["handbook:en", "handbook:fr"]
     assert [d["spec"] for d in lineage["evaluation_datasets"]] == ["python-code"]
 
 
@@ -418,6 +431,9 @@ def test_a_burst_larger_than_the_pool_queues_instead_of_failing(postgres_server,
         _drop_pg_database(postgres_server, name)
 
 
+CODE_AND_HANDBOOK = ["python-code", "handbook:en"]
+
+
 def test_a_job_can_search_a_recipe_and_ships_it_with_the_filters(registry, tiny_llama, tmp_path) -> None:
     from qfilters.artifact import QFilters
     from qfilters.validation.schema import ValidationReport
@@ -426,17 +442,19 @@ def test_a_job_can_search_a_recipe_and_ships_it_with_the_filters(registry, tiny_
 
     client, headers = registry.client, registry.auth(registry.token("submit", "publish"))
     plain = client.post("/v1/jobs", json=_job(), headers=headers).json()
-    overlapping = client.post("/v1/jobs", json=_job(search_recipe=True), headers=headers)  # python-code twice
+    overlapping = client.post("/v1/jobs", json=_job(search_recipe=True, eval_datasets=["handbook:en"]),
+                              headers=headers)  # handbook:en twice
     assert "cannot be both" in _problem(overlapping, 422)["detail"]
     for bad in ({"passkey_trials": 257}, {"passkey_trials": -1}, {"passkey_trials": 2, "passkey_context": 8}):
         assert client.post("/v1/jobs", json=_job(**bad), headers=headers).status_code == 422, bad
     # found by a hostile probe: a context without trials was accepted, then silently dropped from the stored job
     alone = client.post("/v1/jobs", json=_job(passkey_context=128), headers=headers)
     assert "does nothing without passkey trials" in _problem(alone, 422)["detail"]
-    recipe_only = client.post("/v1/jobs", json=_job(search_recipe=True, eval_datasets=["handbook:fr"], seed=1),
-                              headers=headers).json()
+    recipe_only = client.post("/v1/jobs", json=_job(search_recipe=True, datasets=CODE_AND_HANDBOOK,
+                                                    eval_datasets=["handbook:fr"], seed=1), headers=headers).json()
     job = client.post("/v1/jobs", json=_job(gates={**PASSING_GATES, "passkey_vs_streamingllm": -1.0},
-                                            search_recipe=True, eval_datasets=["handbook:fr"], passkey_trials=2,
+                                            search_recipe=True, datasets=CODE_AND_HANDBOOK,
+                                            eval_datasets=["handbook:fr"], passkey_trials=2,
                                             passkey_context=280),  # the tiny model's characters: intro + needle
                       headers=headers).json()
     with session_scope(registry.state.session_factory) as s:  # only jobs using a field need workers that know it

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-JOB = {"model": "smollm2", "datasets": ["python-code", "handbook:en"], "eval_datasets": ["python-code"],
+JOB = {"model": "smollm2", "datasets": ["handbook:en", "handbook:fr"], "eval_datasets": ["python-code"],
        "tokens": 2048}  # everything else: the API's defaults
 CANCEL_WITHIN_S = 10.0
 

@@ -4,6 +4,9 @@
 - embedded models have one revision: a job cannot register their filters under a revision that does not exist;
 - with public reads off, downloads and report pages are never cacheable by shared caches;
 - every answer says nosniff / no framing, and a report page renders sandboxed.
+
+A third probe (README and curl only) found the service's job counts open to anyone with public reads off (last test
+here); its other findings are cases of ``test_bad_submissions_get_a_422_that_says_what_to_fix``.
 """
 
 from __future__ import annotations
@@ -105,3 +108,16 @@ def test_nul_characters_in_queries_are_refused_not_sent_to_the_database(registry
         assert answer.status_code == 422, (path, answer.text)
         assert answer.headers["content-type"].startswith("application/problem+json")
     assert client.get("/v1/models?model_type=llama").status_code == 200
+
+
+def test_metrics_need_a_read_token_when_reads_are_private(tmp_path) -> None:
+    for public in (True, False):
+        reg = Registry(f"sqlite:///{tmp_path / f'metrics-{public}.sqlite3'}", tmp_path / f"data-{public}",
+                       public_reads=public)
+        try:
+            anonymous = reg.client.get("/metrics")
+            assert anonymous.status_code == (200 if public else 401), anonymous.text
+            reader = reg.client.get("/metrics", headers=reg.auth(reg.token("read")))
+            assert reader.status_code == 200 and "qfilters_jobs" in reader.text
+        finally:
+            reg.close()

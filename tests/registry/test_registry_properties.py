@@ -104,6 +104,7 @@ def test_no_job_body_escalates_a_scope_or_reaches_the_server_disk(world, drawn, 
         if body.get("publish_to") is not None or body.get("force_publish"):
             assert "publish" in scopes, (caller, body)
         assert not _refused_source(body), body
+        assert not set(body["datasets"]) & set(body["eval_datasets"]), body  # evaluation text is held out
         stored = reg.client.get(response.headers["location"]).json()["request"]
         assert not _refused_source(stored)
     else:

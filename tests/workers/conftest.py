@@ -41,7 +41,7 @@ FINAL = ("succeeded", "failed", "cancelled")
 # A tiny-model job whose calibrations last long enough to be caught in the middle (a few seconds each).
 TINY_JOB = {
     "model": TINY_REPO,
-    "datasets": ["python-code", "handbook:en"],
+    "datasets": ["handbook:en", "handbook:fr"],
     "eval_datasets": ["python-code"],
     "tokens": 98304,
     "seq_len": 128,

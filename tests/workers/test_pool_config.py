@@ -89,7 +89,7 @@ def test_the_api_in_celery_mode_imports_neither_torch_nor_task_code(tmp_path: Pa
                                   broker_url="redis://127.0.0.1:1/0"), run_jobs=True)
         with session_scope(app.state.registry.session_factory) as s:
             _, token = tokens.create_token(s, "t", ["submit"])
-        body = {{"model": "smollm2", "datasets": ["python-code", "handbook:en"], "eval_datasets": ["python-code"],
+        body = {{"model": "smollm2", "datasets": ["handbook:en", "handbook:fr"], "eval_datasets": ["python-code"],
                 "tokens": 256, "seq_len": 128, "eval_seq_len": 128, "budgets": [48, 24]}}
         with TestClient(app) as c:
             r = c.post("/v1/jobs", json=body, headers={{"Authorization": "Bearer " + token}})

@@ -198,7 +198,9 @@ def test_cancel_stops_a_running_job_at_its_next_batch(stack: Stack) -> None:
     assert stack.sql("SELECT count(*) FROM filter_sets") == [(0,)]
 
 
-@pytest.mark.parametrize("stack", [{"queues": "cpu=16,gpu=80,gpu-x4=320"}], indirect=True)
+# size limits raised past the request (the operator's own caps are tested with the API): the queues decide here
+@pytest.mark.parametrize("stack", [{"queues": "cpu=16,gpu=80,gpu-x4=320", "max_seq_len": 131072,
+                                    "max_batch_tokens": 2**24}], indirect=True)
 def test_jobs_are_queued_by_the_memory_their_model_needs(stack: Stack, redis_server) -> None:
     import httpx
 
