@@ -30,7 +30,7 @@ parser.add_argument("--budget", type=int, default=128)
 parser.add_argument("--variants", nargs="+", default=["18x3", "9x5", "27x2"], help="KxF: top K heads get F x")
 parser.add_argument("--texts", nargs="+", default=["jargon", "python-docs"])
 parser.add_argument("--out", default="head-budgets.json")
-args = parser.parse_args()
+args = parser.parse_args() if __name__ == "__main__" else None  # importable (PerHeadPolicy)
 
 
 class PerHeadPolicy(EvictionPolicy):
