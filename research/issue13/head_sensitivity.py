@@ -19,7 +19,8 @@ import json
 import time
 
 from head_budgets import PerHeadPolicy
-from heldout import HERE, held_out, measure, patch_eviction_hook, search_text, shipped_book, shipped_variant, streamingllm
+from heldout import (HERE, held_out, measure, patch_eviction_hook, search_text, shipped_book, shipped_variant,
+                     streamingllm)
 
 from qfilters import QFilters, load_model
 from qfilters.onepass import perplexity
@@ -39,7 +40,7 @@ parser.add_argument("--needle-only", action="store_true", help="the needle-atten
 parser.add_argument("--no-search-text", action="store_true")
 parser.add_argument("--texts", nargs="+", default=["jargon", "python-docs"])
 parser.add_argument("--out", default="head-sensitivity.json")
-args = parser.parse_args()
+args = parser.parse_args() if __name__ == "__main__" else None  # importable (by_sensitivity)
 
 
 class OneHeadPolicy(EvictionPolicy):
@@ -99,7 +100,8 @@ if __name__ == "__main__":
         sens = {tuple(int(x) for x in k.split(".")): v for k, v in stored.items()}
     else:
         sens = head_sensitivity(lm, search_text(lm).ids[0], filters, b, min(64, b // 2), layers, n_heads)
-    out: dict = {"filters": args.filters, "budget": b, "docs": args.docs, "sensitivity_seconds": round(time.time() - t0),
+    out: dict = {"filters": args.filters, "budget": b, "docs": args.docs,
+                 "sensitivity_seconds": round(time.time() - t0),
                  "head_sensitivity": {f"{i}.{h}": round(v, 6) for (i, h), v in sens.items()}, "allocations": {}}
     policies = {}
     for budget in args.budgets or [b]:
