@@ -56,6 +56,22 @@ def _check_dataset_spec(value: str) -> str:
         raise ValueError(str(e).splitlines()[0]) from None
 
 
+def _same_text(a: str, b: str) -> bool:
+    """Whether two (canonical) dataset specs can read the same documents: equal specs, or ``hf:`` specs of one
+    dataset (Hub ids ignore case), one config (none = ``default``) and a split in common, whatever slice or column."""
+    from qfilters.data.spec import HFSpec, parse_spec
+
+    pa, pb = parse_spec(a, allow_local=False), parse_spec(b, allow_local=False)
+    if not (isinstance(pa, HFSpec) and isinstance(pb, HFSpec)):
+        return str(pa) == str(pb)
+
+    def splits(split: str) -> set[str]:
+        return {s.lower() for s in re.sub(r"\[[^\]]*\]", "", split).split("+")}
+
+    return (pa.name.lower() == pb.name.lower() and (pa.config or "default") == (pb.config or "default")
+            and bool(splits(pa.split) & splits(pb.split)))
+
+
 RepoId = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_check_repo_id)]
 Revision = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_check_revision)]
 AliasName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_check_alias)]
@@ -116,7 +132,7 @@ class JobCreate(BaseModel):
 
         if len(set(self.datasets)) != len(self.datasets):
             raise ValueError("calibration datasets must be distinct")
-        shared = sorted(set(self.datasets) & set(self.eval_datasets))
+        shared = sorted({e for e in self.eval_datasets for c in self.datasets if _same_text(c, e)})
         if shared:  # a verdict on the text the filters were fitted to passes too easily, and a pass moves `latest`
             raise ValueError(f"evaluation datasets must be held out from calibration: {', '.join(shared)} cannot be "
                              "both (evaluate on another dataset, e.g. austen or handbook:fr)")

@@ -64,9 +64,11 @@ _KINDS: tuple[tuple[str, str], ...] = (
 
 _COMMON_SPLITS = {"train", "test", "validation", "valid", "dev", "eval", "evaluation"}
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_HF_SPLIT = re.compile(r"^[A-Za-z0-9_.-]+(\[[^\]]*\])?(\+[A-Za-z0-9_.-]+(\[[^\]]*\])?)*$")
-# configs and columns: what Hub datasets use ("wikitext-2-raw-v1", "20220301.en", "sentence1"), nothing path-like
-_HF_FIELD = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+_HF_SPLIT = re.compile(r"^[A-Za-z0-9_.-]+(\[[^\]\x00-\x1f]*\])?(\+[A-Za-z0-9_.-]+(\[[^\]\x00-\x1f]*\])?)*$")
+# configs: what datasets itself accepts ("C++", "Visual Basic-all", "20220301.en"), nothing path-like; columns are
+# only ever a dictionary key: any printable name
+_HF_CONFIG = re.compile(r"[^./\\<>|?*\x00-\x1f][^/\\<>|?*\x00-\x1f]{0,199}")
+_HF_COLUMN = re.compile(r"[^\x00-\x1f]{1,200}")
 _LOCALE = re.compile(r"^([A-Za-z]{2,3})(?:[-_]([A-Za-z]{2}))?$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -283,14 +285,14 @@ def _parse_hf(spec: str, arg: str | None) -> HFSpec:
     if not split or not _HF_SPLIT.fullmatch(split):
         raise DatasetSpecError(f"dataset spec {spec!r}: {split!r} is not a split such as train, test or "
                                f"train[:1000]; {usage}.")
-    if config is not None and (not _HF_FIELD.fullmatch(config) or ".." in config):
-        raise DatasetSpecError(f"dataset spec {spec!r}: {config!r} is not a dataset config name (letters, digits, "
-                               f"'_', '.', '-'); {usage}.")
+    if config is not None and (not _HF_CONFIG.fullmatch(config) or ".." in config):
+        raise DatasetSpecError(f"dataset spec {spec!r}: {config!r} is not a dataset config name (no path "
+                               f"characters / \\ < > | ? *, no leading '.', no '..'); {usage}.")
     if not column:
         raise DatasetSpecError(f"dataset spec {spec!r}: empty COLUMN; {usage}.")
-    if not _HF_FIELD.fullmatch(column) or ".." in column:
-        raise DatasetSpecError(f"dataset spec {spec!r}: {column!r} is not a column name (letters, digits, '_', '.', "
-                               f"'-'); {usage}.")
+    if not _HF_COLUMN.fullmatch(column):
+        raise DatasetSpecError(f"dataset spec {spec!r}: {column!r} is not a column name (at most 200 printable "
+                               f"characters); {usage}.")
     return HFSpec(name, config, split, column)
 
 
