@@ -181,9 +181,12 @@ def cancel(session: Session, job: Job, actor: str) -> Job:
     return job
 
 
-def retry(session: Session, job: Job, actor: str) -> Job:
+def retry(session: Session, job: Job, actor: str, admit: Callable[[Job], None] | None = None) -> Job:
+    """Queue a failed or cancelled job again; ``admit`` may still refuse it (raising) before anything changes."""
     if job.status not in ("failed", "cancelled"):
         raise Conflict(f"job {job.id} has status {job.status}; only failed or cancelled jobs can be retried")
+    if admit is not None:
+        admit(job)
     job.status, job.error, job.cancel_requested = "queued", None, False
     job.attempts, job.claimed_by, job.heartbeat_at, job.finished_at = 0, None, None, None
     job.tokens_done = job.steps_done = 0

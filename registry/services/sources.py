@@ -15,6 +15,7 @@ from fnmatch import fnmatchcase
 
 from registry.config import Settings
 from registry.errors import Unprocessable
+from registry.jobspec import JobSpec
 from registry.schemas import JobCreate
 
 
@@ -38,8 +39,9 @@ def check_job(settings: Settings, body: JobCreate) -> None:
             _confirm_on_hub("dataset", parsed.name, None, settings, "QFILTERS_ALLOWED_DATASETS")
 
 
-def check_size(settings: Settings, body: JobCreate) -> None:
-    """Raise :class:`Unprocessable` when a sequence or a calibration batch is larger than the operator allows."""
+def check_size(settings: Settings, body: JobCreate | JobSpec) -> None:
+    """Raise :class:`Unprocessable` when a sequence or a calibration batch is larger than the operator allows (a new
+    job's body, or a stored job's spec when it is retried: the limits may have been lowered since)."""
     lengths = {"seq_len": body.seq_len, "eval_seq_len": body.eval_seq_len, "passkey_context": body.passkey_context}
     for name, value in lengths.items():
         if value is not None and value > settings.max_seq_len:

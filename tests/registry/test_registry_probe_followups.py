@@ -5,8 +5,9 @@
 - with public reads off, downloads and report pages are never cacheable by shared caches;
 - every answer says nosniff / no framing, and a report page renders sandboxed.
 
-A third probe (README and curl only) found the service's job counts open to anyone with public reads off (last test
-here); its other findings are cases of ``test_bad_submissions_get_a_422_that_says_what_to_fix``.
+A third probe (README and curl only) and its review found the service's job counts open to anyone with public reads
+off, and retries that skipped the size limits (the last two tests here); its other findings are cases of
+``test_bad_submissions_get_a_422_that_says_what_to_fix``.
 """
 
 from __future__ import annotations
@@ -121,3 +122,16 @@ def test_metrics_need_a_read_token_when_reads_are_private(tmp_path) -> None:
             assert reader.status_code == 200 and "qfilters_jobs" in reader.text
         finally:
             reg.close()
+
+
+def test_a_retry_is_held_to_the_size_limits_of_today(sqlite_registry) -> None:
+    client = sqlite_registry.client
+    headers = sqlite_registry.auth(sqlite_registry.token("submit"))
+    job = client.post("/v1/jobs", json=_job(), headers=headers).json()  # 128-token sequences
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=headers).json()["status"] == "cancelled"
+    sqlite_registry.state.settings.max_seq_len = 64  # the operator lowered the limit since
+    refused = client.post(f"/v1/jobs/{job['id']}/retry", headers=headers)
+    assert refused.status_code == 422 and "QFILTERS_MAX_SEQ_LEN" in refused.json()["detail"]
+    assert client.get(f"/v1/jobs/{job['id']}", headers=headers).json()["status"] == "cancelled"  # left as it was
+    sqlite_registry.state.settings.max_seq_len = 128
+    assert client.post(f"/v1/jobs/{job['id']}/retry", headers=headers).json()["status"] == "queued"

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 
 from registry.api.deps import JobViewer, SessionDep, StateDep, Submitter
 from registry.api.present import base_url, job_public
+from registry.jobspec import JobSpec
 from registry.models import ApiToken
 from registry.schemas import JobCreate, JobList, JobPublic, JobStatus, Problem
 from registry.services import jobs, sources
@@ -84,8 +85,10 @@ def cancel_job(job_id: JobId, request: Request, session: SessionDep, state: Stat
 @router.post("/{job_id}/retry", response_model=JobPublic, responses=ERRORS)
 def retry_job(job_id: JobId, request: Request, session: SessionDep, state: StateDep, principal: Submitter,
               viewer: JobViewer) -> JobPublic:
-    """Queue a failed or cancelled job again, from the start. Only its submitter or an admin."""
-    job = jobs.retry(session, jobs.get_owned(session, job_id, viewer), principal.name)
+    """Queue a failed or cancelled job again, from the start. Only its submitter or an admin, within today's size
+    limits."""
+    job = jobs.retry(session, jobs.get_owned(session, job_id, viewer), principal.name,
+                     admit=lambda old: sources.check_size(state.settings, JobSpec.of(old)))
     session.commit()
     state.dispatcher.submitted(job.id)
     return job_public(job, base_url(request))
