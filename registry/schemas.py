@@ -56,22 +56,6 @@ def _check_dataset_spec(value: str) -> str:
         raise ValueError(str(e).splitlines()[0]) from None
 
 
-def _same_text(a: str, b: str) -> bool:
-    """Whether two (canonical) dataset specs can read the same documents: equal specs, or ``hf:`` specs of one
-    dataset (Hub ids ignore case), one config (none = ``default``) and a split in common, whatever slice or column."""
-    from qfilters.data.spec import HFSpec, parse_spec
-
-    pa, pb = parse_spec(a, allow_local=False), parse_spec(b, allow_local=False)
-    if not (isinstance(pa, HFSpec) and isinstance(pb, HFSpec)):
-        return str(pa) == str(pb)
-
-    def splits(split: str) -> set[str]:
-        return {s.lower() for s in re.sub(r"\[[^\]]*\]", "", split).split("+")}
-
-    return (pa.name.lower() == pb.name.lower() and (pa.config or "default") == (pb.config or "default")
-            and bool(splits(pa.split) & splits(pb.split)))
-
-
 RepoId = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_check_repo_id)]
 Revision = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_check_revision)]
 AliasName = Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_check_alias)]
@@ -126,13 +110,16 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobCreate:
+        from qfilters.data.spec import parse_spec
         from qfilters.models import resolve_alias
         from qfilters.validation.gates import ValidationInputError
         from qfilters.validation.run import check_settings
 
         if len(set(self.datasets)) != len(self.datasets):
             raise ValueError("calibration datasets must be distinct")
-        shared = sorted({e for e in self.eval_datasets for c in self.datasets if _same_text(c, e)})
+        calib = [parse_spec(c, allow_local=False) for c in self.datasets]
+        evaluation = {e: parse_spec(e, allow_local=False) for e in self.eval_datasets}
+        shared = sorted(e for e, spec in evaluation.items() if any(spec.shares_text_with(c) for c in calib))
         if shared:  # a verdict on the text the filters were fitted to passes too easily, and a pass moves `latest`
             raise ValueError(f"evaluation datasets must be held out from calibration: {', '.join(shared)} cannot be "
                              "both (evaluate on another dataset, e.g. austen or handbook:fr)")

@@ -88,6 +88,10 @@ class Spec:
     def __str__(self) -> str:
         return self.normalized
 
+    def shares_text_with(self, other: Spec) -> bool:
+        """Whether the two specs can read the same documents (evaluation text must be held out from calibration)."""
+        return self.normalized == other.normalized
+
 
 @dataclass(frozen=True)
 class LocalSpec(Spec):
@@ -124,6 +128,18 @@ class HFSpec(Spec):
     @property
     def normalized(self) -> str:  # always four fields, so it re-parses without the three-field heuristic
         return f"hf:{self.name}:{self.config or ''}:{self.split}:{self.column}"
+
+    def shares_text_with(self, other: Spec) -> bool:
+        """One Hub dataset (ids ignore case), one config (none = ``default``) and a split in common, whatever slice
+        or column: ``hf:x:train[:10%]`` and ``hf:X:default:train+test:body`` read the same rows."""
+        if not isinstance(other, HFSpec):
+            return False
+
+        def splits(split: str) -> set[str]:
+            return {s.lower() for s in re.sub(r"\[[^\]]*\]", "", split).split("+")}
+
+        return (self.name.lower() == other.name.lower() and (self.config or "default") == (other.config or "default")
+                and bool(splits(self.split) & splits(other.split)))
 
 
 @dataclass(frozen=True)
