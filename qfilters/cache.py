@@ -8,6 +8,11 @@ bounded), layers listed in ``uncompressed_layers`` a plain ``DynamicLayer``.
 Scores are static per key, so each key is scored once, on arrival, and its score is stored next to it: eviction is
 a sort over at most ``budget + new`` stored scores, never a rescoring of the cache.
 
+A layer whose KV heads keep different numbers of keys (a per-head recipe) stores each head's keys apart, so memory is
+the sum of the heads' budgets; each step pads them to one length and hides the padding with a per-head key mask
+(:func:`qfilters.attention.offer_key_mask`): the model's attention then runs as ``qfilters+sdpa`` (or ``+eager``),
+which :class:`QFiltersCache` switches it to. flash-attn takes no such mask; such recipes need sdpa.
+
 Limitations: no left padding (stored keys are not contiguous positions, so transformers' 2-D padding mask cannot be
 mapped onto them), no ``crop`` (assisted decoding), and with ``uncompressed_layers`` the full-attention layers hold
 different lengths, which only works where transformers skips the materialized mask (sdpa / flash without padding:
@@ -16,6 +21,7 @@ plain ``generate()`` and token-by-token decoding).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +39,7 @@ if TYPE_CHECKING:
     from qfilters.artifact import QFilters
     from qfilters.recipes import Recipe, RecipeBook
 
-__all__ = ["EvictingLayer", "QFiltersCache", "cache_kwargs"]
+__all__ = ["EvictingLayer", "QFiltersCache", "RaggedEvictingLayer", "cache_kwargs"]
 
 
 def cache_kwargs(model: Any, cache: Cache) -> dict[str, Cache]:
@@ -168,6 +174,105 @@ class EvictingLayer(DynamicLayer):
                 self.score_state = self.score_state.index_select(0, idx.to(self.score_state.device))
 
 
+class RaggedEvictingLayer(EvictingLayer):
+    """An :class:`EvictingLayer` whose KV head ``h`` keeps its own budget and window (``policy.head_limits``).
+
+    Each head's keys, values, scores and positions are stored apart (``head_keys[h]`` [B, S_h, D] ...): the layer holds
+    the sum of the heads' budgets, not the widest times the head count. ``keys``/``values`` stay empty.
+    """
+
+    def __init__(self, layer_idx: int, policy: EvictionPolicy) -> None:
+        super().__init__(layer_idx, policy)
+        self.head_keys: list[Tensor] = []
+        self.head_values: list[Tensor] = []
+        self.head_scores: list[Tensor] = []
+        self.head_positions: list[Tensor] = []
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads = key_states.shape[:2]
+        self.limits = self.policy.head_limits(heads)
+        self.head_keys = [key_states.new_empty(batch, 0, key_states.shape[-1]) for _ in range(heads)]
+        self.head_values = [value_states.new_empty(batch, 0, value_states.shape[-1]) for _ in range(heads)]
+        self.head_scores = [torch.empty(batch, 0, dtype=torch.float32, device=self.device) for _ in range(heads)]
+        self.head_positions = [torch.empty(batch, 0, dtype=torch.long, device=self.device) for _ in range(heads)]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Stored + new keys/values of every head, padded to the longest head (the padding masked for attention),
+        then each head evicted to its own budget."""
+        from qfilters.attention import offer_key_mask
+
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, heads, n_new, _ = key_states.shape
+        new_pos = torch.arange(self.seen, self.seen + n_new, device=key_states.device)
+        new_scores, self.score_state = self.policy.scores_stream(key_states, self.layer_idx, new_pos,
+                                                                 self.score_state)
+        self.seen += n_new
+        width = self.stored_length
+        keys = key_states.new_zeros(batch, heads, width + n_new, key_states.shape[-1])
+        values = value_states.new_zeros(batch, heads, width + n_new, value_states.shape[-1])
+        valid = torch.zeros(heads, width + n_new, dtype=torch.bool, device=key_states.device)
+        keys[:, :, width:], values[:, :, width:], valid[:, width:] = key_states, value_states, True
+        for h, (budget, window) in enumerate(self.limits):
+            stored = self.head_keys[h].shape[1]
+            keys[:, h, :stored], values[:, h, :stored], valid[h, :stored] = (
+                self.head_keys[h], self.head_values[h], True)
+            merged = (torch.cat([self.head_keys[h], key_states[:, h]], dim=1),
+                      torch.cat([self.head_values[h], value_states[:, h]], dim=1),
+                      torch.cat([self.head_scores[h], new_scores[:, h]], dim=1),
+                      torch.cat([self.head_positions[h], new_pos.expand(batch, n_new)], dim=1))
+            self.head_keys[h], self.head_values[h], self.head_scores[h], self.head_positions[h] = _evict_head(
+                *merged, budget, window)
+        offer_key_mask(self.layer_idx, valid, self)
+        return keys, values
+
+    @property
+    def stored_length(self) -> int:
+        """The longest head's stored keys: the width attention sees (shorter heads are padded and masked)."""
+        return max((k.shape[1] for k in self.head_keys), default=0)
+
+    @property
+    def stored_per_head(self) -> list[int]:
+        """Keys each KV head stores now (per sequence)."""
+        return [k.shape[1] for k in self.head_keys]
+
+    def get_max_length(self) -> int:
+        return self.budget
+
+    def reset(self) -> None:
+        super().reset()
+        self.head_keys, self.head_values, self.head_scores, self.head_positions = [], [], [], []
+
+    def _per_head(self, op: Any) -> None:
+        for name in ("head_keys", "head_values", "head_scores", "head_positions"):
+            setattr(self, name, [op(t) for t in getattr(self, name)])
+        if self.score_state is not None:
+            self.score_state = op(self.score_state)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._per_head(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.is_initialized:
+            self._per_head(lambda t: t.index_select(0, indices.to(t.device)))
+
+
+def _evict_head(keys: Tensor, values: Tensor, scores: Tensor, positions: Tensor, budget: int, window: int
+                ) -> tuple[Tensor, ...]:
+    """One head's stored state ([B, S, ...], position order) cut back to ``budget``: the window + the best old keys."""
+    stored = scores.shape[-1]
+    if stored <= budget:
+        return keys, values, scores, positions
+    n_old = stored - window
+    kept = select_kept(scores[:, None, :n_old], budget - window)[:, 0]  # [B, budget - W]
+    idx = torch.cat([kept, torch.arange(n_old, stored, device=scores.device).expand(kept.shape[0], window)], dim=-1)
+    return (keys.gather(1, idx[..., None].expand(-1, -1, keys.shape[-1])),
+            values.gather(1, idx[..., None].expand(-1, -1, values.shape[-1])),
+            scores.gather(1, idx), positions.gather(1, idx))
+
+
 class QFiltersCache(Cache):
     """KV cache that keeps at most ``budget`` keys per head in every compressible layer, as an eviction policy says.
 
@@ -182,6 +287,10 @@ class QFiltersCache(Cache):
     budget is the MEAN over compressed layers (the same total memory; a pyramid gives early layers more), and
     ``window``/``n_sinks`` come from the recipe, so passing them too is an error. ``context_length`` is only needed
     by a recipe that keeps layers whole (they are paid for at that many tokens; default: the searched length).
+
+    A policy whose KV heads keep different budgets (``EvictionPolicy.per_head``, a recipe allocated by KV head) stores
+    them ragged and switches ``model`` to ``attn_implementation="qfilters+sdpa"``: sdpa with the cache's per-head key
+    mask, identical to sdpa wherever no such cache is in use. It needs the model (not its config) and sdpa or eager.
     """
 
     def __init__(
@@ -208,12 +317,19 @@ class QFiltersCache(Cache):
         else:
             policy = _as_policy(policy, budget, window, n_sinks, uncompressed_layers)
         policy.check_model(model_or_config)
+        if _has_per_head_layers(policy, model_or_config):
+            from qfilters.attention import route_through_qfilters
+
+            if not hasattr(model_or_config, "set_attn_implementation"):
+                raise TypeError("this policy gives KV heads different budgets: build QFiltersCache from the model, "
+                                "not its config (its attention must run through qfilters to mask per head)")
+            route_through_qfilters(model_or_config)
         _, layer_kwargs = layer_types(model_or_config)
         layers: list[Any] = []
         for idx, (kind, kw) in enumerate(zip(layer_kinds(model_or_config), layer_kwargs, strict=True)):
             layer_policy = policy.for_layer(idx) if kind == COMPRESS else None
             if layer_policy is not None:
-                layers.append(EvictingLayer(idx, layer_policy))
+                layers.append((RaggedEvictingLayer if layer_policy.is_per_head else EvictingLayer)(idx, layer_policy))
             elif kind in (COMPRESS, KEPT_WHOLE):
                 layers.append(DynamicLayer())
             elif kind in ("sliding_attention", "chunked_attention"):
@@ -222,6 +338,12 @@ class QFiltersCache(Cache):
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         super().__init__(layers=layers)
         self.policy = policy
+
+
+def _has_per_head_layers(policy: PolicyLike, model_or_config: Any) -> bool:
+    kinds = layer_kinds(model_or_config)
+    return any(p is not None and p.is_per_head
+               for p in (policy.for_layer(i) for i, kind in enumerate(kinds) if kind == COMPRESS))
 
 
 def _filters_policy(model_or_config: Any, filters: QFilters, budget: int | None, window: int | None,
@@ -238,10 +360,8 @@ def _filters_policy(model_or_config: Any, filters: QFilters, budget: int | None,
         raise TypeError(f"budget must be an int (keys per KV head), got {budget!r}")
     stored = filters.recipe
     book = stored if recipe == "stored" else recipe
-    if isinstance(book, Recipe):  # the stored sensitivity and score spreads still serve a given recipe that reads them
-        book = RecipeBook({budget: book}, stored.sensitivity if stored else None,
-                          stored.context_length if stored else None,
-                          score_spread=stored.score_spread if stored else None)
+    if isinstance(book, Recipe):  # the stored tables (sensitivities, spreads, needles) serve a given recipe too
+        book = RecipeBook({budget: book}) if stored is None else dataclasses.replace(stored, by_budget={budget: book})
     if book is None:
         if context_length is not None:
             raise TypeError("context_length applies to a recipe that keeps layers whole; the stock policy has none")

@@ -24,7 +24,6 @@ from torch import Tensor
 from qfilters.architecture import COMPRESS, layer_kinds
 from qfilters.attention import AttentionFn, AttentionHook, AttentionModule, attention_hook
 from qfilters.errors import ModelError
-from qfilters.eviction import eviction_horizon
 from qfilters.policy import EvictionPolicy, LayerwisePolicy, PolicyLike
 
 if TYPE_CHECKING:
@@ -142,7 +141,7 @@ def eviction_hook(model: PreTrainedModel, policy: PolicyLike) -> AttentionHook:
         positions = torch.arange(length, device=key.device)
         # scores of THIS layer's post-RoPE keys, computed from the evicted earlier layers exactly as in decoding
         scores = layer.scores(key, module.layer_idx, positions)  # [B, Hkv, T]
-        horizon = eviction_horizon(scores, layer.budget - layer.window, layer.window)  # [B, Hkv, T]
+        horizon = layer.horizon(scores)  # [B, Hkv, T]
         kwargs.pop("is_causal", None)  # the mask says everything; never let the kernel add its own causal mask
         return evicted_attention(module, query, key, value, attention_mask, horizon, base_fn,
                                  _block_size(layer.budget), **kwargs)

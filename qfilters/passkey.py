@@ -135,15 +135,17 @@ def _keep_static(policy: EvictionPolicy, keys: Tensor, layer: int) -> Tensor:
     """bool [B, H, T]: what greedy eviction holds when the context ends (window + sinks + best by score)."""
     length = keys.shape[2]
     positions = torch.arange(length, device=keys.device)
-    keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device)
-    if length <= policy.budget:
-        return keep | True
+    keep = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    if length <= policy.min_budget:
+        return keep
     scores = policy.scores(keys, layer, positions)
-    n_old = length - policy.window
-    order = torch.sort(scores[..., :n_old], dim=-1, descending=True, stable=True).indices
-    best = order[..., :policy.budget - policy.window]
-    keep.scatter_(-1, best, True)
-    keep[..., n_old:] = True
+    for head, (budget, window) in enumerate(policy.head_limits(keys.shape[1])):  # each KV head keeps its own count
+        if length <= budget:
+            continue
+        n_old = length - window
+        order = torch.sort(scores[:, head, :n_old], dim=-1, descending=True, stable=True).indices
+        keep[:, head, :n_old] = False
+        keep[:, head].scatter_(-1, order[..., :budget - window], True)
     return keep
 
 

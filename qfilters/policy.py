@@ -45,6 +45,10 @@ class EvictionPolicy:
 
     After every step it keeps the ``window`` most recent positions, the ``n_sinks`` first ones, and the best of the
     rest by ``scorer`` (ties to the earlier position). Layers in ``uncompressed_layers`` keep their whole cache.
+
+    ``head_budgets``/``head_windows`` (one per KV head, built with :meth:`per_head`) let the heads of a layer keep
+    different numbers of keys: heads differ far more than layers in what compression costs them, so at the same
+    memory a split by measured per-head sensitivity loses less. ``budget`` and ``window`` are then the widest head's.
     """
 
     scorer: Scorer
@@ -52,6 +56,8 @@ class EvictionPolicy:
     window: int = 64
     n_sinks: int = 0
     uncompressed_layers: tuple[int, ...] = ()
+    head_budgets: tuple[int, ...] | None = None
+    head_windows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         from qfilters.scorers import Scorer
@@ -59,16 +65,74 @@ class EvictionPolicy:
         if not isinstance(self.scorer, Scorer):
             raise TypeError(f"scorer must be a qfilters.scorers.Scorer, got {type(self.scorer).__name__}")
         check_budget(self.budget, self.window, self.n_sinks)
+        if (self.head_budgets is None) != (self.head_windows is None):
+            raise ValueError("head_budgets and head_windows go together: one budget and one window per KV head")
+        if self.head_budgets is not None and self.head_windows is not None:
+            budgets, windows = tuple(self.head_budgets), tuple(self.head_windows)
+            if not budgets or len(budgets) != len(windows):
+                raise ValueError(f"head_budgets and head_windows need one entry per KV head each, got "
+                                 f"{len(budgets)} and {len(windows)}")
+            for b, w in zip(budgets, windows, strict=True):
+                check_budget(b, w, self.n_sinks)
+            widest = max(range(len(budgets)), key=lambda h: budgets[h])
+            if (self.budget, self.window) != (budgets[widest], windows[widest]):
+                raise ValueError("budget and window of a per-head policy are its widest head's: build it with "
+                                 "EvictionPolicy.per_head")
+            object.__setattr__(self, "head_budgets", budgets)
+            object.__setattr__(self, "head_windows", windows)
         layers = tuple(self.uncompressed_layers)
         bad = [i for i in layers if not _is_count(i)]
         if bad:
             raise ValueError(f"uncompressed_layers must be layer indices (non-negative integers), got {bad}")
         object.__setattr__(self, "uncompressed_layers", tuple(sorted(set(layers))))
 
+    @classmethod
+    def per_head(cls, scorer: Scorer, budgets: Sequence[int], windows: Sequence[int], n_sinks: int = 0,
+                 uncompressed_layers: Sequence[int] = ()) -> EvictionPolicy:
+        """A policy whose KV head ``h`` keeps ``budgets[h]`` keys, ``windows[h]`` of them recent."""
+        budgets, windows = tuple(budgets), tuple(windows)
+        if not budgets or len(budgets) != len(windows):
+            raise ValueError(f"need one budget and one window per KV head, got {len(budgets)} and {len(windows)}")
+        widest = max(range(len(budgets)), key=lambda h: budgets[h])
+        return cls(scorer, budgets[widest], windows[widest], n_sinks, tuple(uncompressed_layers), budgets, windows)
+
+    @property
+    def is_per_head(self) -> bool:
+        """Whether the KV heads keep different numbers of keys (the cache then stores them ragged)."""
+        return self.head_budgets is not None and len(set(zip(self.head_budgets, self.head_windows or (),
+                                                             strict=True))) > 1
+
+    def head_limits(self, n_heads: int) -> list[tuple[int, int]]:
+        """(budget, window) of each of ``n_heads`` KV heads."""
+        if self.head_budgets is None or self.head_windows is None:
+            return [(self.budget, self.window)] * n_heads
+        if len(self.head_budgets) != n_heads:
+            raise ValueError(f"this policy has budgets for {len(self.head_budgets)} KV heads, the layer has {n_heads}")
+        return list(zip(self.head_budgets, self.head_windows, strict=True))
+
+    @property
+    def stored_keys(self) -> int:
+        """Keys this layer stores over all its KV heads once full (per sequence): what the policy costs in memory."""
+        if self.head_budgets is None:
+            raise ValueError("a uniform policy stores budget x the model's KV heads; ask head_limits(n_heads)")
+        return sum(self.head_budgets)
+
     @property
     def min_budget(self) -> int:
-        """The fewest keys any compressing layer stores: sequences no longer than this never evict."""
-        return self.budget
+        """The fewest keys any compressing head stores: sequences no longer than this never evict."""
+        return self.budget if self.head_budgets is None else min(self.head_budgets)
+
+    def horizon(self, scores: Tensor) -> Tensor:
+        """Last query position that still sees each key ([B, H, T] prepared scores -> long [B, H, T]): the closed form
+        of :func:`qfilters.eviction.eviction_horizon`, head by head when the heads keep different numbers of keys."""
+        import torch
+
+        from qfilters.eviction import eviction_horizon
+
+        limits = self.head_limits(scores.shape[1])
+        if not self.is_per_head:
+            return eviction_horizon(scores, self.budget - self.window, self.window)
+        return torch.cat([eviction_horizon(scores[:, h : h + 1], b - w, w) for h, (b, w) in enumerate(limits)], dim=1)
 
     def for_layer(self, layer_idx: int) -> EvictionPolicy | None:
         """This layer's policy; None when the layer keeps its whole cache."""
@@ -79,7 +143,19 @@ class EvictionPolicy:
         from qfilters.architecture import layer_kinds, model_dims
 
         layer_kinds(model_or_config, self.uncompressed_layers)
-        self.scorer.check_model(*model_dims(model_or_config))
+        dims = model_dims(model_or_config)
+        self.scorer.check_model(*dims)
+        self.check_heads(model_or_config)
+
+    def check_heads(self, model_or_config: Any) -> None:
+        """Raise when per-head budgets do not match the model's number of KV heads."""
+        from qfilters.architecture import text_config
+
+        if self.head_budgets is not None:
+            n_heads = int(text_config(model_or_config).num_key_value_heads)
+            if len(self.head_budgets) != n_heads:
+                raise ValueError(f"this policy has budgets for {len(self.head_budgets)} KV heads; the model has "
+                                 f"{n_heads}: was it built for another model?")
 
     def scores(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
         """Keys' eviction scores, ready to rank: the scorer's, sinks forced to +inf, NaN ranked last (``keys`` are a
@@ -96,8 +172,11 @@ class EvictionPolicy:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able identity (results and provenance)."""
-        return {"scorer": self.scorer.describe(), "budget": self.budget, "window": self.window,
-                "n_sinks": self.n_sinks, "uncompressed_layers": list(self.uncompressed_layers)}
+        out = {"scorer": self.scorer.describe(), "budget": self.budget, "window": self.window,
+               "n_sinks": self.n_sinks, "uncompressed_layers": list(self.uncompressed_layers)}
+        if self.head_budgets is not None:
+            out |= {"head_budgets": list(self.head_budgets), "head_windows": list(self.head_windows or ())}
+        return out
 
 
 @dataclass(frozen=True)
@@ -119,7 +198,7 @@ class LayerwisePolicy:
         """The fewest keys any compressing layer stores: sequences no longer than this never evict."""
         # the smallest layer decides: one layer storing the whole sequence does not stop the others from evicting
         # (no compressing layer at all: nothing ever evicts)
-        return min((p.budget for p in self.layers.values() if p is not None), default=sys.maxsize)
+        return min((p.min_budget for p in self.layers.values() if p is not None), default=sys.maxsize)
 
     def for_layer(self, layer_idx: int) -> EvictionPolicy | None:
         return self.layers.get(layer_idx)
@@ -136,6 +215,9 @@ class LayerwisePolicy:
         dims = model_dims(model_or_config)
         for scorer in {id(p.scorer): p.scorer for p in self.layers.values() if p is not None}.values():
             scorer.check_model(*dims)
+        for p in self.layers.values():
+            if p is not None:
+                p.check_heads(model_or_config)
 
     def describe(self) -> dict[str, Any]:
         return {"layers": {str(i): None if p is None else p.describe() for i, p in self.layers.items()}}

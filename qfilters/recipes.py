@@ -3,18 +3,20 @@
 A recipe says how a total of ``budget x compressible layers`` stored keys (per KV head) is spent: which scorer ranks
 old keys, what share of each layer's budget is a recent window, how many sinks are forced, how the total is split
 across layers (``uniform``; ``pyramid``: more to early layers, linearly; ``sensitivity``: half uniform, half in
-proportion to each layer's measured perplexity loss when compressed alone), how many first layers are kept whole
-(paid for at the sequence length, out of the same total), what share of the last layers rank old keys by novelty
-instead (:class:`~qfilters.scorers.NoveltyScorer`: keeps one-off details such as a passkey, which the filter direction
-ranks last), how much novelty the other layers add to the scorer (:class:`~qfilters.scorers.BlendScorer`, on
-per-head scales measured on calibration text: :func:`score_spread`), and how fast an old key's score is discounted
-with its age (:class:`~qfilters.scorers.AgedScorer`: a soft recent window, on the same scales), and how many recall
-heads (the KV heads a question reads a detail back through, measured on calibration text: :mod:`qfilters.recall_heads`)
-rank old keys by novelty alone.
+proportion to each layer's measured perplexity loss when compressed alone; ``head``: the same over every KV head of
+the compressed layers, each head measured alone, so heads of one layer keep different numbers of keys), how many
+first layers are kept whole (paid for at the sequence length, out of the same total), what share of the last layers
+rank old keys by novelty instead (:class:`~qfilters.scorers.NoveltyScorer`: keeps one-off details such as a passkey,
+which the filter direction ranks last), how much novelty the other layers add to the scorer
+(:class:`~qfilters.scorers.BlendScorer`, on per-head scales measured on calibration text: :func:`score_spread`), and
+how fast an old key's score is discounted with its age (:class:`~qfilters.scorers.AgedScorer`: a soft recent window,
+on the same scales), and how many recall heads (the KV heads a question reads a detail back through, measured on
+calibration text: :mod:`qfilters.recall_heads`) rank old keys by novelty alone.
 
 A recipe at a budget is a :class:`~qfilters.policy.LayerwisePolicy` (one ``EvictionPolicy`` per layer), which the
-cache, the one-pass evaluator and passkey retrieval all take: evaluation stays exact, since each layer is still
-greedy eviction with static scores (checked against token-by-token decoding in tests/test_recipes_passkey.py).
+cache, the one-pass evaluator and passkey retrieval all take: evaluation stays exact, since each layer is still greedy
+eviction with static scores (checked against token-by-token decoding in tests/test_recipes_passkey.py and, per head,
+tests/test_per_head.py).
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ if TYPE_CHECKING:
     from qfilters.policy_table import ScorerInputs
     from qfilters.scorers import Scorer
 
-__all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "layer_policies", "layer_roles", "layer_sensitivity",
+__all__ = ["ALLOCATIONS", "Recipe", "RecipeBook", "allocate", "head_sensitivity", "layer_policies", "layer_roles",
+           "layer_sensitivity",
            "score_spread"]
 
-ALLOCATIONS = ("uniform", "pyramid", "sensitivity")
+ALLOCATIONS = ("uniform", "pyramid", "sensitivity", "head")
 #: scorers a recipe may blend novelty into (static ones a filter set builds alone); their spreads are measured
 BLENDABLE = ("qfilters", "knorm")
 MAX_NOVELTY_WEIGHT = 100.0
@@ -139,7 +142,9 @@ class Recipe:
         parts = [f"scorer {scorer}", f"recent window {self.window_share:.0%} of each layer's budget",
                  f"{self.n_sinks} sink tokens" if self.n_sinks else "no sink tokens",
                  {"uniform": "the same budget in every layer", "pyramid": "more budget to early layers",
-                  "sensitivity": "budget by measured layer sensitivity"}[self.allocation]]
+                  "sensitivity": "budget by measured layer sensitivity",
+                  "head": "budget by measured KV-head sensitivity (heads of a layer keep different numbers of keys)",
+                  }[self.allocation]]
         if self.full_layers:
             parts.append(f"first {self.full_layers} compressed layer(s) kept whole")
         if self.novelty_layers:
@@ -181,6 +186,7 @@ class RecipeBook:
     were paid for at during the search (a cache keeping layers whole needs one). ``score_spread`` (scorer name ->
     [layer][KV head] standard deviation of its scores on calibration text) puts a blend's two scores on one scale.
     ``needle_attention`` ([layer][KV head], :func:`qfilters.recall_heads.needle_attention`) ranks the recall heads.
+    ``head_sensitivity`` ([layer][KV head], :func:`head_sensitivity`) is what the ``head`` allocation spreads by.
     """
 
     by_budget: Mapping[int, Recipe]
@@ -189,6 +195,7 @@ class RecipeBook:
     searched_on: str = ""
     score_spread: Mapping[str, tuple[tuple[float, ...], ...]] | None = None
     needle_attention: tuple[tuple[float, ...], ...] | None = None
+    head_sensitivity: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.by_budget:
@@ -200,6 +207,8 @@ class RecipeBook:
                 raise ValueError(f"the recipe at budget {budget} is a {type(recipe).__name__}, not a Recipe")
             if recipe.allocation == "sensitivity" and self.sensitivity is None:
                 raise ValueError(f"the recipe at budget {budget} allocates by sensitivity but none is stored")
+            if recipe.allocation == "head" and self.head_sensitivity is None:
+                raise ValueError(f"the recipe at budget {budget} allocates by KV-head sensitivity but none is stored")
             missing = recipe.spreads_needed() - set(self.score_spread or {})
             if missing:
                 raise ValueError(f"the recipe at budget {budget} ({recipe.label}) reads score spreads that are not "
@@ -216,6 +225,10 @@ class RecipeBook:
                     math.isfinite(x) and x >= 0 for row in rows for x in row):
                 raise ValueError(f"score spread of {name!r} must be a [layer][KV head] table of finite, "
                                  "non-negative numbers")
+        heads = self.head_sensitivity
+        if heads is not None and (not heads or any(not row or len(row) != len(heads[0]) for row in heads) or not all(
+                math.isfinite(x) for row in heads for x in row)):
+            raise ValueError("head_sensitivity must be a [layer][KV head] table of finite numbers")
         if self.sensitivity is not None and not all(math.isfinite(x) for x in self.sensitivity):
             raise ValueError("recipe 'sensitivity' must hold finite numbers")
         if self.context_length is not None and self.context_length <= 0:
@@ -226,7 +239,7 @@ class RecipeBook:
         """Whether a recipe ranks any layer by novelty or discounts by age (artifact format 2: older readers do not
         know them)."""
         return any(r.novelty_layers or r.novelty_weight or r.recency_weight or r.recall_heads or r.scorer == "novelty"
-                   for r in self.by_budget.values())
+                   or r.allocation == "head" for r in self.by_budget.values())
 
     def recipe_for(self, budget: int) -> Recipe:
         """The recipe of the searched budget nearest to ``budget`` (log scale; ties go to the smaller budget)."""
@@ -267,7 +280,7 @@ class RecipeBook:
         novelty = build_scorer(recipe.novelty_scorer, inputs) if recipe.novelty_layers else None
         try:
             return layer_policies(recipe, scorer, budget, layers, seq_len or budget, self.sensitivity, novelty,
-                                  self.score_spread)
+                                  self.score_spread, self.head_sensitivity)
         except ShapeMismatchError:  # stored tables for another model: no budget would fit
             raise
         except ValueError as e:
@@ -340,6 +353,8 @@ class RecipeBook:
             out["score_spread"] = {k: [list(row) for row in v] for k, v in sorted(self.score_spread.items())}
         if self.needle_attention is not None:  # only books with recall heads carry it
             out["needle_attention"] = [list(row) for row in self.needle_attention]
+        if self.head_sensitivity is not None:  # only books with per-head budgets carry it
+            out["head_sensitivity"] = [list(row) for row in self.head_sensitivity]
         return out
 
     @classmethod
@@ -365,15 +380,18 @@ class RecipeBook:
                     isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in v)
                 for k, v in spread.items())):
             raise ValueError("recipe 'score_spread' must map scorer names to [layer][KV head] lists of numbers")
-        needles = data.get("needle_attention")
-        if needles is not None and not (isinstance(needles, list) and all(isinstance(row, list) and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in needles)):
-            raise ValueError("recipe 'needle_attention' must be a [layer][KV head] list of numbers")
+        tables = {}
+        for name in ("needle_attention", "head_sensitivity"):
+            rows = data.get(name)
+            if rows is not None and not (isinstance(rows, list) and all(isinstance(row, list) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in rows)):
+                raise ValueError(f"recipe {name!r} must be a [layer][KV head] list of numbers")
+            tables[name] = None if rows is None else tuple(tuple(float(x) for x in row) for row in rows)
         return cls(by_budget, None if sensitivity is None else tuple(float(x) for x in sensitivity),
                    context_length, str(data.get("searched_on") or ""),
                    None if spread is None else {k: tuple(tuple(float(x) for x in row) for row in v)
                                                 for k, v in spread.items()},
-                   None if needles is None else tuple(tuple(float(x) for x in row) for row in needles))
+                   tables["needle_attention"], tables["head_sensitivity"])
 
 
 def _round_to_total(weights: Sequence[float], total: int, minimum: int) -> list[int]:
@@ -423,13 +441,15 @@ def layer_roles(recipe: Recipe, compress_layers: Sequence[int]) -> tuple[list[in
 
 def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers: Sequence[int], seq_len: int,
                    sensitivity: Sequence[float] | None = None, novelty: Scorer | None = None,
-                   score_spread: Mapping[str, Sequence[Sequence[float]]] | None = None) -> LayerwisePolicy:
+                   score_spread: Mapping[str, Sequence[Sequence[float]]] | None = None,
+                   head_sensitivity: Sequence[Sequence[float]] | None = None) -> LayerwisePolicy:
     """The per-layer policy of ``recipe`` at a mean ``budget`` over ``compress_layers`` (first ones kept whole).
 
     Total memory is ``budget * len(compress_layers)`` keys per KV head; a layer kept whole costs ``seq_len``.
     ``sensitivity`` is per entry of ``compress_layers`` (only the ``sensitivity`` allocation reads it); ``novelty``
     ranks the last ``recipe.novelty_layers`` share of the compressed layers (needed when that share is not 0);
-    ``score_spread`` ([layer][KV head] per scorer name) is the unit of an age discount (``recipe.recency_weight``).
+    ``score_spread`` ([layer][KV head] per scorer name) is the unit of an age discount (``recipe.recency_weight``);
+    ``head_sensitivity`` ([layer][KV head]) is what the ``head`` allocation splits the total over all KV heads by.
     """
     whole, ranked, novel_layers = layer_roles(recipe, compress_layers)
     rest = ranked + novel_layers
@@ -445,7 +465,11 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
         raise ValueError(f"keeping {len(whole)} layers whole at {seq_len} tokens leaves {total} keys for "
                          f"{len(rest)} layers at budget {budget}: fewer first layers or a larger budget")
     sens = None if sensitivity is None else list(sensitivity)[recipe.full_layers:]
-    budgets = allocate(recipe.allocation, budget, len(rest), minimum, sens, total)
+    budgets: list[int | list[int]]
+    if recipe.allocation == "head":
+        budgets = list(allocate_heads(head_sensitivity, rest, total, minimum))
+    else:
+        budgets = list(allocate(recipe.allocation, budget, len(rest), minimum, sens, total))
     if novel_layers and novelty is None:
         raise ValueError("this recipe ranks some layers by novelty: pass the novelty scorer")
     novel = recipe.novelty_scorer
@@ -460,12 +484,37 @@ def layer_policies(recipe: Recipe, scorer: Scorer, budget: int, compress_layers:
     for i, b, role in zip(rest, budgets, roles, strict=True):
         ranker = rankers[role]
         sinks = novelty_sinks if role == novel and novelty is not None else scorer_sinks
-        window = min(b - sinks - 1, round(recipe.window_share * b))
-        out[i] = EvictionPolicy(ranker, b, window, sinks)  # type: ignore[arg-type]  # a role always has its ranker
+        assert ranker is not None, role  # a role always has its ranker
+        if isinstance(b, list):  # per KV head: each head keeps the window share of its own budget
+            windows = [min(x - sinks - 1, round(recipe.window_share * x)) for x in b]
+            out[i] = EvictionPolicy.per_head(ranker, b, windows, sinks)
+        else:
+            out[i] = EvictionPolicy(ranker, b, min(b - sinks - 1, round(recipe.window_share * b)), sinks)
     return LayerwisePolicy(out)
 
 
-def _aged(recipe: Recipe, rankers: Mapping[str, Scorer | None], budgets: Mapping[int, int], roles: Mapping[int, str],
+def allocate_heads(head_sensitivity: Sequence[Sequence[float]] | None, layers: Sequence[int], total: int,
+                   minimum: int) -> list[list[int]]:
+    """Per layer of ``layers``, per KV head: budgets summing to ``total`` x the number of KV heads (the memory of
+    ``total`` keys per head index), each at least ``minimum``; half spread uniformly, half in proportion to each
+    head's measured sensitivity (negative counts as 0). The uniform half is the floor that keeps every head useful."""
+    from qfilters.errors import ShapeMismatchError
+
+    if head_sensitivity is None:
+        raise ValueError("the head allocation needs the KV heads' measured sensitivity")
+    table = [list(row) for row in head_sensitivity]
+    if any(i >= len(table) for i in layers):
+        raise ShapeMismatchError(f"the stored head sensitivity covers {len(table)} layers, not the compressed layers "
+                                 f"{list(layers)}: was it measured on this model?")
+    n_heads = len(table[0])
+    s = [max(float(x), 0.0) for i in layers for x in table[i]]
+    n, s_sum = len(s), sum(s) or 1.0
+    flat = _round_to_total([0.5 / n + 0.5 * x / s_sum for x in s], total * n_heads, minimum)
+    return [flat[k * n_heads:(k + 1) * n_heads] for k in range(len(layers))]
+
+
+def _aged(recipe: Recipe, rankers: Mapping[str, Scorer | None], budgets: Mapping[int, int | list[int]],
+          roles: Mapping[int, str],
           score_spread: Mapping[str, Sequence[Sequence[float]]] | None) -> dict[str, Scorer | None]:
     """Each ranker with the recipe's age discount: at layer l, ``recency_weight * spread[l] / budget[l]`` per token."""
     import torch
@@ -489,7 +538,8 @@ def _aged(recipe: Recipe, rankers: Mapping[str, Scorer | None], budgets: Mapping
         rates = torch.zeros_like(table)
         solo = getattr(ranker, "solo", None)  # recall heads rank by novelty alone: discounted in its spread
         novelty = torch.tensor(spread[recipe.novelty_scorer], dtype=torch.float64) if solo is not None else None
-        for i, b in budgets.items():
+        for i, layer_budget in budgets.items():
+            b = torch.as_tensor(layer_budget, dtype=torch.float64)  # per KV head under the head allocation
             if roles[i] == role:
                 rates[i] = recipe.recency_weight * table[i] / b
                 if solo is not None and novelty is not None:
@@ -529,6 +579,31 @@ def layer_sensitivity(model: Any, chunks: Sequence[Tensor], scorer: Scorer, budg
     n_tok = score_last * sum(c.shape[0] for c in chunks)
     for i in layers:
         out.nll_increase.append((total(LayerwisePolicy({i: EvictionPolicy(scorer, budget, window)})) - full) / n_tok)
+    return out
+
+
+def head_sensitivity(model: Any, chunk: Tensor, scorer: Scorer, budget: int, window: int, score_last: int,
+                     on_pass: Callable[[], None] | None = None, full_nll: float | None = None
+                     ) -> list[list[float]]:
+    """[layer][KV head]: the NLL increase per scored token when only that KV head is compressed (``budget``/
+    ``window``; every other head keeps all its keys), on ``chunk`` [B, T] (calibration text). Layers not compressed
+    get 0. One forward pass per compressed KV head; ``on_pass`` is called after each."""
+    from qfilters.architecture import compressed_layers, text_config
+    from qfilters.onepass import perplexity
+
+    config = text_config(model)
+    n_heads, length = int(config.num_key_value_heads), chunk.shape[-1]
+    full = perplexity(model, chunk, None, score_last).nll_sum if full_nll is None else full_nll
+    out = [[0.0] * n_heads for _ in range(int(config.num_hidden_layers))]
+    n_tok = score_last * chunk.shape[0]
+    for i in compressed_layers(model):
+        for h in range(n_heads):  # the others' budget is the whole sequence: they never evict
+            alone = EvictionPolicy.per_head(scorer, [budget if g == h else length for g in range(n_heads)],
+                                            [window] * n_heads)
+            nll = perplexity(model, chunk, LayerwisePolicy({i: alone}), score_last).nll_sum
+            out[i][h] = (nll - full) / n_tok
+            if on_pass is not None:
+                on_pass()
     return out
 
 

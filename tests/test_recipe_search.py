@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -50,7 +51,11 @@ def test_search_reads_calibration_text_only_and_reports_each_budget(searched) ->
     assert "recipe" in {e.phase for e in events}
     for c in r.recipe.chosen:
         chosen = Recipe.from_dict(c.recipe)
-        assert c.description == chosen.describe()
+        assert c.description.startswith(chosen.describe())
+        if chosen.allocation == "head":  # a per-head split says how far apart its heads' budgets are
+            assert re.search(r"KV heads keep \d+ to \d+ keys, median \d+\)$", c.description)
+        else:
+            assert c.description == chosen.describe()
         # the reported score is the engine's, on exactly the search text (one document per calibration dataset)
         assert c.search_perplexity == round(_on_search_text(run, chosen, c.budget), 6)
 
@@ -65,8 +70,8 @@ def _on_search_text(run, recipe: Recipe, budget: int) -> float:
     chunks = parts[0]
     chunks.ids = [x for c in parts for x in c.ids]
     chunks.titles = [t for c in parts for t in c.titles]
-    stored = run.filters.recipe  # its sensitivity and score spreads, when the recipe reads them
-    policy = RecipeBook({budget: recipe}, stored.sensitivity, score_spread=stored.score_spread).policy(
+    stored = run.filters.recipe  # its sensitivities and score spreads, when the recipe reads them
+    policy = replace(stored, by_budget={budget: recipe}).policy(
         budget, lm.model, ScorerInputs(filters=run.filters), SEARCH.eval_seq_len)
     return evaluate_chunks(lm.model, chunks, {("r", budget): policy}, score_last=SEARCH.score_last
                            ).perplexity("r", budget)
@@ -172,11 +177,12 @@ def test_cli_search_recipe_writes_filters_with_the_recipe(tiny_llama, tmp_path) 
 
 def _cost(recipe: Recipe, case: str) -> float:
     """A made-up perplexity with a known coordinate-search path (``interaction``: a better stock; ``sensitivity``:
-    the measured allocation wins; ``blend``: novelty blended in wins; ``second_pass``: the blend wins only after the
-    allocation has moved, so only a second pass over the axes finds it; ``recency``: an age discount wins; ``recall``:
-    a recall head wins, elsewhere it costs a little; novelty read from the keys' content beats the cached keys' by a
-    little)."""
-    allocation = {"uniform": 0.0, "pyramid": -0.05, "sensitivity": -0.1 if case == "sensitivity" else -0.02}
+    the measured allocation wins; ``head``: the per-KV-head one does; ``blend``: novelty blended in wins;
+    ``second_pass``: the blend wins only after the allocation has moved, so only a second pass over the axes finds it;
+    ``recency``: an age discount wins; ``recall``: a recall head wins, elsewhere it costs a little; novelty read from
+    the keys' content beats the cached keys' by a little)."""
+    allocation = {"uniform": 0.0, "pyramid": -0.05, "sensitivity": -0.1 if case == "sensitivity" else -0.02,
+                  "head": -0.12 if case == "head" else -0.01}
     value = ({"qfilters": 0.0, "knorm": 1.0}[recipe.scorer] + {0.125: 0.3, 0.25: 0.2, 0.5: 0.25}[recipe.window_share]
              + {0: 0.1, 4: 0.0}[recipe.n_sinks] + allocation[recipe.allocation] + 0.5 * recipe.full_layers
              + ({0.0: 0.0, 0.5: -0.3, 1.0: -0.1}[recipe.novelty_weight] if case == "blend" else 0.0)
@@ -222,9 +228,11 @@ def _fake_evaluator(monkeypatch, case: str) -> None:
     monkeypatch.setattr(RecipeBook, "policy", lambda self, b, *a, **k: self.recipe_for(b))  # the recipe itself
     monkeypatch.setattr(qfilters.evaluate, "evaluate_chunks", evaluate)
     monkeypatch.setattr(rs, "measure_needles", lambda *a: NEEDLES)
+    monkeypatch.setattr(rs, "_head_spans", lambda *a: {})  # needs real policies (the fake's are recipes)
 
 
-@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "blend", "second_pass", "recency", "recall"])
+@pytest.mark.parametrize("case", ["plain", "interaction", "sensitivity", "head", "blend", "second_pass", "recency",
+                                  "recall"])
 def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch, case) -> None:
     from qfilters.architecture import compressed_layers
 
@@ -235,6 +243,7 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
     for b in (24, 48):
         expected = {"plain": Recipe("qfilters", 0.25, 4, "pyramid"), "interaction": stock_recipe(b, SEARCH),
                     "sensitivity": Recipe("qfilters", 0.25, 4, "sensitivity"),
+                    "head": Recipe("qfilters", 0.25, 4, "head"),
                     "blend": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5,
                                     novelty_scorer="content-novelty"),
                     "second_pass": Recipe("qfilters", 0.25, 4, "pyramid", novelty_weight=0.5,
@@ -258,6 +267,11 @@ def test_coordinate_search_path_and_the_stock_candidate(tiny_llama, monkeypatch,
     assert search.sensitivity is not None and len(search.sensitivity) == len(layers)
     assert search.book.sensitivity == (tuple(search.sensitivity) if case == "sensitivity" else None)
     assert sum(e.detail == "layer sensitivity" for e in events) == len(layers)  # the search's full pass is reused
+    # likewise each KV head's, one pass per head of the compressed layers, shipped only with a head recipe
+    n_kv = tiny_llama.model.config.num_key_value_heads
+    assert search.head_sensitivity is not None and len(search.head_sensitivity) == tiny_llama.info.filter_shape[0]
+    assert sum(e.detail == "KV-head sensitivity" for e in events) == len(layers) * n_kv
+    assert search.book.head_sensitivity == (tuple(map(tuple, search.head_sensitivity)) if case == "head" else None)
     # the score spreads a blend or an age discount needs: measured once, shipped only for the scorers a chosen recipe
     # reads them of
     n_layers, n_heads = tiny_llama.info.filter_shape[:2]

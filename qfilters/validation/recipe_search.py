@@ -9,7 +9,8 @@ alone in the later layers and in the recall heads (the KV heads that read a pass
 one-pass perplexity on the first documents of the calibration datasets (the text the filters were fitted on: the
 search never reads evaluation text).
 The layer sensitivity is measured once, on the first search document, when the search first needs it, and stored
-with the recipes only when a chosen one allocates by it; so are the scorers' spreads a blend or an age discount needs
+with the recipes only when a chosen one allocates by it; likewise each KV head's (one pass per compressed KV head, at
+the sweep's middle budget: :func:`head_budget`); so are the scorers' spreads a blend or an age discount needs
 (:func:`qfilters.recipes.score_spread`, full cache on the same document). The chosen recipes are then measured on
 the held-out evaluation datasets beside the stock policies, like every other row.
 
@@ -66,7 +67,9 @@ AXES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("recency_weight", (0.0, 0.125, 0.25, 0.5)),
     ("window_share", (0.125, 0.25, 0.5)),
     ("n_sinks", (0, 4)),
-    ("allocation", ("uniform", "pyramid", "sensitivity")),
+    # "head": per KV head by measured sensitivity (heads differ more than layers: on SmolLM2 it halved the held-out
+    # gap on code and scripture at the same memory, BENCHMARKS.md "Per-head budgets with a uniform floor")
+    ("allocation", ("uniform", "pyramid", "sensitivity", "head")),
     ("full_layers", (0, 1)),
     ("novelty_layers", (0.0, 0.5)),  # novelty in the later half: measured to help perplexity at 4x on SmolLM2
     # recall heads ranked by novelty alone (shares of the compressed KV heads, turned into counts by recall_counts,
@@ -97,6 +100,9 @@ class RecipeSearch:
     chosen_perplexity: dict[int, float]  # the chosen recipe's, per budget
     trace: list[dict[str, Any]] = field(default_factory=list)  # every (budget, recipe, perplexity) evaluated
     sensitivity: list[float] | None = None  # per compressible layer, when the search measured it
+    head_sensitivity: list[list[float]] | None = None  # [layer][KV head], when the search measured it
+    head_budgets: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # (min, median, max) keys per KV
+    # head, per budget whose chosen recipe allocates by KV head
     score_spread: dict[str, Any] | None = None  # per scorer [layer][KV head], when a blend was tried
     retrieval: RetrievalGate | None = None  # the passkey check on calibration text, when the validation runs one
     passes: dict[int, int] = field(default_factory=dict)  # passes over the axes, per budget
@@ -169,7 +175,7 @@ def _search_chunks(lm: LoadedModel, corpora: Sequence[Corpus], settings: Validat
 def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, budgets: Sequence[int],
                    settings: ValidationSettings, notify: ProgressFn) -> RecipeSearch:
     """Coordinate search at every budget on the calibration datasets' first documents (see the module doc)."""
-    from qfilters.architecture import compressed_layers
+    from qfilters.architecture import compressed_layers, text_config
     from qfilters.evaluate import evaluate_chunks
 
     chunks = _search_chunks(lm, corpora, settings)
@@ -184,7 +190,8 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     # an upper bound (repeated recipes are cached): the full pass; per budget StreamingLLM, the start, each pass's new
     # axis values, stock and the retrieval gate's novelty and recall variants; the sensitivity's pass per layer
     per_budget = 3 + MAX_PASSES * sum(len(v) - 1 for _, v in axes) + len(NOVELTY_SHARES) + len(RECALL_SHARES)
-    steps = 1 + len(budgets) * per_budget + n_layers
+    n_heads = int(text_config(lm.model).num_key_value_heads)
+    steps = 1 + len(budgets) * per_budget + n_layers + n_layers * n_heads
     done = 0
 
     def step(detail: str = "") -> None:
@@ -200,6 +207,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     notify(Progress("recipe", label, 0, steps, f"budgets {', '.join(map(str, budgets))}"))
     full = run({})
     sensitivity: list[float] = []  # measured once, when a recipe first allocates by it (see measure_sensitivity)
+    heads: list[list[float]] = []  # likewise per KV head (see measure_head_sensitivity)
     spread: dict[str, Any] = {}  # measured once, when a recipe first blends (see measure_spread)
     streaming: dict[int, float] = {}
     trace: list[dict[str, Any]] = []
@@ -226,11 +234,15 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         if recipe.allocation == "sensitivity" and not sensitivity:
             sensitivity.extend(measure_sensitivity(lm, chunks, filters, min(budgets), settings,
                                                    full.full_nll[0], lambda: step("layer sensitivity")))
+        if recipe.allocation == "head" and not heads:
+            heads.extend(measure_head_sensitivity(lm, chunks, filters, head_budget(budgets), settings,
+                                                  full.full_nll[0], lambda: step("KV-head sensitivity")))
         if recipe.spreads_needed() and not spread:
             spread.update(measure_spread(lm, chunks, filters))
         weights = tuple(sensitivity) if recipe.allocation == "sensitivity" else None
         book = RecipeBook({budget: recipe}, weights, score_spread=spread if recipe.spreads_needed() else None,
-                          needle_attention=needles if recipe.recall_heads else None)
+                          needle_attention=needles if recipe.recall_heads else None,
+                          head_sensitivity=_table(heads) if recipe.allocation == "head" else None)
         return book.policy(budget, lm.model, ScorerInputs(filters=filters), context_length)
 
     for budget in sorted(budgets):
@@ -263,20 +275,24 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
         chosen = {b: _gated(recipes, b, retrieval, score) for b, recipes in candidates.items()}
     chosen = {b: _canonical(r) for b, r in chosen.items()}  # stored as older versions wrote it
     chosen_ppl = {b: score(r, b) for b, r in chosen.items()}
+    spans = _head_spans(chosen, lambda r, b: _policy(r, b, settings.eval_seq_len), n_heads)
     notify(Progress("recipe", label, steps, steps))
     specs = ", ".join(c.spec for c in corpora)
     used = any(r.allocation == "sensitivity" for r in chosen.values())
+    by_head = any(r.allocation == "head" for r in chosen.values())
     spreads_read = set().union(*(r.spreads_needed() for r in chosen.values()))
     recall = any(r.recall_heads for r in chosen.values())
     book = RecipeBook(chosen, tuple(sensitivity) if used else None, context_length=settings.eval_seq_len,
                       searched_on=f"{specs} (calibration text: {len(chunks)} x {settings.eval_seq_len} tokens, "
                                   f"last {settings.score_last} scored)",
                       score_spread={k: v for k, v in spread.items() if k in spreads_read} if spreads_read else None,
-                      needle_attention=needles if recall else None)
+                      needle_attention=needles if recall else None,
+                      head_sensitivity=_table(heads) if by_head else None)
     return RecipeSearch(book=book, documents=list(chunks.titles), full_perplexity=full.full_perplexity,
                         streamingllm=streaming, chosen_perplexity=chosen_ppl, trace=trace,
-                        sensitivity=list(sensitivity) or None, score_spread=dict(spread) or None,
-                        retrieval=retrieval, passes=passes, converged=converged,
+                        sensitivity=list(sensitivity) or None, head_sensitivity=[list(r) for r in heads] or None,
+                        score_spread=dict(spread) or None,
+                        retrieval=retrieval, passes=passes, converged=converged, head_budgets=spans,
                         needle_attention=needles, compressed_layers=layers)
 
 
@@ -381,6 +397,30 @@ def measure_spread(lm: LoadedModel, chunks: EvalChunks, filters: Any) -> dict[st
     return score_spread(lm.model, chunks.ids[0], scorers)
 
 
+def _table(rows: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(row) for row in rows)
+
+
+def head_budget(budgets: Sequence[int]) -> int:
+    """Where the KV heads' sensitivity is measured: the sweep budget nearest its geometric mean (ties to the smaller),
+    so one ranking serves the whole sweep rather than its tightest end (which only ranks the window's neighbours)."""
+    middle = math.exp(sum(math.log(b) for b in budgets) / len(budgets))
+    return min(sorted(budgets), key=lambda b: abs(math.log(b / middle)) - 1e-12 * (b < middle))
+
+
+def measure_head_sensitivity(lm: LoadedModel, chunks: EvalChunks, filters: Any, budget: int,
+                             settings: ValidationSettings, first_full_nll: float, tick: Any = None
+                             ) -> list[list[float]]:
+    """[layer][KV head]: the NLL increase per scored token when only that KV head is compressed by Q-Filters at
+    ``budget`` (the stock window), on the first search document (calibration text), rounded to 9 digits."""
+    from qfilters.recipes import head_sensitivity
+    from qfilters.scorers import QFilterScorer
+
+    table = head_sensitivity(lm.model, chunks.ids[0], QFilterScorer(filters), budget, settings.window_for(budget),
+                             settings.score_last, on_pass=tick, full_nll=first_full_nll)
+    return [[round(x, 9) for x in row] for row in table]
+
+
 def measure_sensitivity(lm: LoadedModel, chunks: EvalChunks, filters: Any, budget: int,
                         settings: ValidationSettings, first_full_nll: float, tick: Any = None) -> list[float]:
     """Per compressible layer: the NLL increase per scored token when only that layer is compressed by Q-Filters at
@@ -400,7 +440,7 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
 
     gate = search.retrieval
     counted = gate if gate is not None and gate.skipped is None else None  # needles, when the gate ran
-    chosen = [RecipeChoice(budget=b, recipe=r.to_dict(), description=r.describe(),
+    chosen = [RecipeChoice(budget=b, recipe=r.to_dict(), description=r.describe() + _span(search.head_budgets.get(b)),
                            search_perplexity=rnd(search.chosen_perplexity[b]),
                            search_streamingllm_perplexity=rnd(search.streamingllm[b]),
                            search_passkey=counted.candidates[b].get(r.label) if counted else None,
@@ -418,6 +458,22 @@ def recipe_report(search: RecipeSearch) -> RecipeReport:
                         retrieval_gate=None if gate is None else RetrievalGateReport(
                             filler=gate.filler, trials=gate.trials, context_tokens=gate.context_tokens,
                             skipped=gate.skipped))
+
+
+def _head_spans(chosen: dict[int, Recipe], policy_of: Any, n_heads: int) -> dict[int, tuple[int, int, int]]:
+    """(min, median, max) keys per KV head of each chosen recipe that allocates by KV head: what a reader needs to
+    judge a per-head split (how far apart its heads are)."""
+    spans = {}
+    for b, r in chosen.items():
+        if r.allocation == "head":
+            per = sorted(x for p in policy_of(r, b).layers.values() if p is not None
+                         for x, _ in p.head_limits(n_heads))
+            spans[b] = (per[0], per[len(per) // 2], per[-1])
+    return spans
+
+
+def _span(span: tuple[int, int, int] | None) -> str:
+    return "" if span is None else f" (KV heads keep {span[0]} to {span[2]} keys, median {span[1]})"
 
 
 def _top_recall_heads(table: Any, layers: Sequence[int] | None, shown: int = 8) -> list[tuple[int, int, float]] | None:

@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 from heldout import HERE, held_out, measure, patch_eviction_hook, shipped_book, shipped_variant, streamingllm
 
 from qfilters import QFilters, load_model
-from qfilters.eviction import eviction_horizon
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 from qfilters.recall_heads import top_heads
 
@@ -33,18 +31,11 @@ parser.add_argument("--out", default="head-budgets.json")
 args = parser.parse_args() if __name__ == "__main__" else None  # importable (PerHeadPolicy)
 
 
-class PerHeadPolicy(EvictionPolicy):
-    """A layer policy whose KV heads keep different numbers of keys (``budgets``, one per head)."""
-
-    def __init__(self, base: EvictionPolicy, budgets: list[int], share: float) -> None:
-        windows = [min(b - base.n_sinks - 1, round(share * b)) for b in budgets]
-        widest = max(range(len(budgets)), key=lambda h: budgets[h])
-        super().__init__(base.scorer, budgets[widest], windows[widest], base.n_sinks)
-        self.head_budgets, self.windows = budgets, windows
-
-    def horizon(self, scores: torch.Tensor) -> torch.Tensor:
-        return torch.cat([eviction_horizon(scores[:, h : h + 1], b - w, w)
-                          for h, (b, w) in enumerate(zip(self.head_budgets, self.windows, strict=True))], dim=1)
+def PerHeadPolicy(base: EvictionPolicy, budgets: list[int], share: float) -> EvictionPolicy:  # noqa: N802
+    """A layer policy whose KV heads keep different numbers of keys (``budgets``, one per head): now the library's
+    ``EvictionPolicy.per_head``, each head keeping the window ``share`` of its own budget."""
+    windows = [min(b - base.n_sinks - 1, round(share * b)) for b in budgets]
+    return EvictionPolicy.per_head(base.scorer, budgets, windows, base.n_sinks)
 
 
 def per_head(policy: LayerwisePolicy, table: list[list[float]], k: int, factor: float, share: float
