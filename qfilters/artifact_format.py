@@ -37,9 +37,10 @@ TENSOR_NAME = "q_filters"
 CONFIG_KEYS = ("kv_head_dim", "num_kv_heads", "num_layers")
 FORMAT_VERSION = 2  # the newest this library reads and writes
 #: written when nothing needs a newer format, so older qfilters still load the artifact; 2 adds recipes that rank
-#: layers by novelty (``novelty_layers``, or the ``novelty`` scorer), blend it in (``novelty_weight``) or discount by
-#: age (``recency_weight``), which version-1 readers would refuse as malformed. Format 2 has not been released: its
-#: fields grew within it; bump the version for any field added after a release.
+#: layers by novelty (``novelty_layers``, or the ``novelty`` scorer), blend it in (``novelty_weight``), discount by
+#: age (``recency_weight``), switch recall heads (``recall_heads``) or split budgets per KV head (``head``
+#: allocation, with ``head_sensitivity``), which version-1 readers would refuse as malformed. Format 2 has not been
+#: released: its fields grew within it; bump the version for any field added after a release.
 BASE_FORMAT_VERSION = 1
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")

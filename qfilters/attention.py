@@ -56,48 +56,55 @@ class AttentionHook(Protocol):
 _active_hook: ContextVar[AttentionHook | None] = ContextVar("qfilters_attention_hook", default=None)
 
 
-_pending = threading.local()  # layer index -> (bool [H_kv, S] keys to attend to, the cache layer that offered it)
+_pending = threading.local()  # layer index -> (bool [H_kv, S] keys to attend to, the keys tensor it describes)
 
 
-def _pending_masks() -> dict[int, tuple[torch.Tensor, object]]:
+def _pending_masks() -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     if not hasattr(_pending, "masks"):
         _pending.masks = {}
     return _pending.masks
 
 
-def offer_key_mask(layer_idx: int, valid: torch.Tensor, owner: object) -> None:
-    """Have the next attention call of layer ``layer_idx`` attend only to the keys ``valid`` ([H_kv, S] bool) marks.
+def offer_key_mask(layer_idx: int, valid: torch.Tensor, keys: torch.Tensor) -> None:
+    """Have layer ``layer_idx``'s next attention call attend only to the keys ``valid`` ([H_kv, S] bool) marks.
 
-    Called by a cache layer from ``update``, which transformers runs right before that layer's attention. A mask
-    still pending from ``owner``'s previous step means that attention never went through qfilters (the model's
-    attention implementation was changed back): the padded keys were attended to, so this raises.
+    Called by a cache layer from ``update``, which transformers runs right before that layer's attention; the mask
+    applies only to the very ``keys`` tensor ``update`` returned, so one left behind by an aborted forward can never
+    reach another call. Offer none where every key is valid: sdpa then keeps its own (causal) fast path.
     """
-    masks = _pending_masks()
-    stale = masks.get(layer_idx)
-    if stale is not None and stale[1] is owner:
-        del masks[layer_idx]
-        raise ModelError(
-            f"layer {layer_idx}'s attention did not run through qfilters, so per-head budgets were not applied: "
-            "keep the attention implementation QFiltersCache set (qfilters+sdpa) while decoding with it"
-        )
-    masks[layer_idx] = (valid, owner)
+    _pending_masks()[layer_idx] = (valid, keys)
+
+
+def withdraw_key_mask(layer_idx: int) -> None:
+    """Drop what :func:`offer_key_mask` left for ``layer_idx`` (a cache reset)."""
+    _pending_masks().pop(layer_idx, None)
+
+
+def _take_key_mask(layer_idx: int, key: torch.Tensor) -> torch.Tensor | None:
+    pending = _pending_masks().pop(layer_idx, None)
+    if pending is None:
+        return None
+    valid, keys = pending
+    same = key.data_ptr() == keys.data_ptr() and key.shape == keys.shape
+    return valid if same else None
 
 
 def key_mask(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
              valid: torch.Tensor) -> torch.Tensor:
-    """Additive float mask [B, H_q, T_q, S]: transformers' ``attention_mask`` (or causal among the last T_q keys
-    where it gave none) AND the per-KV-head ``valid`` keys [H_kv, S]."""
+    """bool mask [B, H_q, T_q, S] (True: attend): the stored keys (all but the last T_q) where ``valid`` [H_kv, S] says
+    so, the new ones (the last T_q) as transformers' ``attention_mask`` says (its last T_q columns: the layers of a
+    cache may store different numbers of keys, and its mask is sized for one of them), or causally where it gave none.
+    Stored keys are visible to every new query: a cache that evicts supports no left padding."""
     batch, q_heads, n_q = query.shape[:3]
     kv_heads, length = key.shape[1], key.shape[2]
-    vis = valid.to(query.device)[None, :, None, :].expand(batch, kv_heads, n_q, length)
-    base = torch.zeros(batch, kv_heads, n_q, length, dtype=query.dtype, device=query.device)
+    vis = valid.to(query.device)[None, :, None, :].expand(batch, kv_heads, n_q, length).clone()
     if attention_mask is None:  # sdpa skipped its mask (is_causal): the new tokens are the last n_q keys
-        vis = vis & torch.ones(n_q, length, dtype=torch.bool, device=query.device).tril(length - n_q)
-    elif attention_mask.dtype == torch.bool:
-        vis = vis & attention_mask[..., :length]
+        new = torch.ones(n_q, n_q, dtype=torch.bool, device=query.device).tril()[None, None]
     else:
-        base = base + attention_mask[..., :length].to(query.dtype)
-    return base.masked_fill(~vis, torch.finfo(query.dtype).min).repeat_interleave(q_heads // kv_heads, dim=1)
+        given = attention_mask[..., -n_q:]
+        new = given if given.dtype == torch.bool else given > torch.finfo(given.dtype).min / 2
+    vis[..., length - n_q:] &= new
+    return vis.repeat_interleave(q_heads // kv_heads, dim=1)
 
 
 def _base_name(name: str) -> str:
@@ -122,9 +129,9 @@ def _ensure_registered(base: str) -> str:
 
     def dispatch(module: AttentionModule, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        pending = _pending_masks().pop(getattr(module, "layer_idx", -1), None)
-        if pending is not None:  # a cache with per-head budgets padded its heads to one length: hide the padding
-            attention_mask = key_mask(query, key, attention_mask, pending[0])
+        valid = _take_key_mask(getattr(module, "layer_idx", -1), key)
+        if valid is not None:  # a cache with per-head budgets padded its heads to one length: hide the padding
+            attention_mask = key_mask(query, key, attention_mask, valid)
             kwargs.pop("is_causal", None)
         hook = _active_hook.get()
         if hook is None:  # model left in our mode outside a context: behave exactly like the base kernel
@@ -137,16 +144,26 @@ def _ensure_registered(base: str) -> str:
     return name
 
 
-def route_through_qfilters(model: PreTrainedModel, kernels: tuple[str, ...] = ("sdpa", "eager")) -> None:
-    """Switch ``model`` to ``qfilters+<its kernel>`` for good: the same attention, plus the per-head key masks a cache
-    offers. Only kernels that take an arbitrary 4-D mask can hide per-head padding."""
+def check_per_head_kernel(model_or_config: Any) -> None:
+    """Raise unless the model's attention takes the per-head key mask a per-head cache needs (sdpa)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    base = _base_name(getattr(config, "_attn_implementation", None) or "sdpa")
+    if base != "sdpa":
+        raise ModelError(f"per-head budgets need attention that takes a per-head key mask (sdpa), not {base!r}: "
+                         "reload the model with attn_implementation='sdpa', or pass recipe=None for the stock policy")
+
+
+def route_through_qfilters(model: PreTrainedModel) -> None:
+    """Switch ``model`` to ``qfilters+sdpa`` for good: sdpa, plus the per-head key masks a cache offers."""
     if not hasattr(model, "set_attn_implementation"):
         raise ModelError(f"{type(model).__name__} is not a transformers PreTrainedModel")
-    base = _base_name(model.config._attn_implementation or "sdpa")
-    if base not in kernels:
-        raise ModelError(f"per-head budgets need attention that takes a per-head mask ({', '.join(kernels)}), not "
-                         f"{base!r}: reload the model with attn_implementation='sdpa'")
-    model.set_attn_implementation(_ensure_registered(base))
+    check_per_head_kernel(model)
+    model.set_attn_implementation(_ensure_registered("sdpa"))
+
+
+def routed_through_qfilters(config: Any) -> bool:
+    """Whether a model with this config runs its attention through qfilters (and so applies per-head key masks)."""
+    return str(getattr(config, "_attn_implementation", None) or "").startswith(PREFIX)
 
 
 def attention_layers(model: nn.Module) -> list[nn.Module]:

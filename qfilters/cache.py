@@ -10,8 +10,10 @@ a sort over at most ``budget + new`` stored scores, never a rescoring of the cac
 
 A layer whose KV heads keep different numbers of keys (a per-head recipe) stores each head's keys apart, so memory is
 the sum of the heads' budgets; each step pads them to one length and hides the padding with a per-head key mask
-(:func:`qfilters.attention.offer_key_mask`): the model's attention then runs as ``qfilters+sdpa`` (or ``+eager``),
-which :class:`QFiltersCache` switches it to. flash-attn takes no such mask; such recipes need sdpa.
+(:func:`qfilters.attention.offer_key_mask`): the model's attention then runs as ``qfilters+sdpa``, which
+:class:`QFiltersCache` switches it to. flash-attn takes no such mask; such recipes need sdpa. A step that must mask
+(some head shorter than another) materializes a [B, H_q, new tokens, stored + new] bool mask: nothing for decoding,
+but a long chunk prefilled onto a full cache pays for it (the first prefill offers none and keeps sdpa's causal path).
 
 Limitations: no left padding (stored keys are not contiguous positions, so transformers' 2-D padding mask cannot be
 mapped onto them), no ``crop`` (assisted decoding), and with ``uncompressed_layers`` the full-attention layers hold
@@ -31,6 +33,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from qfilters.architecture import COMPRESS, KEPT_WHOLE, layer_kinds, layer_types
+from qfilters.errors import ModelError
 from qfilters.eviction import select_kept
 from qfilters.policy import EvictionPolicy, LayerwisePolicy, PolicyLike
 from qfilters.scorers import Scorer
@@ -181,8 +184,9 @@ class RaggedEvictingLayer(EvictingLayer):
     the sum of the heads' budgets, not the widest times the head count. ``keys``/``values`` stay empty.
     """
 
-    def __init__(self, layer_idx: int, policy: EvictionPolicy) -> None:
+    def __init__(self, layer_idx: int, policy: EvictionPolicy, config: Any = None) -> None:
         super().__init__(layer_idx, policy)
+        self.config = config  # the model's: its attention must stay routed through qfilters (None: not checked)
         self.head_keys: list[Tensor] = []
         self.head_values: list[Tensor] = []
         self.head_scores: list[Tensor] = []
@@ -200,8 +204,14 @@ class RaggedEvictingLayer(EvictingLayer):
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Stored + new keys/values of every head, padded to the longest head (the padding masked for attention),
         then each head evicted to its own budget."""
-        from qfilters.attention import offer_key_mask
+        from qfilters.attention import offer_key_mask, routed_through_qfilters
 
+        if self.config is not None and not routed_through_qfilters(self.config):
+            raise ModelError(
+                f"the model's attention implementation is {self.config._attn_implementation!r}: a cache whose KV heads "
+                "keep different budgets needs qfilters+sdpa (which QFiltersCache set) to mask each head's padding; "
+                "keep it while decoding with this cache"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, heads, n_new, _ = key_states.shape
@@ -224,7 +234,8 @@ class RaggedEvictingLayer(EvictingLayer):
                       torch.cat([self.head_positions[h], new_pos.expand(batch, n_new)], dim=1))
             self.head_keys[h], self.head_values[h], self.head_scores[h], self.head_positions[h] = _evict_head(
                 *merged, budget, window)
-        offer_key_mask(self.layer_idx, valid, self)
+        if not bool(valid.all()):
+            offer_key_mask(self.layer_idx, valid, keys)
         return keys, values
 
     @property
@@ -241,8 +252,11 @@ class RaggedEvictingLayer(EvictingLayer):
         return self.budget
 
     def reset(self) -> None:
+        from qfilters.attention import withdraw_key_mask
+
         super().reset()
         self.head_keys, self.head_values, self.head_scores, self.head_positions = [], [], [], []
+        withdraw_key_mask(self.layer_idx)
 
     def _per_head(self, op: Any) -> None:
         for name in ("head_keys", "head_values", "head_scores", "head_positions"):
@@ -317,19 +331,21 @@ class QFiltersCache(Cache):
         else:
             policy = _as_policy(policy, budget, window, n_sinks, uncompressed_layers)
         policy.check_model(model_or_config)
-        if _has_per_head_layers(policy, model_or_config):
-            from qfilters.attention import route_through_qfilters
+        per_head = _has_per_head_layers(policy, model_or_config)
+        if per_head:
+            from qfilters.attention import check_per_head_kernel
 
             if not hasattr(model_or_config, "set_attn_implementation"):
                 raise TypeError("this policy gives KV heads different budgets: build QFiltersCache from the model, "
                                 "not its config (its attention must run through qfilters to mask per head)")
-            route_through_qfilters(model_or_config)
+            check_per_head_kernel(model_or_config)
         _, layer_kwargs = layer_types(model_or_config)
         layers: list[Any] = []
         for idx, (kind, kw) in enumerate(zip(layer_kinds(model_or_config), layer_kwargs, strict=True)):
             layer_policy = policy.for_layer(idx) if kind == COMPRESS else None
             if layer_policy is not None:
-                layers.append((RaggedEvictingLayer if layer_policy.is_per_head else EvictingLayer)(idx, layer_policy))
+                layers.append(RaggedEvictingLayer(idx, layer_policy, model_or_config.config) if layer_policy.is_per_head
+                              else EvictingLayer(idx, layer_policy))
             elif kind in (COMPRESS, KEPT_WHOLE):
                 layers.append(DynamicLayer())
             elif kind in ("sliding_attention", "chunked_attention"):
@@ -338,6 +354,10 @@ class QFiltersCache(Cache):
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kw))
         super().__init__(layers=layers)
         self.policy = policy
+        if per_head:  # last: a cache that failed to build leaves the model as it was
+            from qfilters.attention import route_through_qfilters
+
+            route_through_qfilters(model_or_config)
 
 
 def _has_per_head_layers(policy: PolicyLike, model_or_config: Any) -> bool:

@@ -149,10 +149,10 @@ class EvictionPolicy:
 
     def check_heads(self, model_or_config: Any) -> None:
         """Raise when per-head budgets do not match the model's number of KV heads."""
-        from qfilters.architecture import text_config
+        from qfilters.architecture import model_dims
 
         if self.head_budgets is not None:
-            n_heads = int(text_config(model_or_config).num_key_value_heads)
+            n_heads = model_dims(model_or_config)[1]
             if len(self.head_budgets) != n_heads:
                 raise ValueError(f"this policy has budgets for {len(self.head_budgets)} KV heads; the model has "
                                  f"{n_heads}: was it built for another model?")

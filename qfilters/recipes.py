@@ -236,8 +236,8 @@ class RecipeBook:
 
     @property
     def needs_format_2(self) -> bool:
-        """Whether a recipe ranks any layer by novelty or discounts by age (artifact format 2: older readers do not
-        know them)."""
+        """Whether a recipe ranks any layer by novelty, discounts by age or splits budgets per KV head (artifact
+        format 2: older readers do not know them)."""
         return any(r.novelty_layers or r.novelty_weight or r.recency_weight or r.recall_heads or r.scorer == "novelty"
                    or r.allocation == "head" for r in self.by_budget.values())
 
@@ -399,7 +399,7 @@ def _round_to_total(weights: Sequence[float], total: int, minimum: int) -> list[
     n = len(weights)
     spare = total - minimum * n
     if spare < 0:
-        raise ValueError(f"a total of {total} keys cannot give {n} layers at least {minimum} each")
+        raise ValueError(f"a total of {total} keys cannot give {n} layers (or KV heads) at least {minimum} each")
     w_sum = sum(weights)
     raw = [spare * w / w_sum for w in weights]
     base = [math.floor(x) for x in raw]
@@ -588,13 +588,13 @@ def head_sensitivity(model: Any, chunk: Tensor, scorer: Scorer, budget: int, win
     """[layer][KV head]: the NLL increase per scored token when only that KV head is compressed (``budget``/
     ``window``; every other head keeps all its keys), on ``chunk`` [B, T] (calibration text). Layers not compressed
     get 0. One forward pass per compressed KV head; ``on_pass`` is called after each."""
-    from qfilters.architecture import compressed_layers, text_config
+    from qfilters.architecture import compressed_layers, model_dims
     from qfilters.onepass import perplexity
 
-    config = text_config(model)
-    n_heads, length = int(config.num_key_value_heads), chunk.shape[-1]
+    n_layers, n_heads, _ = model_dims(model)
+    length = chunk.shape[-1]
     full = perplexity(model, chunk, None, score_last).nll_sum if full_nll is None else full_nll
-    out = [[0.0] * n_heads for _ in range(int(config.num_hidden_layers))]
+    out = [[0.0] * n_heads for _ in range(n_layers)]
     n_tok = score_last * chunk.shape[0]
     for i in compressed_layers(model):
         for h in range(n_heads):  # the others' budget is the whole sequence: they never evict

@@ -76,8 +76,9 @@ def _drive(layer: RaggedEvictingLayer, chunks: tuple[int, ...], batch: int, head
         pos = torch.arange(start, start + size, dtype=torch.float64)
         keys = pos[None, None, :, None].expand(batch, heads, size, 2).contiguous()
         seen, _ = layer.update(keys, keys.clone())
-        valid, owner = _pending_masks().pop(0)
-        assert owner is layer and valid.shape == (heads, seen.shape[2])
+        pending = _pending_masks().pop(0, None)  # offered only where some head is shorter than another
+        valid = torch.ones(heads, seen.shape[2], dtype=torch.bool) if pending is None else pending[0]
+        assert pending is None or (pending[1] is seen and not valid.all())
         for h in range(heads):
             seen_pos = seen[:, h, valid[h], 0].long()  # [B, stored_h + n]
             for t in range(start, start + size):
@@ -168,13 +169,59 @@ def test_per_head_budgets_refuse_what_cannot_mask_per_head(tiny_llama) -> None:
     flash.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ModelError, match="sdpa"):
         QFiltersCache(flash, policy)
-    # the attention switched back behind the cache's back: the padded keys were attended to, so decoding stops
+    # the attention switched back behind the cache's back: the first step that would attend unmasked stops
     cache = QFiltersCache(model, policy)
     model.set_attn_implementation("sdpa")
     ids = torch.randint(4, 90, (1, 12), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(), pytest.raises(ModelError, match="did not run through qfilters"):
-        for t in range(12):
-            model(ids[:, t:t + 1], **cache_kwargs(model, cache), use_cache=True)
+    with torch.inference_mode(), pytest.raises(ModelError, match="needs qfilters\\+sdpa"):
+        model(ids, **cache_kwargs(model, cache), use_cache=True)
+    assert not _pending_masks()
+    eager = _f64(tiny_llama)
+    eager.set_attn_implementation("eager")
+    with pytest.raises(ModelError, match="recipe=None"):
+        QFiltersCache(eager, policy)
+    assert eager.config._attn_implementation == "eager"  # a cache that could not be built leaves the model as it was
+
+
+def test_a_mask_left_behind_never_reaches_another_call(tiny_llama) -> None:
+    """An aborted forward can leave a per-head mask pending: it is tied to the keys it was made for, so a later forward
+    of the same layer (another cache, the one-pass evaluator) is untouched, and reset() withdraws it."""
+    from qfilters.attention import offer_key_mask
+
+    model = _f64(tiny_llama)
+    ids = torch.randint(4, 90, (1, 20), generator=torch.Generator().manual_seed(5))
+    policy = EvictionPolicy.per_head(KNormScorer(), [8, 16], [2, 4])
+    cache = QFiltersCache(model, policy)  # routes the model through qfilters+sdpa
+    with torch.inference_mode():
+        clean = model(ids, use_cache=False).logits
+        offer_key_mask(0, torch.zeros(2, 20, dtype=torch.bool), torch.zeros(1))  # stale: another tensor's mask
+        assert torch.equal(model(ids, use_cache=False).logits, clean)
+    assert not _pending_masks()
+    layer = cache.layers[0]
+    offer_key_mask(0, torch.zeros(2, 3, dtype=torch.bool), torch.zeros(1))
+    layer.reset()
+    assert not _pending_masks()
+
+
+def test_chunks_onto_a_cache_with_layers_of_different_widths_stay_causal(tiny_llama) -> None:
+    """transformers sizes one mask for all layers; under a per-head recipe each layer's widest head differs. A chunk
+    of new tokens onto a filled cache must still see only earlier tokens: changing later tokens of the chunk changes
+    nothing before them."""
+    model = _f64(tiny_llama)
+    policy = LayerwisePolicy({0: EvictionPolicy.per_head(KNormScorer(), [40, 10], [8, 2]),
+                              1: EvictionPolicy.per_head(KNormScorer(), [12, 30], [3, 6])})
+    gen = torch.Generator().manual_seed(6)
+    prefix, chunk = torch.randint(4, 90, (1, 50), generator=gen), torch.randint(4, 90, (1, 10), generator=gen)
+    other = chunk.clone()
+    other[:, 5:] = torch.randint(4, 90, (1, 5), generator=gen)
+    logits = []
+    for tail in (chunk, other):
+        cache = QFiltersCache(model, policy)
+        with torch.inference_mode():
+            model(prefix, **cache_kwargs(model, cache), use_cache=True)
+            logits.append(model(tail, **cache_kwargs(model, cache), use_cache=True).logits)
+    assert torch.equal(logits[0][:, :5], logits[1][:, :5])
+    assert not torch.equal(logits[0][:, 5:], logits[1][:, 5:])
 
 
 def test_passkey_keeps_each_heads_own_budget() -> None:

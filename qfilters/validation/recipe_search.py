@@ -175,7 +175,7 @@ def _search_chunks(lm: LoadedModel, corpora: Sequence[Corpus], settings: Validat
 def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, budgets: Sequence[int],
                    settings: ValidationSettings, notify: ProgressFn) -> RecipeSearch:
     """Coordinate search at every budget on the calibration datasets' first documents (see the module doc)."""
-    from qfilters.architecture import compressed_layers, text_config
+    from qfilters.architecture import compressed_layers, model_dims
     from qfilters.evaluate import evaluate_chunks
 
     chunks = _search_chunks(lm, corpora, settings)
@@ -190,7 +190,7 @@ def search_recipes(lm: LoadedModel, corpora: Sequence[Corpus], filters: Any, bud
     # an upper bound (repeated recipes are cached): the full pass; per budget StreamingLLM, the start, each pass's new
     # axis values, stock and the retrieval gate's novelty and recall variants; the sensitivity's pass per layer
     per_budget = 3 + MAX_PASSES * sum(len(v) - 1 for _, v in axes) + len(NOVELTY_SHARES) + len(RECALL_SHARES)
-    n_heads = int(text_config(lm.model).num_key_value_heads)
+    n_heads = model_dims(lm.model)[1]
     steps = 1 + len(budgets) * per_budget + n_layers + n_layers * n_heads
     done = 0
 
