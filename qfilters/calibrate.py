@@ -273,7 +273,8 @@ def _provenance(lm: LoadedModel, corpora: Sequence[Corpus], config: CalibrationC
             "until_stable": config.until_stable,
             "stopped_early": stopped_early,
             "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-            "attn_implementation": lm.model.config._attn_implementation,
+            # the kernel, not our routing (a per-head QFiltersCache leaves the model on qfilters+sdpa)
+            "attn_implementation": str(lm.model.config._attn_implementation).removeprefix("qfilters+"),
             "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
             "checkpoints": [asdict(cp) for cp in checkpoints],
