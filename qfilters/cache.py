@@ -187,6 +187,7 @@ class RaggedEvictingLayer(EvictingLayer):
     def __init__(self, layer_idx: int, policy: EvictionPolicy, config: Any = None) -> None:
         super().__init__(layer_idx, policy)
         self.config = config  # the model's: its attention must stay routed through qfilters (None: not checked)
+        self.limits: list[tuple[int, int]] = []  # (budget, window) per KV head, once the head count is known
         self.head_keys: list[Tensor] = []
         self.head_values: list[Tensor] = []
         self.head_scores: list[Tensor] = []
@@ -304,7 +305,7 @@ class QFiltersCache(Cache):
 
     A policy whose KV heads keep different budgets (``EvictionPolicy.per_head``, a recipe allocated by KV head) stores
     them ragged and switches ``model`` to ``attn_implementation="qfilters+sdpa"``: sdpa with the cache's per-head key
-    mask, identical to sdpa wherever no such cache is in use. It needs the model (not its config) and sdpa or eager.
+    mask, identical to sdpa wherever no such cache is in use. It needs the model (not its config) and sdpa.
     """
 
     def __init__(

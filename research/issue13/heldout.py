@@ -40,8 +40,7 @@ def shipped_variant(book: RecipeBook, budget: int, lm: Any, filters: Any, contex
                     **change: Any) -> LayerwisePolicy:
     """The shipped recipe at ``budget`` with ``change`` applied (same sensitivity and spreads), for contexts of
     ``context_length`` tokens (whole layers are paid for at that length)."""
-    one = RecipeBook({budget: replace(book.recipe_for(budget), **change)}, book.sensitivity, SEQ_LEN,
-                     score_spread=book.score_spread, needle_attention=book.needle_attention)
+    one = replace(book, by_budget={budget: replace(book.recipe_for(budget), **change)}, context_length=SEQ_LEN)
     return one.policy(budget, lm.model, ScorerInputs(filters=filters), context_length)
 
 
