@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from qfilters.eviction import eviction_horizon, select_kept
+from qfilters.scorers import Scorer
 
 
 def mask_from_horizon(horizon: Tensor) -> Tensor:
@@ -48,3 +49,15 @@ def stored_lengths(cache: object) -> list[int]:
     """Keys a QFiltersCache currently holds per layer (per KV head)."""
     return [int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
             for layer in cache.layers]  # type: ignore[attr-defined]
+
+
+class TableScorer(Scorer):
+    """Scores read from a fixed table [B, H, T] by absolute position (lets tests choose ties)."""
+
+    name = "table"
+
+    def __init__(self, table: Tensor) -> None:
+        self.table = table
+
+    def score(self, keys: Tensor, layer_idx: int, positions: Tensor) -> Tensor:
+        return self.table[:, :, positions]

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from eviction_reference import simulate_visibility, stored_lengths, visibility_mask
+from eviction_reference import TableScorer, simulate_visibility, stored_lengths, visibility_mask
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from qfilters.architecture import layer_kinds
@@ -14,7 +14,7 @@ from qfilters.cache import EvictingLayer, QFiltersCache, cache_kwargs
 from qfilters.errors import ShapeMismatchError
 from qfilters.eviction import _kth_beater_dense, _kth_beater_sweep, prepare_scores
 from qfilters.policy import EvictionPolicy, check_budget
-from qfilters.scorers import KNormScorer, QFilterScorer, Scorer, StreamingLLMScorer
+from qfilters.scorers import KNormScorer, QFilterScorer, StreamingLLMScorer
 
 
 @pytest.fixture(autouse=True)
@@ -24,18 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class TableScorer(Scorer):
-    """Scores read from a fixed table [B, H, T] by absolute position (lets tests choose ties)."""
-
-    name = "table"
-
-    def __init__(self, table: torch.Tensor) -> None:
-        self.table = table
-
-    def score(self, keys, layer_idx, positions):
-        return self.table[:, :, positions]
 
 
 def _random_case(gen: torch.Generator) -> tuple[torch.Tensor, int, int, int]:

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from eviction_reference import simulate_visibility
+from eviction_reference import TableScorer, simulate_visibility
 
 from qfilters import QFilters
 from qfilters.attention import _pending_masks
@@ -23,19 +23,7 @@ from qfilters.eviction import prepare_scores
 from qfilters.passkey import _keep_static
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 from qfilters.recipes import Recipe, RecipeBook, allocate_heads, head_sensitivity
-from qfilters.scorers import KNormScorer, QFilterScorer, Scorer
-
-
-class TableScorer(Scorer):
-    """Scores read from a fixed table [B, H, T] by absolute position."""
-
-    name = "table"
-
-    def __init__(self, table: torch.Tensor) -> None:
-        self.table = table
-
-    def score(self, keys, layer_idx, positions):
-        return self.table[:, :, positions]
+from qfilters.scorers import KNormScorer, QFilterScorer
 
 
 @pytest.fixture(autouse=True)
