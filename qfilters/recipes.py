@@ -561,25 +561,44 @@ def layer_sensitivity(model: Any, chunks: Sequence[Tensor], scorer: Scorer, budg
                       full_nll: Sequence[float] | None = None) -> Sensitivity:
     """Compress one layer at a time (``budget``/``window``); NLL increase per token on ``chunks`` (calibration text).
 
-    ``full_nll`` reuses a full-cache pass already made on the same chunks (per chunk NLL sums, as
-    :func:`qfilters.evaluate.evaluate_chunks` takes it); ``on_pass`` is called after each forward pass over all chunks.
+    ``full_nll`` is the baseline of a full-cache pass already made on the same chunks (per chunk NLL sums, as
+    :func:`qfilters.evaluate.evaluate_chunks` takes it); one full pass is made anyway, to record the layers each
+    compressed pass replays (:mod:`qfilters.replay`). ``on_pass`` is called after each layer's passes over all chunks.
     """
     from qfilters.architecture import compressed_layers
-    from qfilters.onepass import perplexity
-
-    def total(policy: LayerwisePolicy | None) -> float:
-        nll = sum(perplexity(model, c, policy, score_last).nll_sum for c in chunks)
-        if on_pass is not None:
-            on_pass()
-        return nll
 
     layers = compressed_layers(model)
-    full = total(None) if full_nll is None else sum(full_nll)
+    replays, full_passes = zip(*(_recorded(model, c, score_last) for c in chunks), strict=True)
+    full = sum(full_passes) if full_nll is None else sum(full_nll)
     out = Sensitivity(layers)
     n_tok = score_last * sum(c.shape[0] for c in chunks)
     for i in layers:
-        out.nll_increase.append((total(LayerwisePolicy({i: EvictionPolicy(scorer, budget, window)})) - full) / n_tok)
+        alone = LayerwisePolicy({i: EvictionPolicy(scorer, budget, window)})
+        nll = sum(_replayed(model, c, alone, score_last, r, i) for c, r in zip(chunks, replays, strict=True))
+        out.nll_increase.append((nll - full) / n_tok)
+        if on_pass is not None:
+            on_pass()
     return out
+
+
+def _recorded(model: Any, chunk: Tensor, score_last: int) -> tuple[Any, float]:
+    """The full-cache NLL sum of ``chunk``, with its decoder layers' outputs recorded to replay."""
+    from qfilters.onepass import perplexity
+    from qfilters.replay import LayerReplay
+
+    replay = LayerReplay(model)
+    with replay.recording(chunk):
+        nll = perplexity(model, chunk, None, score_last).nll_sum
+    return replay, nll
+
+
+def _replayed(model: Any, chunk: Tensor, policy: LayerwisePolicy, score_last: int, replay: Any, start: int
+              ) -> float:
+    """The NLL sum under ``policy``, which leaves layers before ``start`` as the full cache has them."""
+    from qfilters.onepass import perplexity
+
+    with replay.starting_at(start, chunk):
+        return perplexity(model, chunk, policy, score_last).nll_sum
 
 
 def head_sensitivity(model: Any, chunk: Tensor, scorer: Scorer, budget: int, window: int, score_last: int,
@@ -587,20 +606,21 @@ def head_sensitivity(model: Any, chunk: Tensor, scorer: Scorer, budget: int, win
                      ) -> list[list[float]]:
     """[layer][KV head]: the NLL increase per scored token when only that KV head is compressed (``budget``/
     ``window``; every other head keeps all its keys), on ``chunk`` [B, T] (calibration text). Layers not compressed
-    get 0. One forward pass per compressed KV head; ``on_pass`` is called after each."""
+    get 0. One forward pass per compressed KV head, each starting at its layer (:mod:`qfilters.replay`); ``on_pass``
+    is called after each."""
     from qfilters.architecture import compressed_layers, model_dims
-    from qfilters.onepass import perplexity
 
     n_layers, n_heads, _ = model_dims(model)
     length = chunk.shape[-1]
-    full = perplexity(model, chunk, None, score_last).nll_sum if full_nll is None else full_nll
+    replay, full_pass = _recorded(model, chunk, score_last)
+    full = full_pass if full_nll is None else full_nll
     out = [[0.0] * n_heads for _ in range(n_layers)]
     n_tok = score_last * chunk.shape[0]
     for i in compressed_layers(model):
         for h in range(n_heads):  # the others' budget is the whole sequence: they never evict
             alone = EvictionPolicy.per_head(scorer, [budget if g == h else length for g in range(n_heads)],
                                             [window] * n_heads)
-            nll = perplexity(model, chunk, LayerwisePolicy({i: alone}), score_last).nll_sum
+            nll = _replayed(model, chunk, LayerwisePolicy({i: alone}), score_last, replay, i)
             out[i][h] = (nll - full) / n_tok
             if on_pass is not None:
                 on_pass()
