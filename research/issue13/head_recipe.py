@@ -2,7 +2,7 @@
 
 The validator now searches ``allocation="head"`` itself, but its full re-run (4 budgets, 5 passes, 90 head passes)
 needs ~2 h on this 2-core machine and did not fit the session. This script measures what the search's allocation
-axis decides, from the last validator run's converged recipes (validator-smollm2/filters-qfilters.json): at every
+axis decides, from the last validator run's converged recipes (validator-smollm2/by-layer/filters-qfilters.json): at every
 budget the same recipe with ``allocation="head"`` (the only change), the KV-head sensitivity measured by the
 validator's own function (``measure_head_sensitivity``, first search document, budget 128 = the sweep's middle).
 1. On the search text (calibration only): the shipped recipe vs the head variant, per budget (the axis's decision).
@@ -37,7 +37,7 @@ parser.add_argument("--check", type=int, default=3, help="heads of the first com
 parser.add_argument("--texts", nargs="*", default=[])
 parser.add_argument("--out", default="head-recipe.json")
 parser.add_argument("--only-head", action="store_true", help="held out and passkeys: measure the head recipe alone and "
-                    "take StreamingLLM's and the shipped recipe's numbers from validator-smollm2/report.json (the same "
+                    "take StreamingLLM's and the shipped recipe's numbers from validator-smollm2/by-layer/report.json (the same "
                     "documents and code; the full-cache perplexity is re-measured and checked against it)")
 parser.add_argument("--skip-search-text", action="store_true")
 args = parser.parse_args()
@@ -94,7 +94,7 @@ texts |= {s: held_out(lm, s) for s in ["austen", "python-docs", *args.texts]}
 if args.only_head:
     from qfilters.evaluate import evaluate_chunks
 
-    report = json.loads((HERE / "validator-smollm2/report.json").read_text())
+    report = json.loads((HERE / "validator-smollm2/by-layer/report.json").read_text())
     for name, chunks in texts.items():
         (section,) = [p for p in report["perplexity"] if p["dataset"]["spec"] == name]
         sllm = {r["budget"]: r["perplexity"] for r in section["rows"] if r["policy"] == "streamingllm"}

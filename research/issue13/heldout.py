@@ -27,8 +27,8 @@ SEQ_LEN = 2048
 
 
 def shipped_book() -> RecipeBook:
-    """The recipes the last validator run shipped (validator-smollm2/filters-qfilters.json)."""
-    return RecipeBook.from_dict(json.loads((HERE / "validator-smollm2/filters-qfilters.json").read_text())["recipe"])
+    """The recipes the last validator run shipped (validator-smollm2/by-layer/filters-qfilters.json)."""
+    return RecipeBook.from_dict(json.loads((HERE / "validator-smollm2/by-layer/filters-qfilters.json").read_text())["recipe"])
 
 
 def streamingllm(budget: int) -> EvictionPolicy:

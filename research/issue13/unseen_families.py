@@ -1,4 +1,4 @@
-"""The shipped recipes (validator-smollm2/filters-qfilters.json) on more text families the search never saw, measured
+"""The shipped recipes (validator-smollm2/by-layer/filters-qfilters.json) on more text families the search never saw, measured
 as the validator measures held-out text: 6 documents x 2048 tokens, last 1024 scored, gap ratio against StreamingLLM
 (4 sinks, window min(64, budget / 2)), budgets 64..512.
 Usage: .venv/bin/python research/issue13/unseen_families.py artifacts/smollm2-handbook-en python-code,fortunes:en
