@@ -144,7 +144,7 @@ def build_model_card(filter_dir: str | Path, *, repo_id: str, report: Validation
         if heading:
             lines += ["", heading + usage]
     else:
-        lines += _figures(figures) + [""] + _usage(base, repo_id, _recipe(meta) is not None)
+        lines += _figures(figures) + [""] + _usage(base, repo_id, _recipe(meta))
     lines += ["", *_provenance(meta, provenance, specs, report)]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n")
     return card
@@ -169,13 +169,17 @@ def _recipe(meta: dict[str, Any]) -> RecipeBook | None:
         return None  # a malformed one is the loader's error to report, not the card's
 
 
-def _usage(base: str, repo_id: str, has_recipe: bool = False) -> list[str]:
+def _usage(base: str, repo_id: str, book: RecipeBook | None = None) -> list[str]:
+    from qfilters.validation.markdown import model_line
+
     cache_line = ("cache = QFiltersCache(model, filters, budget=512)  # the eviction recipe stored with the filters"
-                  if has_recipe else "cache = QFiltersCache(model, QFilterScorer(filters), budget=512, window=64)")
+                  if book is not None else
+                  "cache = QFiltersCache(model, QFilterScorer(filters), budget=512, window=64)")
+    by_head = book is not None and any(r.allocation == "head" for r in book.by_budget.values())
     snippet = (
         "from transformers import AutoModelForCausalLM\n"
         "from qfilters import QFilters, QFiltersCache, QFilterScorer\n\n"
-        f"model = AutoModelForCausalLM.from_pretrained({base!r})\n"
+        f"{model_line(base, by_head)}\n"
         f"filters = QFilters.from_pretrained({repo_id!r})\n"
         f"{cache_line}\n"
         "out = model.generate(input_ids, cache=cache, max_new_tokens=256)"

@@ -145,6 +145,28 @@ def test_the_model_card_shows_the_recipe(searched, tmp_path) -> None:
     assert "calibration text" in bare
 
 
+def test_a_per_head_recipe_tells_users_to_load_the_model_with_sdpa(searched, tmp_path) -> None:
+    """Its cache masks each head's padding, which flash-attn kernels cannot: the snippets say so, and only then."""
+    from qfilters.modelcard import build_model_card
+
+    run, _ = searched
+    sdpa = "attn_implementation='sdpa'"
+    by_head = any(c.recipe.get("allocation") == "head" for c in run.report.recipe.chosen)
+    assert (sdpa in render_markdown(run.report)) == by_head
+    chosen = [c.model_copy(update={"recipe": {**c.recipe, "allocation": "head"}}) for c in run.report.recipe.chosen]
+    head_report = run.report.model_copy(update={"recipe": run.report.recipe.model_copy(update={"chosen": chosen})})
+    uniform = [c.model_copy(update={"recipe": {**c.recipe, "allocation": "uniform"}}) for c in chosen]
+    uniform_report = run.report.model_copy(update={"recipe": run.report.recipe.model_copy(update={"chosen": uniform})})
+    assert sdpa in render_markdown(head_report) and sdpa not in render_markdown(uniform_report)
+
+    n_layers, n_heads = run.filters.filters.shape[:2]
+    book = RecipeBook({24: Recipe("qfilters", 0.25, 4, "head")},
+                      head_sensitivity=tuple((0.1,) * n_heads for _ in range(n_layers)))
+    for recipe, shown in ((book, True), (RecipeBook({24: Recipe("qfilters", 0.25, 4)}), False)):
+        path = run.filters.with_recipe(recipe).save_pretrained(tmp_path / f"filters-{shown}")
+        assert (sdpa in str(build_model_card(path, repo_id="org/tiny-qfilters", base_model="org/tiny"))) == shown
+
+
 def test_cli_search_recipe_writes_filters_with_the_recipe(tiny_llama, tmp_path) -> None:
     """Also with --filters: the searched recipe is saved with a copy of the given filters in OUT/filters."""
     from qfilters.validation.schema import ValidationReport

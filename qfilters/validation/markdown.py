@@ -109,6 +109,15 @@ def section_markdown(section: Section | None) -> list[str]:
             *(line for f in section.findings for line in ("", md(f)))]
 
 
+def model_line(model_id: str, by_head: bool) -> str:
+    """The usage snippet's model load: a recipe whose KV heads keep different numbers of keys needs sdpa (its cache
+    hides each head's padding with a per-head key mask, which flash-attn kernels take no part of)."""
+    if not by_head:
+        return f"model = AutoModelForCausalLM.from_pretrained({model_id!r})"
+    return ("# the recipe gives each KV head its own budget: sdpa applies the per-head key mask, flash-attn cannot\n"
+            f"model = AutoModelForCausalLM.from_pretrained({model_id!r}, attn_implementation='sdpa')")
+
+
 def _fence(code: str, lang: str = "python") -> str:
     fence = "```"
     while fence in code:
@@ -207,6 +216,7 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
 
     # ---- how to use
     repo = repo_id or DEFAULT_REPO
+    by_head = report.recipe is not None and any(c.recipe.get("allocation") == "head" for c in report.recipe.chosen)
     cache_line = (f"cache = QFiltersCache(model, filters, budget={ref})  # the searched recipe stored with the filters"
                   if report.recipe is not None else
                   f"cache = QFiltersCache(model, QFilterScorer(filters), budget={ref}, window={window}, "
@@ -214,7 +224,7 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
     ours = (
         "from transformers import AutoModelForCausalLM\n"
         "from qfilters import QFilters, QFiltersCache, QFilterScorer\n\n"
-        f"model = AutoModelForCausalLM.from_pretrained({report.model_id!r})\n"
+        f"{model_line(report.model_id, by_head)}\n"
         f"filters = QFilters.from_pretrained({repo!r})\n"
         f"{cache_line}\n"
         "# transformers < 5.24: past_key_values=cache\n"
