@@ -144,7 +144,7 @@ def build_model_card(filter_dir: str | Path, *, repo_id: str, report: Validation
         if heading:
             lines += ["", heading + usage]
     else:
-        lines += _figures(figures) + [""] + _usage(base, repo_id, _recipe(meta))
+        lines += _figures(figures) + [""] + _usage(base, repo_id, _recipe(meta), meta.get("num_kv_heads"))
     lines += ["", *_provenance(meta, provenance, specs, report)]
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines).rstrip() + "\n")
     return card
@@ -169,13 +169,14 @@ def _recipe(meta: dict[str, Any]) -> RecipeBook | None:
         return None  # a malformed one is the loader's error to report, not the card's
 
 
-def _usage(base: str, repo_id: str, book: RecipeBook | None = None) -> list[str]:
+def _usage(base: str, repo_id: str, book: RecipeBook | None = None, kv_heads: Any = None) -> list[str]:
     from qfilters.validation.markdown import model_line
 
     cache_line = ("cache = QFiltersCache(model, filters, budget=512)  # the eviction recipe stored with the filters"
                   if book is not None else
                   "cache = QFiltersCache(model, QFilterScorer(filters), budget=512, window=64)")
-    by_head = book is not None and any(r.allocation == "head" for r in book.by_budget.values())
+    by_head = (book is not None and kv_heads != 1  # with one KV head per layer a head split is uniform per layer
+               and any(r.allocation == "head" for r in book.by_budget.values()))
     snippet = (
         "from transformers import AutoModelForCausalLM\n"
         "from qfilters import QFilters, QFiltersCache, QFilterScorer\n\n"

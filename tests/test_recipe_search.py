@@ -158,6 +158,9 @@ def test_a_per_head_recipe_tells_users_to_load_the_model_with_sdpa(searched, tmp
     uniform = [c.model_copy(update={"recipe": {**c.recipe, "allocation": "uniform"}}) for c in chosen]
     uniform_report = run.report.model_copy(update={"recipe": run.report.recipe.model_copy(update={"chosen": uniform})})
     assert sdpa in render_markdown(head_report) and sdpa not in render_markdown(uniform_report)
+    one_head = head_report.model_copy(  # e.g. Gemma-3: one KV head per layer, so each layer's heads are equal
+        update={"architecture": head_report.architecture.model_copy(update={"num_kv_heads": 1})})
+    assert sdpa not in render_markdown(one_head)
 
     n_layers, n_heads = run.filters.filters.shape[:2]
     book = RecipeBook({24: Recipe("qfilters", 0.25, 4, "head")},

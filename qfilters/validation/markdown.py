@@ -216,7 +216,8 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
 
     # ---- how to use
     repo = repo_id or DEFAULT_REPO
-    by_head = report.recipe is not None and any(c.recipe.get("allocation") == "head" for c in report.recipe.chosen)
+    by_head = (report.recipe is not None and report.architecture.num_kv_heads > 1  # one head: uniform per layer
+               and any(c.recipe.get("allocation") == "head" for c in report.recipe.chosen))
     cache_line = (f"cache = QFiltersCache(model, filters, budget={ref})  # the searched recipe stored with the filters"
                   if report.recipe is not None else
                   f"cache = QFiltersCache(model, QFilterScorer(filters), budget={ref}, window={window}, "
