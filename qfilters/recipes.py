@@ -582,10 +582,13 @@ def layer_sensitivity(model: Any, chunks: Sequence[Tensor], scorer: Scorer, budg
 
 
 def _recorded(model: Any, chunk: Tensor, score_last: int) -> tuple[Any, float]:
-    """The full-cache NLL sum of ``chunk``, with its decoder layers' outputs recorded to replay."""
+    """The full-cache NLL sum of ``chunk``, with its decoder layers' outputs recorded to replay (None where the
+    model's layers cannot be replayed)."""
     from qfilters.onepass import perplexity
-    from qfilters.replay import LayerReplay
+    from qfilters.replay import LayerReplay, replayable
 
+    if not replayable(model):  # whole passes, then
+        return None, perplexity(model, chunk, None, score_last).nll_sum
     replay = LayerReplay(model)
     with replay.recording(chunk):
         nll = perplexity(model, chunk, None, score_last).nll_sum
@@ -597,6 +600,8 @@ def _replayed(model: Any, chunk: Tensor, policy: LayerwisePolicy, score_last: in
     """The NLL sum under ``policy``, which leaves layers before ``start`` as the full cache has them."""
     from qfilters.onepass import perplexity
 
+    if replay is None:
+        return perplexity(model, chunk, policy, score_last).nll_sum
     with replay.starting_at(start, chunk):
         return perplexity(model, chunk, policy, score_last).nll_sum
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from qfilters.attention import attention_layers
 from qfilters.errors import ModelError
 
-__all__ = ["LayerReplay", "decoder_layers"]
+__all__ = ["LayerReplay", "decoder_layers", "replayable"]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -36,15 +36,37 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def replayable(model: nn.Module) -> bool:
+    """Whether skipping early layers is exact for ``model``: one attention block per layer, in order (a hybrid
+    model's linear-attention layers would shift the indices), and no layer that hands later ones anything besides
+    its output (layers sharing K/V, as in Gemma-3n)."""
+    from qfilters.architecture import text_config
+
+    config = text_config(model)
+    if getattr(config, "num_kv_shared_layers", 0):
+        return False
+    try:
+        attentions = attention_layers(model)
+        blocks = decoder_layers(model)
+    except ModelError:
+        return False
+    return (len(blocks) == int(config.num_hidden_layers) == len({id(b) for b in blocks})
+            and [a.layer_idx for a in attentions] == list(range(len(blocks))))
+
+
 class LayerReplay:
     """The decoder layers' outputs on one input, recorded under the full cache, to replay in later passes.
 
     ``with replay.recording(input_ids): model(input_ids)`` records; ``with replay.starting_at(i, input_ids):
     model(input_ids)`` runs layers ``i`` and later only (the earlier ones return what they returned while
-    recording). The input must be the recorded one: replaying another input's layers would be silently wrong.
+    recording). The input must be the recorded one, and so must the other arguments of the call (mask, caching):
+    replaying another input's layers would be silently wrong. While a block runs, the model is patched for every
+    caller. Models :func:`replayable` refuses raise :class:`~qfilters.errors.ModelError`.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        if not replayable(model):
+            raise ModelError(f"{type(model).__name__}'s layers cannot be replayed (see qfilters.replay.replayable)")
         self.layers = decoder_layers(model)
         self.outputs: list[Any] = []
         self.input_ids: Tensor | None = None
@@ -58,7 +80,7 @@ class LayerReplay:
             def hook(module: nn.Module, args: Any, output: Any) -> None:
                 if index in outputs:
                     raise ModelError("LayerReplay records one forward pass; the block made several")
-                outputs[index] = output
+                outputs[index] = _copied(output)  # the next layer could change its input in place
             return hook
 
         handles = [layer.register_forward_hook(keep(i)) for i, layer in enumerate(self.layers)]
@@ -84,8 +106,11 @@ class LayerReplay:
             raise ValueError("LayerReplay replays the input it recorded; this pass has another one")
         skipped = self.layers[:start]
         own = [layer.__dict__.get("forward") for layer in skipped]  # e.g. accelerate's offload wrapper: put back
-        for layer, output in zip(skipped, self.outputs, strict=False):
-            layer.forward = _returning(output)  # an instance attribute: nn.Module.__call__ looks it up first
+        for i, (layer, output) in enumerate(zip(skipped, self.outputs, strict=False)):
+            # an instance attribute: nn.Module.__call__ looks it up first. Only the last skipped layer's output
+            # reaches a layer that computes: a copy, so a layer that changes its input in place cannot alter the
+            # recording for later replays.
+            layer.forward = _returning(_copied(output) if i == start - 1 else output)
         try:
             yield
         finally:
@@ -94,6 +119,14 @@ class LayerReplay:
                     del layer.forward
                 else:
                     layer.forward = previous
+
+
+def _copied(output: Any) -> Any:
+    if isinstance(output, Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return tuple(_copied(x) for x in output)
+    return output
 
 
 def _returning(output: Any) -> Any:

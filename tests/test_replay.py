@@ -11,7 +11,7 @@ from qfilters.errors import ModelError
 from qfilters.evaluate import perplexity
 from qfilters.policy import EvictionPolicy, LayerwisePolicy
 from qfilters.recipes import layer_sensitivity
-from qfilters.replay import LayerReplay, decoder_layers
+from qfilters.replay import LayerReplay, decoder_layers, replayable
 from qfilters.scorers import KNormScorer
 
 
@@ -101,8 +101,37 @@ def test_replay_on_a_model_with_sliding_layers(gemma3) -> None:
     policy = LayerwisePolicy({start: EvictionPolicy(KNormScorer(), 32, 8)})
     replay = LayerReplay(model)
     with replay.recording(ids):
-        perplexity(model, ids, None, 48)
+        full = perplexity(model, ids, None, 48).nll_sum
     whole = perplexity(model, ids, policy, 48).nll_sum
     with replay.starting_at(start, ids):
         replayed = perplexity(model, ids, policy, 48).nll_sum
-    assert replayed == pytest.approx(whole, rel=1e-5)
+    assert replayed == pytest.approx(whole, rel=1e-5) and whole != full
+
+
+def test_a_layer_changing_its_input_in_place_cannot_spoil_the_recording(model64) -> None:
+    ids = _ids()
+    layer1 = decoder_layers(model64)[1]
+    handle = layer1.register_forward_pre_hook(lambda module, args, kwargs: (args[0].add_(1.0), None)[1],
+                                              with_kwargs=True)
+    try:
+        replay = LayerReplay(model64)
+        with replay.recording(ids):
+            full = perplexity(model64, ids, None, 24).nll_sum
+        for _ in range(2):  # each replay hands layer 1 a fresh copy of what layer 0 returned
+            with replay.starting_at(1, ids):
+                assert perplexity(model64, ids, None, 24).nll_sum == pytest.approx(full, rel=1e-12)
+    finally:
+        handle.remove()
+
+
+def test_models_whose_layers_cannot_be_replayed_get_whole_passes(model64, monkeypatch) -> None:
+    assert replayable(model64)
+    monkeypatch.setattr(model64.config, "num_kv_shared_layers", 1, raising=False)  # later layers read earlier K/V
+    assert not replayable(model64)
+    with pytest.raises(ModelError, match="cannot be replayed"):
+        LayerReplay(model64)
+    chunks = [_ids()]
+    measured = layer_sensitivity(model64, chunks, KNormScorer(), 12, 3, 24)  # falls back to whole passes
+    monkeypatch.setattr(model64.config, "num_kv_shared_layers", 0)
+    assert measured.nll_increase == pytest.approx(layer_sensitivity(model64, chunks, KNormScorer(), 12, 3, 24)
+                                                  .nll_increase, rel=1e-12)
