@@ -169,18 +169,17 @@ def _recipe(meta: dict[str, Any]) -> RecipeBook | None:
         return None  # a malformed one is the loader's error to report, not the card's
 
 
-def _usage(base: str, repo_id: str, book: RecipeBook | None = None, kv_heads: Any = None) -> list[str]:
+def _usage(base: str, repo_id: str, book: RecipeBook | None = None, kv_heads: int | None = None) -> list[str]:
     from qfilters.validation.markdown import model_line
 
     cache_line = ("cache = QFiltersCache(model, filters, budget=512)  # the eviction recipe stored with the filters"
                   if book is not None else
                   "cache = QFiltersCache(model, QFilterScorer(filters), budget=512, window=64)")
-    by_head = (book is not None and kv_heads != 1  # with one KV head per layer a head split is uniform per layer
-               and any(r.allocation == "head" for r in book.by_budget.values()))
+    allocations = [r.allocation for r in book.by_budget.values()] if book is not None else []
     snippet = (
         "from transformers import AutoModelForCausalLM\n"
         "from qfilters import QFilters, QFiltersCache, QFilterScorer\n\n"
-        f"{model_line(base, by_head)}\n"
+        f"{model_line(base, allocations, kv_heads)}\n"
         f"filters = QFilters.from_pretrained({repo_id!r})\n"
         f"{cache_line}\n"
         "out = model.generate(input_ids, cache=cache, max_new_tokens=256)"

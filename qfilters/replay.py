@@ -26,9 +26,20 @@ __all__ = ["LayerReplay", "decoder_layers", "replayable"]
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks holding the attention modules, in layer order (each attention module's parent)."""
+    return _parents(model, attention_layers(model))
+
+
+def replayable(model: nn.Module) -> bool:
+    """Whether skipping early layers is exact for ``model``: one attention block per layer, in order (a hybrid
+    model's linear-attention layers would shift the indices), and no layer that hands later ones anything besides
+    its output (layers sharing K/V, as in Gemma-3n)."""
+    return _replay_blocks(model) is not None
+
+
+def _parents(model: nn.Module, attentions: list[nn.Module]) -> list[nn.Module]:
     names = {module: name for name, module in model.named_modules()}
     blocks = []
-    for attention in attention_layers(model):
+    for attention in attentions:
         parent = names[attention].rpartition(".")[0]
         if not parent:
             raise ModelError(f"{type(model).__name__}'s attention module {names[attention]!r} has no decoder block")
@@ -36,22 +47,21 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def replayable(model: nn.Module) -> bool:
-    """Whether skipping early layers is exact for ``model``: one attention block per layer, in order (a hybrid
-    model's linear-attention layers would shift the indices), and no layer that hands later ones anything besides
-    its output (layers sharing K/V, as in Gemma-3n)."""
+def _replay_blocks(model: nn.Module) -> list[nn.Module] | None:
+    """The decoder blocks to replay, one per layer in order; None where :func:`replayable` says no."""
     from qfilters.architecture import text_config
 
     config = text_config(model)
     if getattr(config, "num_kv_shared_layers", 0):
-        return False
+        return None
     try:
         attentions = attention_layers(model)
-        blocks = decoder_layers(model)
+        blocks = _parents(model, attentions)
     except ModelError:
-        return False
-    return (len(blocks) == int(config.num_hidden_layers) == len({id(b) for b in blocks})
-            and [a.layer_idx for a in attentions] == list(range(len(blocks))))
+        return None
+    in_order = [a.layer_idx for a in attentions] == list(range(len(blocks)))
+    one_each = len(blocks) == int(config.num_hidden_layers) == len({id(b) for b in blocks})
+    return blocks if in_order and one_each else None
 
 
 class LayerReplay:
@@ -65,9 +75,10 @@ class LayerReplay:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if not replayable(model):
+        blocks = _replay_blocks(model)
+        if blocks is None:
             raise ModelError(f"{type(model).__name__}'s layers cannot be replayed (see qfilters.replay.replayable)")
-        self.layers = decoder_layers(model)
+        self.layers = blocks
         self.outputs: list[Any] = []
         self.input_ids: Tensor | None = None
 

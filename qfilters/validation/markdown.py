@@ -9,7 +9,7 @@ spec can never inject Markdown or HTML into the card.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
@@ -109,10 +109,11 @@ def section_markdown(section: Section | None) -> list[str]:
             *(line for f in section.findings for line in ("", md(f)))]
 
 
-def model_line(model_id: str, by_head: bool) -> str:
-    """The usage snippet's model load: a recipe whose KV heads keep different numbers of keys needs sdpa (its cache
-    hides each head's padding with a per-head key mask, which flash-attn kernels take no part of)."""
-    if not by_head:
+def model_line(model_id: str, allocations: Iterable[str] = (), kv_heads: int | None = None) -> str:
+    """The usage snippet's model load, given the recipe's allocations per budget: one that gives the KV heads of a
+    layer different budgets (``head``, with more than one KV head per layer) needs sdpa, since its cache hides each
+    head's padding with a per-head key mask that flash-attn kernels take no part of."""
+    if kv_heads == 1 or "head" not in allocations:
         return f"model = AutoModelForCausalLM.from_pretrained({model_id!r})"
     return ("# the recipe gives each KV head its own budget: sdpa applies the per-head key mask, flash-attn cannot\n"
             f"model = AutoModelForCausalLM.from_pretrained({model_id!r}, attn_implementation='sdpa')")
@@ -216,8 +217,7 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
 
     # ---- how to use
     repo = repo_id or DEFAULT_REPO
-    by_head = (report.recipe is not None and report.architecture.num_kv_heads > 1  # one head: uniform per layer
-               and any(c.recipe.get("allocation") == "head" for c in report.recipe.chosen))
+    allocations = [str(c.recipe.get("allocation")) for c in report.recipe.chosen] if report.recipe is not None else []
     cache_line = (f"cache = QFiltersCache(model, filters, budget={ref})  # the searched recipe stored with the filters"
                   if report.recipe is not None else
                   f"cache = QFiltersCache(model, QFilterScorer(filters), budget={ref}, window={window}, "
@@ -225,7 +225,7 @@ def render_markdown(report: ValidationReport, *, repo_id: str | None = None) -> 
     ours = (
         "from transformers import AutoModelForCausalLM\n"
         "from qfilters import QFilters, QFiltersCache, QFilterScorer\n\n"
-        f"{model_line(report.model_id, by_head)}\n"
+        f"{model_line(report.model_id, allocations, report.architecture.num_kv_heads)}\n"
         f"filters = QFilters.from_pretrained({repo!r})\n"
         f"{cache_line}\n"
         "# transformers < 5.24: past_key_values=cache\n"
